@@ -1,0 +1,3 @@
+from cdmtransfer.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""Checkpoints: safetensors weights + JSON meta + a weights-only training state, written atomically.
+
+Layout of one checkpoint directory `step_000500/`:
+    model.safetensors   raw weights            ema.safetensors   EMA weights (what we evaluate and sample with)
+    train_state.pt      optimiser state, step, RNG state: plain tensors and numbers, loaded with weights_only=True
+    meta.json           format version, stage, model spec, resolved config
+Each is written into `step_000500.tmp-<pid>/` and the directory is renamed into place only when complete, so a
+reader never sees a half-written checkpoint. The slim export for inference (`model/`) holds only the EMA weights
+and meta.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cdmtransfer.errors import CdmError, DataError
+
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu().clone() for k, v in state.items()}
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make `tmp` visible as `final` in one rename (replacing an older `final`)."""
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(final.name + f".old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def save_checkpoint(directory: Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
+                    meta: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` under `directory` atomically; keep the newest `keep`. Returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:06d}"
+    tmp = directory / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_tensors(model_state), str(tmp / "model.safetensors"))
+        save_file(_tensors(ema_state), str(tmp / "ema.safetensors"))
+        torch.save(train_state, tmp / "train_state.pt")
+        _write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION, "step": step})
+        _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints under `directory`, oldest first (temporary directories are ignored)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def read_meta(path: Path) -> dict:
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not a cdmtransfer checkpoint (no meta.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{meta_path}: corrupt checkpoint metadata") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: checkpoint format version {version!r} is not supported "
+                        f"(this cdmtransfer reads version {FORMAT_VERSION})")
+    return meta
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise DataError(f"{path}: weights file not found") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: corrupt or truncated weights file ({exc})") from None
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
+    """(model_state, ema_state, train_state, meta) of one checkpoint directory, loaded without running code."""
+    meta = read_meta(path)
+    model_state = load_weights(path / "model.safetensors")
+    ema_state = load_weights(path / "ema.safetensors")
+    try:
+        train_state = torch.load(path / "train_state.pt", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: train_state.pt not found") from None
+    except Exception as exc:  # the unpickler raises several types for a damaged file
+        raise DataError(f"{path / 'train_state.pt'}: corrupt or unsafe training state ({exc})") from None
+    return model_state, ema_state, train_state, meta
+
+
+def export_model(directory: Path, ema_state: dict, meta: dict) -> Path:
+    """The slim inference export: EMA weights + meta.json, written atomically to `directory`."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(_tensors(ema_state), str(tmp / "model.safetensors"),
+                  metadata={"format_version": str(FORMAT_VERSION)})
+        _write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION})
+        _publish(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_export(directory: Path) -> tuple[dict, dict]:
+    """(weights, meta) of an exported model directory (or of a checkpoint's EMA weights)."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: model directory not found")
+    meta = read_meta(directory)
+    weights_file = directory / "model.safetensors"
+    if not weights_file.exists() and (directory / "ema.safetensors").exists():
+        weights_file = directory / "ema.safetensors"
+    return load_weights(weights_file), meta
+
+
+def check_writable(directory: Path) -> None:
+    """Fail early, with a clear message, when checkpoints could not be written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CdmError(f"{directory}: cannot write checkpoints here ({exc.strerror or exc})") from None

@@ -1,0 +1,135 @@
+"""Score model s_k(x_t, y, t) = −f_k(x_t, h(y), t)/σ_t: a shared condition encoder h and K batched heads f_k.
+
+theory.md §1.3: s_{f,h}(x, y, t) := f(x, h(y), t). The K heads live in stacked weight tensors and run in one
+batched matmul per layer (torch.baddbmm), so a training step never loops over tasks in Python.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class TimeFeatures(nn.Module):
+    """Sinusoidal features of log t (no parameters); log t spreads [T0, T] evenly across scales."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("freqs", torch.pi * torch.logspace(0, math.log10(16), dim // 2), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        u = torch.log(t)[..., None] / 4 * self.freqs
+        return torch.cat([torch.sin(u), torch.cos(u)], dim=-1)
+
+
+class MLPEncoder(nn.Module):
+    """The learned condition encoder h: R^{D_y} → R^d (an MLP with SiLU activations)."""
+
+    def __init__(self, D_y: int, d: int, width: int, depth: int):
+        super().__init__()
+        layers, width_in = [], D_y
+        for _ in range(depth):
+            layers += [nn.Linear(width_in, width), nn.SiLU()]
+            width_in = width
+        layers.append(nn.Linear(width_in, d))
+        self.net = nn.Sequential(*layers)
+        self.D_y, self.d = D_y, d
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.net(y)
+
+
+class FixedEncoder(nn.Module):
+    """A known representation h*(y) = act(y Wᵀ + b), used by `adapt --mode oracle`. Buffers only: never trained."""
+
+    ACTIVATIONS = {"identity": lambda z: z, "tanh": torch.tanh}
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, activation: str = "identity"):
+        super().__init__()
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}")
+        self.register_buffer("weight", weight.detach().clone().float())
+        self.register_buffer("bias", bias.detach().clone().float())
+        self.activation = activation
+        self.d, self.D_y = weight.shape
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.ACTIVATIONS[self.activation](y @ self.weight.T + self.bias)
+
+
+class BatchedHeads(nn.Module):
+    """K MLP heads f_k(x_t, w, t) → ε̂ with weights stacked on a leading task axis; inputs are [K, B, ·]."""
+
+    def __init__(self, K: int, in_dim: int, out_dim: int, width: int, depth: int):
+        super().__init__()
+        dims = [in_dim] + [width] * depth + [out_dim]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            bound = 1 / math.sqrt(fan_in)  # the nn.Linear initialisation, per head
+            self.weights.append(nn.Parameter(torch.empty(K, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(K, 1, fan_out).uniform_(-bound, bound)))
+        self.K = K
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            z = torch.baddbmm(b, z, w)  # all K heads in one call: z_k ← b_k + z_k W_k
+            if i < last:
+                z = nn.functional.silu(z)
+        return z
+
+
+class ScoreModel(nn.Module):
+    """ε̂_k(x_t, y, t) = f_k([x_t, h(y), τ(t)]); the score is −ε̂/σ_t (diffusion.py)."""
+
+    def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.time = TimeFeatures(time_dim)
+        self.heads = BatchedHeads(K, d_x + encoder.d + time_dim, d_x, head_width, head_depth)
+        self.d_x = d_x
+
+    def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Heads only, for a precomputed code w = h(y). Shapes [K, B, ·] and t [K, B]."""
+        return self.heads(torch.cat([x_t, code, self.time(t)], dim=-1))
+
+    def forward(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.eps_from_code(x_t, self.encoder(y), t)
+
+
+def build_encoder(spec: dict) -> nn.Module:
+    """Rebuild an encoder from its plain-dict spec (as stored in a checkpoint's meta.json)."""
+    if spec["kind"] == "mlp":
+        return MLPEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"])
+    if spec["kind"] == "fixed":
+        return FixedEncoder(torch.zeros(spec["d"], spec["D_y"]), torch.zeros(spec["d"]), spec["activation"])
+    raise ValueError(f"unknown encoder kind {spec['kind']!r}")
+
+
+def encoder_spec(encoder: nn.Module) -> dict:
+    if isinstance(encoder, MLPEncoder):
+        linears = [m for m in encoder.net if isinstance(m, nn.Linear)]
+        return {"kind": "mlp", "D_y": encoder.D_y, "d": encoder.d, "width": linears[0].out_features,
+                "depth": len(linears) - 1}
+    if isinstance(encoder, FixedEncoder):
+        return {"kind": "fixed", "D_y": encoder.D_y, "d": encoder.d, "activation": encoder.activation}
+    raise TypeError(f"no spec for encoder {type(encoder).__name__}")
+
+
+def model_spec(model: ScoreModel) -> dict:
+    """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe)."""
+    return {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
+            "head_width": model.heads.weights[0].shape[2], "head_depth": len(model.heads.weights) - 1,
+            "time_dim": 2 * model.time.freqs.numel()}
+
+
+def build_model(spec: dict) -> ScoreModel:
+    return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
+                      spec["head_depth"], spec["time_dim"])
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,212 @@
+"""The two training stages (theory.md §1.4): which parameters train, what is loaded, what is logged.
+
+pretrain: joint DSM over the K source tasks, in the shared encoder h and the K heads f_1..f_K.
+adapt:    DSM on m target samples with a new head f_0 and an encoder that is
+          frozen (the pretrained ĥ; the paper's fine-tuning estimator), finetune (ĥ trained too, own learning rate),
+          scratch (a fresh encoder; the paper's baseline) or oracle (the suite's true h*).
+Both run the one loop in train.py and end with an exported EMA model and metrics in MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
+from cdmtransfer.config import Config, flatten
+from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.errors import ConfigError
+from cdmtransfer.evaluate import evaluate_model
+from cdmtransfer.models import MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
+from cdmtransfer.progress import Progress
+from cdmtransfer.tasks import TaskSet, build_taskset
+from cdmtransfer.tracking import TAG, RunSummary, Tracker, find_model_dir, register_model, resolve_store, tracked_run
+from cdmtransfer.train import train
+
+
+def setup_torch(cfg: Config) -> torch.device:
+    torch.set_num_threads(cfg.threads or min(4, os.cpu_count() or 1))
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = cuda but no CUDA device is available (use --set device=cpu)")
+    return torch.device(cfg.device)
+
+
+def open_tracker(cfg: Config, tracking_uri: str | None) -> Tracker:
+    return Tracker(resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home), cfg.tracking.experiment)
+
+
+def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, batch: int):
+    """Per-sample DSM losses [K, batch] on a fresh batch from every task at once (theory.md §1.4).
+
+    x [K, n_max, d_x], y [K, n_max, D_y], counts [K]: each task draws `batch` rows uniformly from its own n_k.
+    """
+    K, _, d_x = x.shape
+
+    def loss_fn(model: ScoreModel, gen: torch.Generator) -> torch.Tensor:
+        idx = (torch.rand(K, batch, generator=gen, device=x.device) * counts[:, None]).long()
+        x0 = torch.gather(x, 1, idx[..., None].expand(-1, -1, d_x))
+        yb = torch.gather(y, 1, idx[..., None].expand(-1, -1, y.shape[-1]))
+        t = process.sample_t((K, batch), gen, device=x.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x.device)
+        return dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
+
+    return loss_fn
+
+
+def _progress(cfg_steps: int, label: str, quiet: bool) -> Progress:
+    return Progress(total=cfg_steps, label=label, enabled=not quiet)
+
+
+def _check_resume(run_dir: Path, cfg: Config, stage: str) -> None:
+    found = list_checkpoints(run_dir / "checkpoints")
+    if not found:
+        raise ConfigError(f"--resume: run has no checkpoint under {run_dir / 'checkpoints'}")
+    meta = read_meta(found[-1])
+    if meta.get("stage") != stage:
+        raise ConfigError(f"--resume: that run is a {meta.get('stage')} run, not {stage}")
+    stored = flatten({k: v for k, v in meta["config"].items() if k != "tracking"})
+    now = flatten({k: v for k, v in cfg.to_dict().items() if k != "tracking"})
+    diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(f"--resume: the recipe differs from the run being resumed at {', '.join(diff[:5])}")
+
+
+def _finish(run, model_dir: Path, meta: dict, cfg: Config, stage: str) -> str | None:
+    if not cfg.tracking.log_artifacts:
+        return None
+    run.log_artifacts(model_dir, "model")
+    model_id = register_model(run, model_dir, f"{cfg.name}-{stage}", {"stage": stage})
+    if model_id:
+        run.set_tags({TAG + "model_id": model_id})
+    return model_id
+
+
+def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None = None,
+             quiet: bool = True) -> RunSummary:
+    """Pretrain the shared encoder and K source heads; returns the run id, final metrics and model path."""
+    device = setup_torch(cfg)
+    taskset = build_taskset(cfg)
+    tracker = open_tracker(cfg, tracking_uri)
+    if resume:
+        _check_resume(tracker.store.work_dir(resume), cfg, "pretrain")
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    model = ScoreModel(MLPEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth), taskset.K, taskset.d_x,
+                       m.head_width, m.head_depth, m.time_dim).to(device)
+    tags = {TAG + "stage": "pretrain", TAG + "recipe": cfg.name, TAG + "suite": taskset.name,
+            TAG + "seed": cfg.seed}
+    with tracked_run(tracker, f"{cfg.name}-pretrain", tags, resume_run_id=resume) as run:
+        check_writable(run.work_dir)
+        if not resume:
+            run.log_params(flatten(cfg.to_dict()))
+            run.log_dict(cfg.to_dict(), "config.json")
+        meta = {"stage": "pretrain", "model": model_spec(model), "config": cfg.to_dict(), "run_id": run.run_id,
+                "taskset": taskset.summary()}
+        process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+        loss_fn = dsm_objective(taskset.source_x.to(device), taskset.source_y.to(device),
+                                taskset.source_n.to(device), process, cfg.pretrain.batch_size)
+        result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
+                       ckpt_dir=run.work_dir / "checkpoints", meta=meta, metrics=run,
+                       progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
+                       label="pretrain", device=device)
+        model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
+        metrics = {"final_loss": result.final_loss, "train_seconds": result.seconds,
+                   "parameters": count_parameters(model), "encoder_parameters": count_parameters(model.encoder)}
+        run.log_metrics(metrics, step=cfg.pretrain.steps)
+        model_id = _finish(run, model_dir, meta, cfg, "pretrain")
+    return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
+                      {"model_id": model_id, "taskset": taskset.summary(), "logging_seconds": run.logging_seconds},
+                      tracker.store.uri)
+
+
+def load_encoder(tracker: Tracker, source: str, taskset: TaskSet, cfg: Config) -> tuple[torch.nn.Module, dict]:
+    """The pretrained encoder ĥ from a run id, an MLflow URI or a local path, checked against the recipe."""
+    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp:
+        model_dir, run_id = find_model_dir(tracker, source, Path(tmp))
+        weights, meta = load_export(model_dir)
+    spec = meta.get("model", {}).get("encoder")
+    if not spec:
+        raise ConfigError(f"{source}: checkpoint holds no encoder")
+    if spec["D_y"] != taskset.D_y:
+        raise ConfigError(f"{source}: encoder takes D_y = {spec['D_y']} but the recipe's suite has "
+                          f"D_y = {taskset.D_y}")
+    if spec["d"] != cfg.model.d:
+        raise ConfigError(f"{source}: encoder outputs d = {spec['d']} but the recipe has model.d = {cfg.model.d} "
+                          f"(use --set model.d={spec['d']})")
+    encoder = build_encoder(spec)
+    state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigError(f"{source}: encoder weights do not fit ({str(exc).splitlines()[0]})") from None
+    lineage = {"encoder_source": source, "pretrain_run_id": run_id or meta.get("run_id", "")}
+    return encoder, lineage
+
+
+def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, resume: str | None = None,
+          quiet: bool = True, parent_run_id: str | None = None) -> RunSummary:
+    """Adapt to the target on m samples in mode cfg.adapt.mode, then evaluate on the held-out target split."""
+    a = cfg.adapt
+    device = setup_torch(cfg)
+    taskset = build_taskset(cfg)
+    x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
+    tracker = open_tracker(cfg, tracking_uri)
+    if resume:
+        _check_resume(tracker.store.work_dir(resume), cfg, "adapt")
+    lineage: dict = {}
+    torch.manual_seed(cfg.seed + 1)
+    if a.mode in ("frozen", "finetune"):
+        if not encoder:
+            raise ConfigError(f"--mode {a.mode} needs --encoder (a pretrain run id, MLflow model URI or path)")
+        enc, lineage = load_encoder(tracker, encoder, taskset, cfg)
+    elif a.mode == "scratch":
+        enc = MLPEncoder(taskset.D_y, cfg.model.d, cfg.model.encoder_width, cfg.model.encoder_depth)
+    else:
+        enc = taskset.truth.encoder()
+        if enc is None:
+            raise ConfigError(f"--mode oracle: suite '{taskset.name}' has no true representation h*")
+    torch.manual_seed(cfg.seed + 2)  # the new head starts the same in every mode
+    mc = cfg.model
+    model = ScoreModel(enc, 1, taskset.d_x, mc.head_width, mc.head_depth, mc.time_dim).to(device)
+    if a.mode in ("frozen", "oracle"):
+        model.encoder.requires_grad_(False)
+        groups = [{"params": list(model.heads.parameters()), "lr": a.lr}]
+    elif a.mode == "finetune":
+        groups = [{"params": list(model.heads.parameters()), "lr": a.lr},
+                  {"params": list(model.encoder.parameters()), "lr": a.encoder_lr}]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": a.lr}]
+
+    tags = {TAG + "stage": "adapt", TAG + "recipe": cfg.name, TAG + "suite": taskset.name, TAG + "mode": a.mode,
+            TAG + "m": a.m, TAG + "seed": cfg.seed, **{TAG + k: v for k, v in lineage.items()}}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with tracked_run(tracker, f"{cfg.name}-adapt-{a.mode}-m{a.m}", tags, resume_run_id=resume) as run:
+        check_writable(run.work_dir)
+        if not resume:
+            run.log_params(flatten(cfg.to_dict()))
+            run.log_dict(cfg.to_dict(), "config.json")
+        meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
+                "run_id": run.run_id, "lineage": lineage, "taskset": taskset.summary()}
+        process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+        loss_fn = dsm_objective(x_m[None].to(device), y_m[None].to(device), torch.tensor([a.m], device=device),
+                                process, a.batch_size)
+        result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=run.work_dir / "checkpoints",
+                       meta=meta, metrics=run, progress=_progress(a.steps, f"adapt {a.mode}", quiet),
+                       resume=bool(resume), label=f"adapt-{a.mode}", device=device)
+        model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
+        metrics, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
+        metrics.update(final_loss=result.final_loss, train_seconds=result.seconds,
+                       trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
+        run.log_metrics(metrics, step=a.steps)
+        if skipped:
+            run.log_dict(skipped, "skipped_metrics.json")
+        model_id = _finish(run, model_dir, meta, cfg, f"adapt-{a.mode}")
+    return RunSummary(run.run_id, "adapt", metrics, {"model": model_dir},
+                      {"mode": a.mode, "m": a.m, "seed": cfg.seed, "skipped": skipped, "model_id": model_id,
+                       "logging_seconds": run.logging_seconds, **lineage}, tracker.store.uri)

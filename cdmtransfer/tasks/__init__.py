@@ -1,0 +1,14 @@
+"""Task suites. Each module's `build(cfg)` returns a TaskSet built reproducibly from `cfg.seed`."""
+
+from cdmtransfer.config import Config
+from cdmtransfer.tasks.base import GroundTruth, TaskSet
+
+
+def build_taskset(cfg: Config) -> TaskSet:
+    from cdmtransfer.tasks import files, gaussian, langevin
+
+    builders = {"gaussian": gaussian.build, "langevin": langevin.build, "file": files.build}
+    return builders[cfg.suite.name](cfg)
+
+
+__all__ = ["GroundTruth", "TaskSet", "build_taskset"]

@@ -1,0 +1,231 @@
+"""MLflow: where runs are stored, run lifecycle, batched metrics, artifacts, lineage and model lookup.
+
+Default store (ECOSYSTEM.md §2.1): an explicit embedded SQLite database plus an artifact folder, both under one
+project-local directory (`tracking.home`, default ./cdmtransfer-runs). `--tracking-uri`, then MLFLOW_TRACKING_URI,
+then `tracking.uri` in the recipe override it; an `http://` server works the same way.
+Runs always end FINISHED, FAILED or KILLED: `tracked_run` sets the status on every way out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from cdmtransfer.errors import CdmError, ConfigError, DataError
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+for _name in ("alembic", "mlflow"):  # the store's schema set-up logs at INFO; keep the terminal for our output
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+TAG = "cdmtransfer."
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+@dataclass
+class Store:
+    uri: str
+    home: Path  # local directory for the embedded store and for working checkpoints
+    embedded: bool
+
+    @property
+    def artifact_location(self) -> str | None:
+        return (self.home / "artifacts").as_uri() if self.embedded else None
+
+    def work_dir(self, run_id: str) -> Path:
+        return self.home / "work" / run_id
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.uri}" if self.embedded else f"open {self.uri}"
+
+
+def resolve_store(cli_uri: str | None, recipe_uri: str | None, home: str) -> Store:
+    home_path = Path(home).expanduser().resolve()
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or recipe_uri
+    if not uri:
+        return Store(f"sqlite:///{(home_path / 'mlflow.db').as_posix()}", home_path, embedded=True)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif "://" not in uri:
+        raise ConfigError(f"tracking URI {uri!r} is not a URI; use sqlite:///path/mlflow.db or http://host:port")
+    return Store(uri, home_path, embedded=False)
+
+
+class Tracker:
+    """One tracking store and experiment; creates and reopens runs."""
+
+    def __init__(self, store: Store, experiment: str):
+        self.store = store
+        if store.embedded:
+            store.home.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=store.uri)
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                try:
+                    return self.client.create_experiment(name, artifact_location=self.store.artifact_location)
+                except MlflowException:  # another process created it first
+                    exp = self.client.get_experiment_by_name(name)
+            return exp.experiment_id
+        except MlflowException as exc:
+            raise CdmError(f"tracking store {self.store.uri} is not usable: {_first_line(exc)}") from None
+        except Exception as exc:  # connection errors surface as several types
+            raise CdmError(f"tracking store {self.store.uri} is unreachable: {_first_line(exc)}") from None
+
+    def get_run(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            raise ConfigError(f"run {run_id} not found in the tracking store {self.store.uri}") from None
+
+
+class Run:
+    """A live MLflow run with a metric buffer flushed in batches (one write per flush, not per step)."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.client, self.run_id = tracker, tracker.client, run_id
+        self._metrics: list[Metric] = []
+        self.logging_seconds = 0.0  # wall time spent writing to the store
+
+    @property
+    def work_dir(self) -> Path:
+        return self.tracker.store.work_dir(self.run_id)
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), ts, step) for k, v in values.items())
+
+    def flush(self) -> None:
+        start = time.perf_counter()
+        while self._metrics:
+            chunk, self._metrics = self._metrics[:_BATCH], self._metrics[_BATCH:]
+            self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+        self.logging_seconds += time.perf_counter() - start
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def set_tags(self, tags: dict) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_artifact(self, local_file: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
+
+
+def _param_str(value) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+@contextmanager
+def tracked_run(tracker: Tracker, name: str, tags: dict, resume_run_id: str | None = None) -> Iterator[Run]:
+    """Start (or reopen, to resume) a run; always leave it FINISHED, FAILED or KILLED."""
+    client = tracker.client
+    if resume_run_id:
+        tracker.get_run(resume_run_id)
+        client.update_run(resume_run_id, status="RUNNING")
+        run_id = resume_run_id
+        client.set_tag(run_id, TAG + "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    else:
+        run_id = client.create_run(tracker.experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()}
+                                   ).info.run_id
+    run = Run(tracker, run_id)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            run.flush()
+        finally:
+            client.set_terminated(run_id, status)
+
+
+def find_model_dir(tracker: Tracker, source: str, dst: Path) -> tuple[Path, str | None]:
+    """Resolve an encoder/model source to a local exported-model directory; returns (dir, run_id or None).
+
+    `source` is a local path, a run id, or an MLflow URI (runs:/<id>/model, models:/<model_id>).
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            path = path.parent
+        return path, None
+    if RUN_ID.match(source):
+        tracker.get_run(source)
+        local = tracker.store.work_dir(source) / "model"
+        if local.is_dir():
+            return local, source
+        return _download(tracker, f"runs:/{source}/model", dst), source
+    if source.startswith(("runs:/", "models:/")):
+        run_id = source.split("/")[1] if source.startswith("runs:/") else None
+        return _download(tracker, source, dst), run_id
+    raise ConfigError(f"encoder source {source!r} is not a file, a run id, or a runs:/ or models:/ URI")
+
+
+def _download(tracker: Tracker, uri: str, dst: Path) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                         tracking_uri=tracker.store.uri))
+    except Exception as exc:
+        raise DataError(f"cannot fetch model {uri}: {_first_line(exc)}") from None
+
+
+def register_model(run: Run, model_dir: Path, name: str, params: dict) -> str | None:
+    """Record the exported model as an MLflow LoggedModel (so models:/<id> resolves); returns its id."""
+    client = run.client
+    try:
+        model = client.create_logged_model(run.tracker.experiment_id, name=name, source_run_id=run.run_id,
+                                           params={k: _param_str(v) for k, v in params.items()})
+        client.log_model_artifacts(model.model_id, str(model_dir))
+        client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+    except MlflowException as exc:
+        logging.getLogger("cdmtransfer").warning("could not register the model: %s", _first_line(exc))
+        return None
+
+
+@dataclass
+class RunSummary:
+    """What a command prints and returns: the run, its metrics, and where its outputs are."""
+
+    run_id: str
+    stage: str
+    metrics: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    tracking_uri: str = ""
+
+    def to_dict(self) -> dict:
+        return {"run_id": self.run_id, "stage": self.stage, "metrics": self.metrics,
+                "paths": {k: str(v) for k, v in self.paths.items()}, "info": self.info,
+                "tracking_uri": self.tracking_uri}

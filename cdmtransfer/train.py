@@ -1,0 +1,129 @@
+"""The one training loop every stage uses: AdamW, warm-up + cosine learning rate, gradient clipping, EMA,
+atomic checkpoints, exact resume, batched metric logging and progress.
+
+A stage supplies the model, its parameter groups and a `loss_fn(model, generator) -> per-sample losses`; the loop
+owns everything else. All randomness after the model's initialisation flows through one torch.Generator whose
+state is checkpointed, so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from cdmtransfer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from cdmtransfer.config import TrainConfig
+from cdmtransfer.errors import DataError, TrainingError
+from cdmtransfer.progress import Progress
+
+LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    ema: nn.Module
+    step: int
+    final_loss: float
+    seconds: float
+    checkpoint: Path | None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to 10% (a pure function of the step)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> None:
+    """θ_ema ← θ_ema + (1 − β)(θ − θ_ema), with β warmed up as min(decay, (1 + step)/(10 + step))."""
+    beta = min(decay, (1 + step) / (10 + step))
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - beta)
+
+
+def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: TrainConfig, *, seed: int,
+          ckpt_dir: Path, meta: dict, metrics=None, progress: Progress | None = None, resume: bool = False,
+          label: str = "train", device: torch.device | None = None) -> TrainResult:
+    """Run `cfg.steps` optimisation steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`)."""
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    ema = copy.deepcopy(model).requires_grad_(False)
+    start = 0
+    if resume:
+        start = _restore(ckpt_dir, model, ema, optimizer, generator)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    progress = progress or Progress(total=cfg.steps, label=label, enabled=False)
+    progress.start(start)
+    t0, last_path, loss_value = time.perf_counter(), None, float("nan")
+    running = torch.zeros(())
+    for step in range(start, cfg.steps):
+        scale = lr_at(step, cfg)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * scale
+        losses = loss_fn(model, generator)
+        loss = losses.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+                     else torch.zeros(()))
+        running += loss.detach()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            count = done % cfg.log_every or cfg.log_every
+            loss_value = float(running) / count  # the one host sync per logging interval
+            running.zero_()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"{label}: loss became non-finite at step {done}; "
+                                    f"last good checkpoint: {_newest(ckpt_dir) or 'none'}")
+            if metrics is not None:
+                metrics.log_metrics({"loss": loss_value, "lr": base_lrs[0] * scale,
+                                     "grad_norm": float(grad_norm)}, step=done)
+            progress.update(done, loss_value)
+        optimizer.step()
+        ema_update(ema, model, step, cfg.ema_decay)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            last_path = save_checkpoint(ckpt_dir, done, model.state_dict(), ema.state_dict(),
+                                        _train_state(optimizer, generator, done), meta)
+            if metrics is not None:
+                metrics.flush()
+    progress.finish()
+    if start >= cfg.steps:
+        last_path = _newest(ckpt_dir)
+    return TrainResult(model, ema, cfg.steps, loss_value, time.perf_counter() - t0, last_path)
+
+
+def _train_state(optimizer, generator, step: int) -> dict:
+    return {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}
+
+
+def _newest(ckpt_dir: Path) -> Path | None:
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def _restore(ckpt_dir: Path, model, ema, optimizer, generator) -> int:
+    path = _newest(ckpt_dir)
+    if path is None:
+        raise DataError(f"{ckpt_dir}: no checkpoint to resume from")
+    model_state, ema_state, train_state, _ = load_checkpoint(path)
+    try:
+        model.load_state_dict(model_state)
+        ema.load_state_dict(ema_state)
+        optimizer.load_state_dict(train_state["optimizer"])
+        generator.set_state(train_state["generator"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]})") from None
+    return int(train_state["step"])
