@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ class SweepConfig:
 @dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: the embedded store under `home` (or MLFLOW_TRACKING_URI)
-    home: str = "cdmtransfer-runs"  # SQLite store, artifacts and working checkpoints
+    # SQLite store, artifacts and working checkpoints; CDMTRANSFER_HOME sets the default
+    home: str = field(default_factory=lambda: os.environ.get("CDMTRANSFER_HOME", "cdmtransfer-runs"))
     experiment: str = "cdmtransfer"
     log_artifacts: bool = True
 

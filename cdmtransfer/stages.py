@@ -29,6 +29,7 @@ from cdmtransfer.train import train
 
 def setup_torch(cfg: Config) -> torch.device:
     torch.set_num_threads(cfg.threads or min(4, os.cpu_count() or 1))
+    torch.set_flush_denormal(True)  # Adam's second moments underflow to subnormals, which are ~100x slower on CPU
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -87,7 +88,7 @@ def _finish(run, model_dir: Path, meta: dict, cfg: Config, stage: str) -> str | 
 
 
 def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None = None,
-             quiet: bool = True) -> RunSummary:
+             quiet: bool = True, parent_run_id: str | None = None) -> RunSummary:
     """Pretrain the shared encoder and K source heads; returns the run id, final metrics and model path."""
     device = setup_torch(cfg)
     taskset = build_taskset(cfg)
@@ -100,6 +101,8 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
                        m.head_width, m.head_depth, m.time_dim).to(device)
     tags = {TAG + "stage": "pretrain", TAG + "recipe": cfg.name, TAG + "suite": taskset.name,
             TAG + "seed": cfg.seed}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     with tracked_run(tracker, f"{cfg.name}-pretrain", tags, resume_run_id=resume) as run:
         check_writable(run.work_dir)
         if not resume:

@@ -26,12 +26,8 @@ M_CAP = 10**15  # a required m above this is reported as infeasible
 MODES = ("transfer", "meta", "scratch")
 METRICS = ("score", "tv")
 CAPPED = {("meta", "score"), ("transfer", "tv"), ("meta", "tv")}  # target term uses m∧n
-TERM_LABELS = {
-    "approx": "approximation error",
-    "diversity": "diversity Δ",
-    "source": "source term",
-    "target": "target term",
-}
+TERM_LABELS = {"approx": "approximation error", "diversity": "diversity Δ", "source": "source term",
+               "target": "target term"}
 
 
 def log_covering(n_params: int, depth: int, width: int, weight_bound: float, n_eff: float) -> float:
@@ -63,8 +59,12 @@ class Problem:
     iota: Optional[float] = None  # if set, every log factor is this constant
 
     def __post_init__(self):
-        positive = ("epsilon", "d_x", "d_y", "D_y", "K", "n", "nu", "C", "C_P", "M_f")
-        for name in positive:
+        for name in ("d_x", "d_y", "D_y", "K", "n"):  # counts: accept 1e6 from YAML, refuse 2.5
+            v = getattr(self, name)
+            if not float(v).is_integer():
+                raise ValueError(f"Problem.{name} must be an integer, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        for name in ("epsilon", "d_x", "d_y", "D_y", "K", "n", "nu", "C", "C_P", "M_f"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Problem.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("log_NF", "log_NH", "Delta", "eps_approx"):
@@ -215,7 +215,8 @@ def required_m(problem: Problem, mode: str = "transfer", metric: str = "score") 
             needed.update(_needed_sources(p, mode, metric, fixed))
         reason = f"m-independent terms already reach ε = {eps:g} ({names}); no number of target samples helps"
         if "n" in needed:
-            reason += f"; needs n >= {needed['n']} or K >= {needed['K']} (None: not within 1e15)"
+            helps = " or ".join(f"{k} >= {needed[k]}" for k in ("n", "K") if needed[k] is not None)
+            reason += f"; more source data would: {helps}" if helps else "; nor would any n or K up to 1e15"
         return Estimate(None, False, reason, block[0], best, needed)
     if sum(best.values()) > eps:
         uncapped = bound_terms(p, M_CAP, mode, metric, capped=False)
@@ -258,31 +259,53 @@ class Fit:
         return math.inf if eps <= self.floor else (self.A / (eps - self.floor)) ** (1 / self.p)
 
 
-def _nnls2(x: np.ndarray, e: np.ndarray, w: np.ndarray):
-    """min Σ w(e - f - A x)² over f, A ≥ 0, exactly; vectorised over the leading axes of x.
+def _nnls2(x, e, w):
+    """min Σ w(e - f - A x)² over f, A ≥ 0, exactly; batched (broadcast) over the leading axes; sums over the last.
 
     Convex with box constraints: the optimum is the unconstrained one if feasible, else on an edge f = 0 or A = 0.
     """
-    Sw, Se, Sx = w.sum(), (w * e).sum(), (w * x).sum(-1)
+    x, e, w = np.broadcast_arrays(x, e, w)
+    Sw, Se, Sx = w.sum(-1), (w * e).sum(-1), (w * x).sum(-1)
     Sxx, Sxe = (w * x * x).sum(-1), (w * x * e).sum(-1)
     det = Sw * Sxx - Sx**2
     with np.errstate(divide="ignore", invalid="ignore"):
-        A_u = (Sw * Sxe - Sx * Se) / det
+        A_u = (Sw * Sxe - Sx * Se) / det  # normal equations
         f_u = (Se - A_u * Sx) / Sw
-        A_0 = np.maximum(Sxe / Sxx, 0.0)
-    f_0 = np.full_like(A_0, max(Se / Sw, 0.0))
-    cands = [(f_u, A_u), (np.zeros_like(A_0), A_0), (f_0, np.zeros_like(A_0))]
-    sse = [((w * (e - f[..., None] - A[..., None] * x) ** 2).sum(-1)) for f, A in cands]
+        A_0 = np.maximum(Sxe / Sxx, 0.0)  # edge f = 0
+    f_0, zero = np.maximum(Se / Sw, 0.0), np.zeros_like(Sw)  # edge A = 0
+    cands = [(f_u, A_u), (zero, A_0), (f_0, zero)]
+    sse = np.stack([(w * (e - f[..., None] - A[..., None] * x) ** 2).sum(-1) for f, A in cands])
     sse[0] = np.where((det > 1e-12 * Sw * Sxx) & (f_u >= 0) & (A_u >= 0), sse[0], np.inf)
-    i = np.argmin(np.stack(sse), axis=0)
-    f = np.choose(i, [c[0] for c in cands])
-    A = np.choose(i, [c[1] for c in cands])
-    return f, A, np.choose(i, sse)
+    i = np.argmin(sse, axis=0)
+    pick = lambda vals: np.take_along_axis(np.stack(vals), i[None], 0)[0]  # noqa: E731
+    return pick([c[0] for c in cands]), pick([c[1] for c in cands]), pick(list(sse))
+
+
+def _fit_power_batch(m, E, W, p_range=(0.01, 3.0)):
+    """Rows of E ≈ floor + A·m^{-p}: grid over p, then golden-section refinement around each row's best grid point."""
+    grid = np.linspace(p_range[0], p_range[1], 300)
+    sse = _nnls2(m ** -grid[:, None], E[:, None, :], W[:, None, :])[2]  # [B, grid]
+    j = np.argmin(sse, axis=1)
+    a, b = grid[np.maximum(j - 1, 0)], grid[np.minimum(j + 1, len(grid) - 1)]
+    obj = lambda q: _nnls2(m ** -q[:, None], E, W)[2]  # noqa: E731
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = obj(c), obj(d)
+    for _ in range(30):  # golden-section search, bracket shrinks by 0.618 per step
+        left = fc < fd  # minimum in [a, d]
+        a, b = np.where(left, a, c), np.where(left, d, b)
+        c, d = np.where(left, b - g * (b - a), d), np.where(left, c, a + g * (b - a))
+        new = obj(np.where(left, c, d))
+        fc, fd = np.where(left, new, fd), np.where(left, fc, new)
+    mid = (a + b) / 2
+    p = np.where(obj(mid) <= sse[np.arange(len(j)), j], mid, grid[j])
+    f, A, _ = _nnls2(m ** -p[:, None], E, W)
+    return f, A, p
 
 
 def _prepare(m, err, relative: bool, min_distinct: int):
-    m, e = np.asarray(m, dtype=float).ravel(), np.asarray(err, dtype=float).ravel()
-    if m.shape != e.shape or not (np.all(np.isfinite(m)) and np.all(np.isfinite(e))) or np.any(m <= 0):
+    m, e = np.asarray(m, dtype=float).ravel(), np.asarray(err, dtype=float)
+    if e.shape[-1:] != m.shape or not (np.all(np.isfinite(m)) and np.all(np.isfinite(e))) or np.any(m <= 0):
         raise ValueError("m and err must be finite arrays of the same length, with m > 0")
     if len(np.unique(m)) < min_distinct:
         raise ValueError(f"need at least {min_distinct} distinct values of m to fit, got {len(np.unique(m))}")
@@ -298,34 +321,16 @@ def _make_fit(m, e, f, A, p) -> Fit:
 
 def fit_score_curve(m, err, relative: bool = True) -> Fit:
     """err ≈ floor + A/m with floor, A ≥ 0 (Thm 3.4 shape); relative=True weights residuals by 1/err²."""
-    m, e, w = _prepare(m, err, relative, 2)
+    m, e, w = _prepare(np.ravel(m), np.ravel(err), relative, 2)
     f, A, _ = _nnls2(1 / m, e, w)
     return _make_fit(m, e, f, A, 1.0)
 
 
 def fit_power_law(m, err, relative: bool = True, p_range=(0.01, 3.0)) -> Fit:
-    """err ≈ floor + A·m^{-p}: grid over p, then golden-section refinement, with exact (floor, A) NNLS inside."""
-    m, e, w = _prepare(m, err, relative, 3)
-    grid = np.linspace(p_range[0], p_range[1], 300)
-    sse = _nnls2(m[None, :] ** -grid[:, None], e, w)[2]
-    i = int(np.argmin(sse))
-    a, b = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    obj = lambda q: float(_nnls2(m ** -q, e, w)[2])  # noqa: E731
-    g = (math.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = obj(c), obj(d)
-    for _ in range(40):  # golden-section search on [a, b]
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = obj(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = obj(d)
-    p = (a + b) / 2 if obj((a + b) / 2) <= sse[i] else grid[i]
-    f, A, _ = _nnls2(m**-p, e, w)
-    return _make_fit(m, e, f, A, p)
+    """err ≈ floor + A·m^{-p} (TV-type curves; p is the empirical exponent), p searched in p_range."""
+    m, e, w = _prepare(np.ravel(m), np.ravel(err), relative, 3)
+    f, A, p = _fit_power_batch(m, e[None], w[None], p_range)
+    return _make_fit(m, e, f[0], A[0], p[0])
 
 
 def _interval(values) -> tuple[float, float]:
@@ -346,24 +351,28 @@ def bootstrap_fit(m_values, errors_by_seed, kind: str = "score", n_boot: int = 2
     """
     if kind not in ("score", "power"):
         raise ValueError(f"unknown kind {kind!r}; expected 'score' or 'power'")
-    fitter = fit_score_curve if kind == "score" else fit_power_law
-    m = np.asarray(m_values, dtype=float).ravel()
     E = np.asarray(errors_by_seed, dtype=float)
-    if E.ndim != 2 or E.shape[1] != len(m):
-        raise ValueError(f"errors_by_seed must have shape [n_seeds, {len(m)}], got {E.shape}")
-    point = fitter(m, E.mean(0), relative=relative)
+    if E.ndim != 2 or E.shape[1] != np.size(m_values):
+        raise ValueError(f"errors_by_seed must have shape [n_seeds, {np.size(m_values)}], got {E.shape}")
+    m = np.asarray(m_values, dtype=float).ravel()
+    point = (fit_score_curve if kind == "score" else fit_power_law)(m, E.mean(0), relative=relative)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, E.shape[0], size=(n_boot, E.shape[0], len(m)))
-    means = E[idx, np.arange(len(m))].mean(1)  # [n_boot, n_m]
-    fits = [fitter(m, row, relative=relative) for row in means]
-    samples = {k: np.array([getattr(f, k) for f in fits]) for k in ("floor", "A", "p")}
+    m, means, W = _prepare(m, E[idx, np.arange(len(m))].mean(1), relative, 2 if kind == "score" else 3)
+    if kind == "score":
+        f, A, _ = _nnls2(1 / m, means, W)
+        p = np.ones(n_boot)
+    else:
+        f, A, p = _fit_power_batch(m, means, W)
+    samples = {"floor": f, "A": A, "p": p}
 
     def predict(at):
-        vals = samples["floor"] + samples["A"] * float(at) ** -samples["p"]
-        return (float(point.predict(at)), *_interval(vals))
+        return (float(point.predict(at)), *_interval(f + A * float(at) ** -p))
 
     def m_for(eps):
-        return (point.m_for(eps), *_interval([f.m_for(eps) for f in fits]))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vals = np.where(eps > f, (A / (eps - f)) ** (1 / p), np.inf)
+        return (point.m_for(eps), *_interval(vals))
 
     return {"fit": point, "samples": samples, "intervals": {k: _interval(v) for k, v in samples.items()},
             "predict": predict, "m_for": m_for}

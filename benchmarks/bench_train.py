@@ -1,0 +1,633 @@
+"""Benchmarks for cdmtransfer's training path. Run from the repository root:
+
+    .venv/bin/python benchmarks/bench_train.py            # full run (a few minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_train.py --quick    # short run (CI smoke test, ~1 minute)
+    .venv/bin/python benchmarks/bench_train.py --json bench-results/train.json
+
+Measures (see benchmarks/README.md for what each number means and the goals):
+  1. time per step of the package's `train()` loop vs a bare PyTorch loop on the same model and batches;
+  2. the share of training wall time spent writing metrics to MLflow in a real `pretrain`;
+  3. BatchedHeads (one baddbmm per layer for K heads) vs K nn.Sequential heads in a Python loop;
+  4. `python -m cdmtransfer --help` latency, and that it does not import torch.
+
+Prints markdown tables on stdout; progress goes to stderr. Nothing under cdmtransfer/ is modified: the benchmark
+observes the real loop through its public hooks (a Progress-compatible clock, and timing wrappers around a few
+functions that are restored afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a plain script from anywhere, without installing the package
+    sys.path.insert(0, str(ROOT))
+
+GOAL_TRAIN_RATIO = 1.15  # package train() ms/step / bare PyTorch ms/step
+GOAL_LOGGING_SHARE = 3.0  # % of train wall time spent in MLflow writes
+HEAVY_MODULES = ("torch", "mlflow", "numpy", "sqlalchemy", "pandas", "safetensors", "yaml", "rich", "typer")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. train() vs bare PyTorch
+
+
+class BlockClock:
+    """Duck-typed Progress: train() calls update() once per log interval, so the marks give per-block step times
+    from inside the real loop. finish() runs after the last step, so (finish - last mark) is the tail: the last
+    optimizer.step + EMA update + the final checkpoint write."""
+
+    def __init__(self):
+        self.t_start = self.t_finish = None
+        self.marks: list[tuple[int, float]] = []
+
+    def start(self, step: int = 0) -> None:
+        self.marks = [(step, time.perf_counter())]
+        self.t_start = self.marks[0][1]
+
+    def update(self, step: int, loss: float) -> None:
+        self.marks.append((step, time.perf_counter()))
+
+    def finish(self) -> None:
+        self.t_finish = time.perf_counter()
+
+    def per_step_ms(self, skip_blocks: int) -> list[float]:
+        out = []
+        for (s0, t0), (s1, t1) in list(zip(self.marks[:-1], self.marks[1:]))[skip_blocks:]:
+            out.append((t1 - t0) / (s1 - s0) * 1e3)
+        return out
+
+
+class TrainBench:
+    """Same model (same init), same DSM batches (stages.dsm_objective), same threads for every variant."""
+
+    def __init__(self, block: int):
+        import torch
+
+        from cdmtransfer.config import load_config
+        from cdmtransfer.diffusion import OUProcess
+        from cdmtransfer.stages import dsm_objective
+        from cdmtransfer.tasks import build_taskset
+
+        self.torch = torch
+        self.cfg = load_config(None, [])
+        self.block = block
+        self.taskset = build_taskset(self.cfg)
+        process = OUProcess(self.cfg.diffusion.T0, self.cfg.diffusion.T)
+        ts = self.taskset
+        self.loss_fn = dsm_objective(ts.source_x, ts.source_y, ts.source_n, process, self.cfg.pretrain.batch_size)
+
+    def model(self):
+        from cdmtransfer.models import MLPEncoder, ScoreModel
+
+        m, ts = self.cfg.model, self.taskset
+        self.torch.manual_seed(self.cfg.seed)
+        return ScoreModel(MLPEncoder(ts.D_y, m.d, m.encoder_width, m.encoder_depth), ts.K, ts.d_x,
+                          m.head_width, m.head_depth, m.time_dim)
+
+    def bare(self, steps: int, skip_blocks: int, clip: bool = False, ema: bool = False) -> list[float]:
+        """Plain AdamW loop; `clip` / `ema` add the package's gradient clipping and EMA update (nothing else)."""
+        torch = self.torch
+        from torch import nn
+
+        from cdmtransfer.train import ema_update
+
+        tc = self.cfg.pretrain
+        model = self.model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        params = list(model.parameters())
+        shadow = copy.deepcopy(model).requires_grad_(False) if ema else None
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        clock = BlockClock()
+        clock.start(0)
+        for step in range(steps):
+            loss = self.loss_fn(model, gen).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            optimizer.step()
+            if ema:
+                ema_update(shadow, model, step, tc.ema_decay)
+            if (step + 1) % self.block == 0:
+                clock.update(step + 1, 0.0)
+        return clock.per_step_ms(skip_blocks)
+
+    def package(self, steps: int, skip_blocks: int, ckpt_root: Path) -> tuple[list[float], float, float]:
+        """The real train(): pretrain settings, no MLflow, no progress output, one checkpoint (the final one)."""
+        from cdmtransfer.models import model_spec
+        from cdmtransfer.train import train
+
+        tc = dataclasses.replace(self.cfg.pretrain, steps=steps, log_every=self.block,
+                                 checkpoint_every=steps * 10)
+        model = self.model()
+        meta = {"stage": "pretrain", "model": model_spec(model), "config": self.cfg.to_dict(), "run_id": "bench"}
+        clock = BlockClock()
+        with tempfile.TemporaryDirectory(dir=ckpt_root) as d:
+            t0 = time.perf_counter()
+            train(model, [{"params": list(model.parameters())}], self.loss_fn, tc, seed=self.cfg.seed,
+                  ckpt_dir=Path(d) / "checkpoints", meta=meta, metrics=None, progress=clock, label="bench")
+            wall = time.perf_counter() - t0
+        tail_ms = (clock.t_finish - clock.marks[-1][1]) * 1e3
+        return clock.per_step_ms(skip_blocks), tail_ms, wall
+
+
+def bench_train(args) -> dict:
+    torch = __import__("torch")
+    torch.set_num_threads(args.threads)
+    steps, reps, block = args.train_steps, args.reps, 25
+    skip = max(1, args.warmup_steps // block)
+    if steps // block <= skip + 1:
+        raise SystemExit(f"--train-steps must exceed {(skip + 2) * block}")
+    bench = TrainBench(block)
+    variants = {
+        "bare": lambda: bench.bare(steps, skip),
+        "bare+clip": lambda: bench.bare(steps, skip, clip=True),
+        "bare+clip+ema": lambda: bench.bare(steps, skip, clip=True, ema=True),
+    }
+    tails, walls = [], []
+    ckpt_root = Path(tempfile.mkdtemp(prefix="cdm-bench-"))
+
+    def package():
+        per_step, tail, wall = bench.package(steps, skip, ckpt_root)
+        tails.append(tail)
+        walls.append(wall)
+        return per_step
+
+    variants["train()"] = package
+    names = list(variants)
+    log(f"train: warm-up ({args.warmup_steps} steps per variant)")
+    for name in names:  # warm-up: allocator, lazy optimizer state, first-call dispatch
+        if name == "train()":
+            bench.package(2 * block, 0, ckpt_root)
+        else:
+            bench.bare(2 * block, 0, clip="clip" in name, ema="ema" in name)
+    tails.clear()
+    walls.clear()
+    per_rep: dict[str, list[float]] = {n: [] for n in names}
+    blocks: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate so no variant always runs first
+        for name in order:
+            ms = variants[name]()
+            blocks[name] += ms
+            per_rep[name].append(median(ms))
+        log(f"train: rep {rep + 1}/{reps}: " + ", ".join(f"{n} {per_rep[n][-1]:.2f}" for n in names) + " ms/step")
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    med = {n: median(per_rep[n]) for n in names}
+    base = med["bare"]
+    cfg = bench.cfg
+    n_params = sum(p.numel() for p in bench.model().parameters())
+    return {
+        "setup": {"suite": cfg.suite.name, "K": bench.taskset.K, "batch_per_task": cfg.pretrain.batch_size,
+                  "rows_per_step": bench.taskset.K * cfg.pretrain.batch_size, "parameters": n_params,
+                  "steps_per_run": steps, "reps": reps, "block_steps": block, "skipped_warmup_steps": skip * block,
+                  "threads": torch.get_num_threads()},
+        "ms_per_step": med,
+        "ms_per_step_min_block": {n: min(blocks[n]) for n in names},
+        "ms_per_step_per_rep": per_rep,
+        "ratio_vs_bare": {n: med[n] / base for n in names},
+        "final_checkpoint_ms": median(tails),
+        "final_checkpoint_ms_per_rep": tails,
+        "train_call_wall_s_per_rep": walls,
+        "checkpoint_ms_per_step_at_default_interval": median(tails) / cfg.pretrain.checkpoint_every,
+        "default_checkpoint_every": cfg.pretrain.checkpoint_every,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. MLflow logging share in a real pretrain
+
+
+class Timings:
+    """Wrap attributes with cumulative wall-time counters; restored on exit. Missing attributes are skipped."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._undo = []
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        fn = getattr(owner, attr, None)
+        if fn is None:
+            return
+        self.seconds.setdefault(label, 0.0)
+        self.calls.setdefault(label, 0)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds[label] += time.perf_counter() - t0
+                self.calls[label] += 1
+
+        setattr(owner, attr, timed)
+        self._undo.append((owner, attr, fn))
+
+    def restore(self) -> None:
+        for owner, attr, fn in reversed(self._undo):
+            setattr(owner, attr, fn)
+        self._undo.clear()
+
+
+def bench_logging(args) -> dict:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the store must be the temporary one
+    import mlflow
+
+    from cdmtransfer import stages, tracking
+    from cdmtransfer import train as train_mod
+    from cdmtransfer.config import load_config
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="cdm-bench-mlflow-") as home:
+        for label in ("cold store", "warm store"):
+            cfg = load_config(None, [f"tracking.home={home}", f"pretrain.steps={args.pretrain_steps}",
+                                     "pretrain.log_every=25", f"threads={args.threads}", "name=bench"])
+            t = Timings()
+            t.wrap(stages, "build_taskset", "build task set")
+            t.wrap(stages, "open_tracker", "open store + experiment")
+            t.wrap(mlflow.MlflowClient, "create_run", "create run")
+            t.wrap(tracking.Run, "log_params", "log params")
+            t.wrap(tracking.Run, "log_dict", "log config.json")
+            t.wrap(stages, "train", "train() (= train_seconds)")
+            t.wrap(train_mod, "save_checkpoint", "  of which checkpoints")
+            t.wrap(tracking.Run, "flush", "metric flushes (= logging_seconds)")
+            t.wrap(stages, "export_model", "export model")
+            t.wrap(stages, "_finish", "log artifacts + register model")
+            t.wrap(mlflow.MlflowClient, "set_terminated", "set terminated")
+            log(f"logging: pretrain {args.pretrain_steps} steps ({label})")
+            t0 = time.perf_counter()
+            try:
+                summary = stages.pretrain(cfg, quiet=True)
+            finally:
+                t.restore()
+            total = time.perf_counter() - t0
+            train_s = float(summary.metrics["train_seconds"])
+            logging_s = float(summary.info.get("logging_seconds", float("nan")))
+            breakdown = {k: {"seconds": v, "calls": t.calls[k]} for k, v in t.seconds.items()}
+            accounted = sum(v for k, v in t.seconds.items()
+                            if not k.startswith("  ") and k != "metric flushes (= logging_seconds)")
+            # flushes inside train() are already in train(); the final one (in tracked_run) is not
+            runs.append({"store": label, "steps": args.pretrain_steps, "log_every": 25,
+                         "checkpoint_every": cfg.pretrain.checkpoint_every,
+                         "total_seconds": total, "train_seconds": train_s, "logging_seconds": logging_s,
+                         "logging_share_pct": 100 * logging_s / train_s,
+                         "ms_per_step_in_pretrain": 1e3 * train_s / args.pretrain_steps,
+                         "outside_train_seconds": total - train_s,
+                         "breakdown": breakdown, "unaccounted_seconds": total - accounted})
+    return {"runs": runs}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. BatchedHeads vs a Python loop over K heads
+
+
+def bench_heads(args) -> dict:
+    import torch
+    from torch import nn
+
+    from cdmtransfer.config import load_config
+    from cdmtransfer.models import BatchedHeads
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None, [])
+    m, g = cfg.model, cfg.suite.gaussian
+    in_dim, out_dim, width, depth, batch = g.d_x + m.d + m.time_dim, g.d_x, m.head_width, m.head_depth, \
+        cfg.pretrain.batch_size
+
+    def sequential():
+        dims = [in_dim] + [width] * depth + [out_dim]
+        layers = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.SiLU())
+        return nn.Sequential(*layers)
+
+    rows = []
+    for K in args.heads_k:
+        torch.manual_seed(0)
+        batched = BatchedHeads(K, in_dim, out_dim, width, depth)
+        looped = nn.ModuleList(sequential() for _ in range(K))
+        n_b = sum(p.numel() for p in batched.parameters())
+        n_l = sum(p.numel() for p in looped.parameters())
+        assert n_b == n_l, (n_b, n_l)
+        z = torch.randn(K, batch, in_dim, requires_grad=True)  # inputs carry grad, like [x_t, h(y), τ(t)]
+
+        def run_batched():
+            batched.zero_grad(set_to_none=True)
+            z.grad = None
+            batched(z).square().mean().backward()
+
+        def run_looped():
+            looped.zero_grad(set_to_none=True)
+            z.grad = None
+            torch.stack([head(z[k]) for k, head in enumerate(looped)]).square().mean().backward()
+
+        fns = {"batched": run_batched, "loop": run_looped}
+        iters = {}
+        for name, fn in fns.items():  # warm up and size a block to ~20 ms
+            for _ in range(3):
+                fn()
+            t0 = time.perf_counter()
+            fn()
+            iters[name] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-6)))
+        samples = {name: [] for name in fns}
+        for _ in range(args.heads_blocks):
+            for name, fn in fns.items():  # interleaved
+                t0 = time.perf_counter()
+                for _ in range(iters[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / iters[name] * 1e3)
+        b, lp = median(samples["batched"]), median(samples["loop"])
+        rows.append({"K": K, "batched_ms": b, "loop_ms": lp, "loop_over_batched": lp / b,
+                     "parameters": n_b})
+        log(f"heads: K={K}: batched {b:.3f} ms, loop {lp:.3f} ms (x{lp / b:.2f})")
+    return {"setup": {"in_dim": in_dim, "out_dim": out_dim, "width": width, "depth": depth, "batch_per_head": batch,
+                      "threads": torch.get_num_threads()}, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. CLI --help latency and imports
+
+_PROBE = r"""
+import contextlib, io, json, runpy, sys
+sys.argv = ["cdmtransfer", "--help"]
+code = 0
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        runpy.run_module("cdmtransfer", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code or 0
+mods = sorted({m.split(".")[0] for m in sys.modules})
+print("@@BENCH@@" + json.dumps({"exit": code, "modules": mods}))
+"""
+
+
+def _time_cmd(cmd: list[str], n: int, env: dict) -> tuple[list[float], subprocess.CompletedProcess]:
+    times, proc = [], None
+    for _ in range(n):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+    return times, proc
+
+
+def bench_cli(args) -> dict:
+    if not (ROOT / "cdmtransfer" / "cli.py").is_file():
+        return {"skipped": "no CLI yet"}
+    py = sys.executable
+    env = {**os.environ, "COLUMNS": "100"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    help_cmd = [py, "-m", "cdmtransfer", "--help"]
+    _time_cmd(help_cmd, 1, env)  # warm the file cache
+    times, proc = _time_cmd(help_cmd, args.cli_runs, env)
+    if proc.returncode != 0:
+        return {"skipped": f"`python -m cdmtransfer --help` exited {proc.returncode}: "
+                           f"{(proc.stderr.strip().splitlines() or [''])[-1][:200]}"}
+    probe = subprocess.run([py, "-c", _PROBE], cwd=ROOT, env=env, capture_output=True, text=True)
+    line = next((ln for ln in probe.stdout.splitlines()[::-1] if ln.startswith("@@BENCH@@")), None)
+    modules = json.loads(line[len("@@BENCH@@"):])["modules"] if line else None
+    imp = subprocess.run([py, "-X", "importtime", "-m", "cdmtransfer", "--help"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    top = []
+    for ln in imp.stderr.splitlines():  # "import time:  self [us] | cumulative | package", nesting by indentation
+        parts = ln.split("|")
+        if not ln.startswith("import time:") or len(parts) != 3 or not parts[1].strip().isdigit():
+            continue
+        name = parts[2]
+        if name.startswith(" ") and not name.startswith("  "):  # one space after '|': a top-level import
+            top.append((int(parts[1]), name.strip()))
+    top.sort(reverse=True)
+    startup, _ = _time_cmd([py, "-c", "pass"], 3, env)
+    torch_import, _ = _time_cmd([py, "-c", "import torch"], 3, env)
+    return {
+        "help_ms": 1e3 * median(times), "help_ms_runs": [1e3 * t for t in times],
+        "torch_imported": None if modules is None else "torch" in modules,
+        "heavy_modules_imported": None if modules is None else [m for m in HEAVY_MODULES if m in modules],
+        "slowest_top_level_imports_ms": [(name, us / 1e3) for us, name in top[:6]],
+        "python_startup_ms": 1e3 * median(startup), "import_torch_ms": 1e3 * median(torch_import),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def status(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def report(res: dict) -> str:
+    lines = []
+    mach = res["machine"]
+    lines.append(f"Machine: {mach['cores']} cores ({mach['cpu']}), torch {mach['torch']} "
+                 f"({'CUDA available' if mach['cuda'] else 'CPU'}), Python {mach['python']}, "
+                 f"threads {mach['threads']}; load average {mach['load_before']} before, "
+                 f"{mach.get('load_after')} after{'; QUICK run' if res['quick'] else ''}.")
+    if mach["load_before"] is not None and mach["load_before"] > 0.5 * mach["cores"]:
+        lines.append(f"\nWARNING: the machine was busy (load {mach['load_before']} on {mach['cores']} cores); "
+                     "timings are inflated and noisy.")
+    summary = []
+    tr = res.get("train")
+    if tr:
+        r = tr["ratio_vs_bare"]["train()"]
+        summary.append(["train() ms/step vs bare PyTorch",
+                        f"{tr['ms_per_step']['train()']:.2f} vs {tr['ms_per_step']['bare']:.2f} ms (x{r:.3f})",
+                        f"<= x{GOAL_TRAIN_RATIO}", status(r <= GOAL_TRAIN_RATIO)])
+    lg = res.get("logging")
+    if lg:
+        cold = lg["runs"][0]
+        summary.append(["MLflow logging share of train time",
+                        f"{cold['logging_share_pct']:.2f}% ({cold['logging_seconds']:.3f} s of "
+                        f"{cold['train_seconds']:.2f} s)", f"<= {GOAL_LOGGING_SHARE}%",
+                        status(cold["logging_share_pct"] <= GOAL_LOGGING_SHARE)])
+        summary.append([f"pretrain() total wall, {cold['steps']} steps (cold store)",
+                        f"{cold['total_seconds']:.2f} s ({cold['outside_train_seconds']:.2f} s outside train())",
+                        "-", "info"])
+    hd = res.get("heads")
+    if hd:
+        k8 = next((row for row in hd["rows"] if row["K"] == 8), hd["rows"][-1])
+        summary.append([f"BatchedHeads speed-up over a loop, K={k8['K']}", f"x{k8['loop_over_batched']:.2f}",
+                        "> x1", status(k8["loop_over_batched"] > 1)])
+    cli = res.get("cli")
+    if cli is not None:
+        if "skipped" in cli:
+            summary.append(["`cdmtransfer --help`", f"skipped: {cli['skipped']}", "no torch import", "n/a"])
+        else:
+            ok = None if cli["torch_imported"] is None else not cli["torch_imported"]
+            summary.append(["`cdmtransfer --help` latency (median of "
+                            f"{len(cli['help_ms_runs'])})",
+                            f"{cli['help_ms']:.0f} ms, torch imported: {cli['torch_imported']}",
+                            "no torch import", status(ok)])
+    lines += ["", "## Summary", "", table(["Benchmark", "Result", "Goal", "Status"], summary)]
+
+    if tr:
+        s = tr["setup"]
+        base = tr["ms_per_step"]["bare"]
+        lines += ["", f"## 1. Training step: train() vs bare PyTorch",
+                  "", f"{s['suite']} suite, K={s['K']} tasks x batch {s['batch_per_task']} = {s['rows_per_step']} "
+                      f"rows/step, {s['parameters']:,} parameters, {s['threads']} threads. Median over {s['reps']} "
+                      f"interleaved reps of the median {s['block_steps']}-step block (first "
+                      f"{s['skipped_warmup_steps']} steps of each run skipped); {s['steps_per_run']} steps per run.",
+                  ""]
+        desc = {"bare": "AdamW + backward + step only", "bare+clip": "+ clip_grad_norm_",
+                "bare+clip+ema": "+ clip_grad_norm_ + EMA (train.ema_update)",
+                "train()": "cdmtransfer.train.train (LR schedule, clip, EMA, loss bookkeeping)"}
+        rows = []
+        prev = None
+        for name, ms in tr["ms_per_step"].items():
+            rows.append([f"`{name}`", desc[name], f"{ms:.3f}", f"{tr['ms_per_step_min_block'][name]:.3f}",
+                         f"x{ms / base:.3f}", "-" if prev is None else f"{ms - prev:+.3f}"])
+            prev = ms
+        lines.append(table(["Loop", "What it does", "ms/step (median)", "ms/step (best block)", "vs bare",
+                            "delta vs previous row (ms)"], rows))
+        lines += ["", f"Final checkpoint write (the last step's optimizer.step + EMA + save_checkpoint, measured "
+                      f"inside train()): {tr['final_checkpoint_ms']:.1f} ms median per write "
+                      f"(= {tr['checkpoint_ms_per_step_at_default_interval']:.3f} ms/step amortised at "
+                      f"checkpoint_every={tr['default_checkpoint_every']}); excluded from the ms/step above."]
+    if lg:
+        lines += ["", "## 2. MLflow logging in a real pretrain", ""]
+        rows = []
+        for r in lg["runs"]:
+            rows.append([r["store"], r["steps"], f"{r['total_seconds']:.2f}", f"{r['train_seconds']:.2f}",
+                         f"{r['ms_per_step_in_pretrain']:.2f}", f"{r['logging_seconds']:.3f}",
+                         f"{r['logging_share_pct']:.2f}%", f"{r['outside_train_seconds']:.2f}"])
+        lines.append(table(["Store", "Steps", "pretrain() wall (s)", "train_seconds", "ms/step",
+                            "logging_seconds", "logging share", "outside train() (s)"], rows))
+        lines += ["", "Where the pretrain() wall time goes (seconds; calls):", ""]
+        keys = list(lg["runs"][0]["breakdown"])
+        rows = [[k.replace("  of which", "&nbsp;&nbsp;of which")] +
+                [f"{r['breakdown'][k]['seconds']:.3f} ({r['breakdown'][k]['calls']})" for r in lg["runs"]]
+                for k in keys]
+        rows.append(["other (imports done, setup_torch, model build, final flush overlap...)"] +
+                    [f"{r['unaccounted_seconds']:.3f}" for r in lg["runs"]])
+        lines.append(table(["Part"] + [r["store"] for r in lg["runs"]], rows))
+    if hd:
+        s = hd["setup"]
+        lines += ["", "## 3. BatchedHeads vs a Python loop of nn.Sequential heads",
+                  "", f"Forward + backward of K heads ({s['in_dim']} -> {s['width']} x{s['depth']} -> "
+                      f"{s['out_dim']}, SiLU), {s['batch_per_head']} rows per head, {s['threads']} threads. "
+                      "Median of interleaved ~20 ms blocks.", ""]
+        rows = [[r["K"], f"{r['batched_ms']:.3f}", f"{r['loop_ms']:.3f}", f"x{r['loop_over_batched']:.2f}"]
+                for r in hd["rows"]]
+        lines.append(table(["K", "BatchedHeads (ms)", "loop of K nn.Sequential (ms)", "loop / batched"], rows))
+    if cli is not None:
+        lines += ["", "## 4. `python -m cdmtransfer --help`", ""]
+        if "skipped" in cli:
+            lines.append(f"skipped: {cli['skipped']}")
+        else:
+            lines.append(table(["Measure", "Value"], [
+                ["--help wall time (median)", f"{cli['help_ms']:.0f} ms "
+                                               f"(runs: {', '.join(f'{t:.0f}' for t in cli['help_ms_runs'])})"],
+                ["bare `python -c pass`", f"{cli['python_startup_ms']:.0f} ms"],
+                ["`python -c 'import torch'` (what --help avoids)", f"{cli['import_torch_ms']:.0f} ms"],
+                ["torch imported by --help", str(cli["torch_imported"])],
+                ["heavy modules imported by --help", ", ".join(cli["heavy_modules_imported"] or []) or "none"],
+                ["slowest top-level imports (cumulative ms)",
+                 ", ".join(f"{n} {ms:.0f}" for n, ms in cli["slowest_top_level_imports_ms"])],
+            ]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short run (fewer steps and repetitions)")
+    p.add_argument("--json", metavar="PATH", help="also write all results (raw samples included) as JSON")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for every measurement (default 2)")
+    p.add_argument("--only", default="train,logging,heads,cli",
+                   help="comma-separated subset of train,logging,heads,cli")
+    p.add_argument("--train-steps", type=int, help="steps per train()/bare run (default 500; quick 150)")
+    p.add_argument("--reps", type=int, help="interleaved repetitions (default 3)")
+    p.add_argument("--pretrain-steps", type=int, help="steps of the real pretrain (default 1000; quick 200)")
+    args = p.parse_args(argv)
+    args.train_steps = args.train_steps or (150 if args.quick else 500)
+    args.reps = args.reps or 3
+    args.warmup_steps = 50
+    args.pretrain_steps = args.pretrain_steps or (200 if args.quick else 1000)
+    args.heads_k = [1, 2, 4, 8, 16, 32, 64]
+    args.heads_blocks = 5 if args.quick else 11
+    args.cli_runs = 5
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - {"train", "logging", "heads", "cli"}
+    if unknown:
+        p.error(f"--only: unknown {', '.join(sorted(unknown))}")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    res: dict = {"quick": args.quick, "machine": {
+        "cores": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+        "python": platform.python_version(), "platform": platform.platform(), "threads": torch.get_num_threads(),
+        "load_before": loadavg()}}
+    t0 = time.perf_counter()
+    if "train" in only:
+        res["train"] = bench_train(args)
+    if "logging" in only:
+        res["logging"] = bench_logging(args)
+        torch.set_num_threads(args.threads)  # pretrain() set it from the config; keep the same value anyway
+    if "heads" in only:
+        res["heads"] = bench_heads(args)
+    if "cli" in only:
+        log("cli: timing --help")
+        res["cli"] = bench_cli(args)
+    res["machine"]["load_after"] = loadavg()
+    res["seconds"] = time.perf_counter() - t0
+    text = report(res)
+    print(text)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1, default=str))
+        log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

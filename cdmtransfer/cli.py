@@ -1,0 +1,234 @@
+"""The `cdmtransfer` command line: parse, build the Config, call the stage, print. No maths here.
+
+torch and mlflow are imported only inside commands, so `cdmtransfer --help` stays fast.
+Exit codes: 0 ok, 1 runtime failure, 2 usage or config error, 3 data error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cdmtransfer import __version__
+from cdmtransfer.errors import CdmError
+
+app = typer.Typer(name="cdmtransfer", no_args_is_help=True, rich_markup_mode="rich", add_completion=True,
+                  pretty_exceptions_enable=False,
+                  help="Few-shot transfer for conditional diffusion models: pretrain a shared condition encoder on "
+                       "K source tasks, adapt it to a small target set, and measure how many target samples you need.")
+
+RECIPE = "Recipe"
+OUTPUT = "Output"
+TRACK = "Tracking"
+
+RecipeArg = Annotated[str, typer.Argument(metavar="RECIPE", help="Recipe YAML, e.g. recipes/quickstart.yaml.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", metavar="KEY=VALUE", rich_help_panel=RECIPE,
+    help="Override a recipe key, e.g. --set adapt.steps=500 (repeatable; values parsed as YAML).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Run seed (training noise, target subset).",
+                                                 rich_help_panel=RECIPE)]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and exit.",
+                                          rich_help_panel=RECIPE)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (run ids, metrics, paths).",
+                                        rich_help_panel=OUTPUT)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.",
+                                           rich_help_panel=OUTPUT)]
+TrackingOpt = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", metavar="URI", rich_help_panel=TRACK,
+    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store in ./cdmtransfer-runs).")]
+ResumeOpt = Annotated[Optional[str], typer.Option(
+    "--resume", metavar="RUN_ID", rich_help_panel=TRACK,
+    help="Continue an interrupted run from its last checkpoint (same recipe).")]
+EncoderOpt = Annotated[Optional[str], typer.Option(
+    "--encoder", metavar="SRC", help="Pretrained encoder: a pretrain run id, runs:/ or models:/ URI, or a path.")]
+
+
+def handled(fn):
+    """Turn known errors into one line on stderr and the right exit code; tracebacks only with --verbose."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CdmError as exc:
+            if kwargs.get("verbose"):
+                traceback.print_exc()
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug or an environment failure: say what, keep the traceback for --verbose
+            if kwargs.get("verbose"):
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print(f"error: {type(exc).__name__}: {first} (run with --verbose for the traceback)", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _config(recipe: str, sets: list[str] | None, seed: int | None):
+    from cdmtransfer.config import load_config
+
+    overrides = list(sets or [])
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    return load_config(recipe, overrides)
+
+
+def _dry_run(cfg) -> None:
+    from cdmtransfer.config import dump_config
+
+    sys.stdout.write(dump_config(cfg))
+
+
+def _print_summary(summary, json_out: bool, title: str) -> None:
+    from cdmtransfer import report
+
+    if json_out:
+        report.emit_json(summary.to_dict())
+        return
+    out = report.console()
+    if summary.metrics:
+        out.print(report.metrics_table(title, summary.metrics))
+    for key, path in summary.paths.items():
+        out.print(f"{key}: {path}")
+    skipped = summary.info.get("skipped") or {}
+    for key, why in skipped.items():
+        out.print(f"skipped {key}: {why}")
+    if summary.run_id:
+        out.print(f"run id: {summary.run_id}")
+    report.store_footer(out, summary.tracking_uri)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, help="Show the version.")] = False):
+    if version:
+        print(f"cdmtransfer {__version__}")
+        raise typer.Exit()
+
+
+@app.command(epilog="Example: cdmtransfer pretrain recipes/gaussian-linear.yaml --set pretrain.steps=500")
+@handled
+def pretrain(recipe: RecipeArg, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
+             tracking_uri: TrackingOpt = None, dry_run: DryRunOpt = False, json_out: JsonOpt = False,
+             quiet: QuietOpt = False, verbose: VerboseOpt = False):
+    """Learn the shared encoder h(y) jointly with K source score heads (joint DSM over the source tasks)."""
+    cfg = _config(recipe, set_, seed)
+    if dry_run:
+        return _dry_run(cfg)
+    from cdmtransfer.stages import pretrain as run_pretrain
+
+    summary = run_pretrain(cfg, tracking_uri=tracking_uri, resume=resume, quiet=quiet or json_out)
+    _print_summary(summary, json_out, f"pretrain {cfg.name}")
+
+
+@app.command(epilog="Example: cdmtransfer adapt recipes/gaussian-linear.yaml --encoder RUN_ID --mode frozen --m 16")
+@handled
+def adapt(recipe: RecipeArg,
+          encoder: EncoderOpt = None,
+          mode: Annotated[Optional[str], typer.Option(metavar="frozen|finetune|scratch|oracle",
+                                                      help="How the encoder is treated (default: adapt.mode).")] = None,
+          m: Annotated[Optional[int], typer.Option("--m", min=1, help="Target samples (default: adapt.m).")] = None,
+          set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None, tracking_uri: TrackingOpt = None,
+          dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+          verbose: VerboseOpt = False):
+    """Train a target head on m target samples with the encoder frozen, fine-tuned, from scratch or the true h*."""
+    extra = list(set_ or [])
+    if mode is not None:
+        extra.append(f"adapt.mode={mode}")
+    if m is not None:
+        extra.append(f"adapt.m={m}")
+    cfg = _config(recipe, extra, seed)
+    if dry_run:
+        return _dry_run(cfg)
+    from cdmtransfer.stages import adapt as run_adapt
+
+    summary = run_adapt(cfg, encoder=encoder, tracking_uri=tracking_uri, resume=resume, quiet=quiet or json_out)
+    _print_summary(summary, json_out, f"adapt {cfg.adapt.mode}, m = {cfg.adapt.m}")
+
+
+@app.command(epilog="Example: cdmtransfer sweep recipes/quickstart.yaml --m 8,16,32 --modes frozen,scratch --seeds 3")
+@handled
+def sweep(recipe: RecipeArg,
+          m: Annotated[Optional[str], typer.Option("--m", metavar="M1,M2,..", help="Target sizes.")] = None,
+          modes: Annotated[Optional[str], typer.Option(metavar="MODE,..", help="Adaptation modes.")] = None,
+          seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per (mode, m).")] = None,
+          encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, tracking_uri: TrackingOpt = None,
+          dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
+          verbose: VerboseOpt = False):
+    """Learning curves: pretrain once, then adapt for every (mode, m, seed) as child runs of one parent run."""
+    extra = list(set_ or [])
+    if m is not None:
+        extra.append(f"sweep.m=[{m}]")
+    if modes is not None:
+        extra.append(f"sweep.modes=[{modes}]")
+    if seeds is not None:
+        extra.append(f"sweep.seeds={seeds}")
+    cfg = _config(recipe, extra, seed)
+    if dry_run:
+        return _dry_run(cfg)
+    from cdmtransfer import report
+    from cdmtransfer.sweep import sweep as run_sweep
+
+    result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out)
+    if json_out:
+        return report.emit_json(result.to_dict())
+    out = report.console()
+    out.print(report.sweep_table(result.summary, f"{cfg.name}: target error by mode and m (mean ± sd over seeds)"))
+    for mode, why in result.skipped_modes.items():
+        out.print(f"skipped mode {mode}: {why}")
+    out.print(f"sweep run id: {result.run_id}" + (f"  (pretrain run {result.pretrain_run_id})"
+                                                  if result.pretrain_run_id else ""))
+    report.store_footer(out, result.tracking_uri)
+
+
+@app.command(epilog="Example: cdmtransfer evaluate RUN_ID --set evaluate.posterior_samples=64")
+@handled
+def evaluate(run: Annotated[str, typer.Argument(metavar="RUN", help="Adapt run id, runs:/ or models:/ URI, or path.")],
+             set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
+             verbose: VerboseOpt = False):
+    """Recompute the target metrics of an adapt run (and log them to it under eval/)."""
+    from cdmtransfer.runs import evaluate_run
+
+    summary = evaluate_run(run, tracking_uri=tracking_uri, overrides=list(set_ or []))
+    _print_summary(summary, json_out, f"evaluate {run}")
+
+
+@app.command(epilog="Example: cdmtransfer sample RUN_ID --n 64 --test --out samples.npz")
+@handled
+def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:/ or models:/ URI, or path.")],
+           n: Annotated[int, typer.Option("--n", min=1, help="Samples per condition.")] = 16,
+           y: Annotated[Optional[Path], typer.Option("--y", metavar="FILE",
+                                                     help="Conditions: .npy [C, D_y], .npz (array y) or .csv.")] = None,
+           test: Annotated[bool, typer.Option("--test", help="Use the held-out target conditions.")] = False,
+           out: Annotated[Path, typer.Option("--out", help="Output .npz (arrays samples, y).")] = Path("samples.npz"),
+           task: Annotated[int, typer.Option(help="Source head 1..K when RUN is a pretrain run.")] = 0,
+           seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+           set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
+           verbose: VerboseOpt = False):
+    """Draw conditional samples from a run's EMA model and write them to .npz."""
+    from cdmtransfer.runs import sample_run
+
+    summary = sample_run(run, n, out, y_file=y, test=test, task=task, tracking_uri=tracking_uri,
+                         overrides=list(set_ or []), seed=seed)
+    _print_summary(summary, json_out, "sample")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # so a run stopped with SIGTERM is marked KILLED, not left RUNNING
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    app()

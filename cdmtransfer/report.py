@@ -1,0 +1,62 @@
+"""What commands print: rich tables for people, JSON for scripts (`--json` keeps stdout machine-readable)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+METRIC_ORDER = ("score_error", "score_error_weighted", "posterior_mean_mse", "posterior_mean_mse_floor",
+                "sliced_w2", "sliced_w2_floor", "test_dsm", "final_loss", "train_seconds")
+
+
+def console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def emit_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def metrics_table(title: str, metrics: dict) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    keys = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
+    for key in keys:
+        table.add_row(key, _fmt(metrics[key]))
+    return table
+
+
+def sweep_table(summary: list[dict], title: str) -> Table:
+    metrics = [k for k in ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")
+               if any(k in row for row in summary)]
+    table = Table(title=title, show_header=True)
+    for col in ("mode", "m", "seeds", *metrics):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    best = {k: min(row[k]["mean"] for row in summary if k in row) for k in metrics}
+    for row in sorted(summary, key=lambda r: (r["m"], r["mode"])):
+        cells = []
+        for k in metrics:
+            if k not in row:
+                cells.append("–")
+                continue
+            mean, std = row[k]["mean"], row[k]["std"]
+            text = f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 else "")
+            cells.append(f"[bold]{text}[/bold]" if mean == best[k] else text)
+        table.add_row(row["mode"], str(row["m"]), str(row["seeds"]), *cells)
+    return table
+
+
+def store_footer(out: Console, uri: str) -> None:
+    out.print(f"MLflow store: {uri}")
+    if uri.startswith("sqlite:///"):
+        out.print(f"View the runs:  mlflow ui --backend-store-uri {uri}")

@@ -1,0 +1,118 @@
+"""Working with a finished run: reload its model, evaluate it again, draw conditional samples from it."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cdmtransfer.checkpoint import load_export
+from cdmtransfer.config import Config, TrackingConfig, apply_override, check_consistency, from_dict
+from cdmtransfer.diffusion import OUProcess
+from cdmtransfer.errors import ConfigError, DataError
+from cdmtransfer.evaluate import conditional_samples, evaluate_model
+from cdmtransfer.models import ScoreModel, build_model
+from cdmtransfer.tasks import build_taskset
+from cdmtransfer.tracking import Run, RunSummary, Tracker, find_model_dir, resolve_store
+
+
+def load_run(source: str, *, tracking_uri: str | None = None, overrides: list[str] = (),
+             home: str | None = None) -> tuple[ScoreModel, Config, dict, Tracker]:
+    """The EMA model of a run (id, runs:/ or models:/ URI, or local model directory) and its resolved config."""
+    tracking = TrackingConfig()
+    tracker = Tracker(resolve_store(tracking_uri, None, home or tracking.home), tracking.experiment)
+    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp:
+        model_dir, _ = find_model_dir(tracker, source, Path(tmp))
+        weights, meta = load_export(model_dir)
+    data = meta["config"]
+    for item in overrides:
+        apply_override(data, item)
+    cfg = from_dict(Config, data, f"config of {source}")
+    check_consistency(cfg, f"config of {source}")
+    model = build_model(meta["model"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise DataError(f"{source}: weights do not fit the stored model spec ({str(exc).splitlines()[0]})") from None
+    return model.eval(), cfg, meta, tracker
+
+
+def evaluate_run(source: str, *, tracking_uri: str | None = None, overrides: list[str] = (),
+                 home: str | None = None) -> RunSummary:
+    """Recompute the target metrics of an adapt run (evaluation settings can be changed with overrides)."""
+    model, cfg, meta, tracker = load_run(source, tracking_uri=tracking_uri, overrides=overrides, home=home)
+    if meta.get("stage") != "adapt":
+        raise ConfigError(f"{source}: evaluate takes an adapt run; a {meta.get('stage')} run has no target head")
+    taskset = build_taskset(cfg)
+    metrics, skipped = evaluate_model(model, taskset, cfg)
+    run_id = meta.get("run_id", "")
+    if run_id:
+        run = tracker.get_run(run_id)
+        step = int(run.data.metrics.get("eval/count", 0)) + 1
+        live = Run(tracker, run_id)
+        live.log_metrics({f"eval/{k}": v for k, v in metrics.items()} | {"eval/count": step}, step=step)
+        live.flush()
+    return RunSummary(run_id, "evaluate", metrics, {}, {"mode": meta.get("mode"), "skipped": skipped},
+                      tracker.store.uri)
+
+
+def read_conditions(path: Path) -> np.ndarray:
+    """Conditions y from .npy ([C, D_y]), .npz (array 'y') or .csv (numbers only, one row per condition)."""
+    if not path.is_file():
+        raise DataError(f"{path}: conditions file not found")
+    try:
+        if path.suffix == ".npy":
+            y = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "y" not in z.files:
+                    raise DataError(f"{path}: no array 'y' (found {', '.join(z.files) or 'none'})")
+                y = z["y"]
+        elif path.suffix == ".csv":
+            y = np.loadtxt(path, delimiter=",", ndmin=2)
+        else:
+            raise DataError(f"{path}: unsupported conditions file; use .npy, .npz (array y) or .csv")
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{path}: cannot read conditions ({str(exc).splitlines()[0]})") from None
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim == 1:
+        y = y[None]
+    if y.ndim != 2 or not np.isfinite(y).all():
+        raise DataError(f"{path}: conditions must be a finite 2-D array [C, D_y], got shape {y.shape}")
+    return y
+
+
+def sample_run(source: str, n: int, out: Path, *, y_file: Path | None = None, test: bool = False,
+               task: int = 0, tracking_uri: str | None = None, overrides: list[str] = (),
+               home: str | None = None, seed: int = 0) -> RunSummary:
+    """Draw n samples per condition and write them to `out` (.npz with arrays samples [C, n, d_x] and y)."""
+    if (y_file is None) == (not test):
+        raise ConfigError("give exactly one of --y FILE or --test")
+    model, cfg, meta, tracker = load_run(source, tracking_uri=tracking_uri, overrides=overrides, home=home)
+    heads = model.heads.K
+    head = 0 if meta.get("stage") == "adapt" else task - 1
+    if meta.get("stage") == "pretrain" and not 1 <= task <= heads:
+        raise ConfigError(f"{source} is a pretrain run: choose a source head with --task 1..{heads}")
+    taskset = build_taskset(cfg)
+    if test:
+        y = taskset.test_y
+    else:
+        y_raw = read_conditions(y_file)
+        if y_raw.shape[1] != taskset.D_y:
+            raise DataError(f"{y_file}: conditions have {y_raw.shape[1]} columns, the model expects D_y = {taskset.D_y}")
+        y = taskset.standardize_y(torch.as_tensor(y_raw, dtype=torch.float32))
+    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+    e = cfg.evaluate
+    draws = conditional_samples(model, y, n, process, e.sampler_steps, e.sampler,
+                                torch.Generator().manual_seed(seed), head=head)
+    draws = taskset.unstandardize_x(draws)
+    y_out = y if taskset.y_mean is None else y * taskset.y_std + taskset.y_mean
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, samples=draws.numpy(), y=y_out.numpy())
+    tmp.replace(out)
+    return RunSummary(meta.get("run_id", ""), "sample", {}, {"samples": out},
+                      {"conditions": int(y.shape[0]), "per_condition": n, "sampler": e.sampler,
+                       "steps": e.sampler_steps}, tracker.store.uri)
