@@ -108,6 +108,8 @@ class TrainConfig:
 
 @dataclass
 class AdaptConfig(TrainConfig):
+    steps: int = field(default=1500, metadata=_range(1))
+    batch_size: int = field(default=64, metadata=_range(1))  # draws per step from the m samples (with replacement)
     mode: Literal["frozen", "finetune", "scratch", "oracle"] = "frozen"
     m: int = field(default=32, metadata=_range(1))  # target samples
     encoder_lr: float = field(default=2e-4, metadata=_range(0.0, lo_open=True))  # finetune only
@@ -146,12 +148,12 @@ class Config:
     name: str = "recipe"
     seed: int = 0
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    threads: int = field(default=0, metadata=_range(0))  # 0: min(4, cores)
+    threads: int = field(default=0, metadata=_range(0))  # torch intra-op threads; 0: one (best for small nets)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
-    adapt: AdaptConfig = field(default_factory=lambda: AdaptConfig(steps=1500, batch_size=64))
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -267,8 +269,10 @@ def _coerce(tp, value, where: str, key: str, metadata) -> Any:
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is not str:
-            value = [v for v in str(value).split(",") if v.strip()] if isinstance(value, str) else [value]
+        if isinstance(value, str):  # "a,b" from --set or the CLI
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
         return [_coerce(item_tp, v, where, f"{key}[{i}]", {}) for i, v in enumerate(value)]

@@ -9,7 +9,6 @@ Both run the one loop in train.py and end with an exported EMA model and metrics
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,9 @@ from cdmtransfer.train import train
 
 
 def setup_torch(cfg: Config) -> torch.device:
-    torch.set_num_threads(cfg.threads or min(4, os.cpu_count() or 1))
+    # One thread by default: for these small networks intra-op threading costs more than it gains, and with other
+    # processes on the cores (parallel sweeps, make -j) spinning OpenMP threads slow tiny ops by 100x or more.
+    torch.set_num_threads(cfg.threads or 1)
     torch.set_flush_denormal(True)  # Adam's second moments underflow to subnormals, which are ~100x slower on CPU
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -194,8 +194,11 @@ def find_model_dir(tracker: Tracker, source: str, dst: Path) -> tuple[Path, str 
 def _download(tracker: Tracker, uri: str, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     try:
+        if uri.startswith("models:/m-"):  # a LoggedModel id: fetch from its artifact location in this store
+            uri = tracker.client.get_logged_model(uri[len("models:/"):].strip("/")).artifact_location
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                         tracking_uri=tracker.store.uri))
+                                                         tracking_uri=tracker.store.uri,
+                                                         registry_uri=tracker.store.uri))
     except Exception as exc:
         raise DataError(f"cannot fetch model {uri}: {_first_line(exc)}") from None
 

@@ -38,10 +38,6 @@ def test_overrides_apply_with_types():
     assert cfg.pretrain.steps == load_config(None).pretrain.steps
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG cdmtransfer/config.py:249 from_dict builds the section with cls(**kwargs), i.e. AdaptConfig's class defaults "
-    "(steps=2000, batch_size=128), dropping Config.adapt's default_factory (steps=1500, batch_size=64) as soon as "
-    "any adapt.* key is set"))
 def test_setting_one_adapt_key_keeps_other_adapt_defaults():
     default = load_config(None).adapt
     assert (default.steps, default.batch_size) == (1500, 64)

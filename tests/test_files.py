@@ -254,21 +254,13 @@ BAD = [
     ("npz_object_dtype", _object_npz, [], ["unsupported array contents"]),
 ]
 
-KNOWN_BUGS = [
-    pytest.param("csv_fractional_task_id", _csv(cells={(0, "task"): "0.5"}), CSV_OPTS, ["task"],
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG cdmtransfer/tasks/files.py:66 read_csv parses the task column with int(float(v)), so '0.5' is silently "
-                     "truncated to task 0 instead of raising DataError (the .npz path rejects 0.5)")),
-                 id="csv_fractional_task_id"),
-    pytest.param("csv_inf_task_id", _csv(cells={(0, "task"): "inf"}), CSV_OPTS, ["task"],
-                 marks=pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-                     "BUG cdmtransfer/tasks/files.py:66 int(float('inf')) raises OverflowError, which column() (line 59) does not "
-                     "catch (only ValueError, IndexError): a raw traceback instead of DataError")),
-                 id="csv_inf_task_id"),
+FIXED_BUGS = [  # once silently accepted or a traceback; now DataError like the .npz path
+    ("csv_fractional_task_id", _csv(cells={(0, "task"): "0.5"}), CSV_OPTS, ["task", "integer"]),
+    ("csv_inf_task_id", _csv(cells={(0, "task"): "inf"}), CSV_OPTS, ["task", "integer"]),
 ]
 
 
-@pytest.mark.parametrize("case,make,extra,expect", [pytest.param(*b, id=b[0]) for b in BAD] + KNOWN_BUGS)
+@pytest.mark.parametrize("case,make,extra,expect", [pytest.param(*b, id=b[0]) for b in BAD + FIXED_BUGS])
 def test_bad_input_raises_data_error(tmp_path, case, make, extra, expect):
     path = make(tmp_path)
     with pytest.raises(DataError) as exc:

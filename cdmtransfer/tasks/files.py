@@ -40,7 +40,7 @@ def read_csv(path: Path, x_cols: list[str], y_cols: list[str], task_col: str):
         with open(path, newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
-            rows = list(reader)
+            rows = [row for row in reader if any(cell.strip() for cell in row)]  # skip blank lines
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read as CSV ({exc})") from None
     if header is None:
@@ -63,7 +63,7 @@ def read_csv(path: Path, x_cols: list[str], y_cols: list[str], task_col: str):
 
     x = np.array([column(c, float) for c in x_cols], dtype=np.float64).T.reshape(len(rows), len(x_cols))
     y = np.array([column(c, float) for c in y_cols], dtype=np.float64).T.reshape(len(rows), len(y_cols))
-    task = np.array(column(task_col, lambda v: int(float(v))), dtype=np.int64)
+    task = np.array(column(task_col, float), dtype=np.float64)  # validate() checks these are integers
     return x, y, task
 
 
@@ -80,7 +80,7 @@ def validate(path: Path, x: np.ndarray, y: np.ndarray, task: np.ndarray):
             bad = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise DataError(f"{path}: array {name} has NaN or inf (first at row {bad})")
     if not np.issubdtype(task.dtype, np.integer):
-        if np.issubdtype(task.dtype, np.floating) and np.all(np.mod(task, 1) == 0):
+        if np.issubdtype(task.dtype, np.floating) and np.isfinite(task).all() and np.all(np.mod(task, 1) == 0):
             task = task.astype(np.int64)
         else:
             raise DataError(f"{path}: array task must hold integer task ids, got dtype {task.dtype}")
@@ -108,6 +108,8 @@ def build(cfg: Config) -> TaskSet:
     if f.target not in ids:
         raise DataError(f"{path}: target task id {f.target} not in the file (task ids: {_ids(ids)})")
     sources = f.sources or [i for i in ids if i != f.target]
+    if len(set(sources)) != len(sources):
+        raise DataError(f"{path}: suite.file.sources lists a task id twice: {_ids(sources)}")
     unknown = [s for s in sources if s not in ids]
     if unknown:
         raise DataError(f"{path}: source task id(s) {_ids(unknown)} not in the file (task ids: {_ids(ids)})")

@@ -1,0 +1,179 @@
+"""End to end, for real: pretrain → adapt → evaluate/sample through the CLI, a real SQLite MLflow store, real training."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+import cdmtransfer
+from cdmtransfer.cli import app
+from cdmtransfer.tracking import TAG
+
+TINY = """
+name: tiny
+suite:
+  name: gaussian
+  K: 3
+  n: 128
+  n_target_pool: 64
+  n_test: 64
+  gaussian: {d_x: 3, D_y: 8, d: 2}
+model: {d: 2, encoder_width: 32, encoder_depth: 1, head_width: 32, head_depth: 1, time_dim: 8}
+pretrain: {steps: 120, batch_size: 32, log_every: 20, checkpoint_every: 40, warmup_steps: 10}
+adapt: {steps: 80, batch_size: 16, m: 8, log_every: 20, checkpoint_every: 40, warmup_steps: 10}
+evaluate: {t_draws: 2, posterior_samples: 8, posterior_conditions: 16, sampler_steps: 16, dist_conditions: 4,
+           dist_samples: 32}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def ok_json(*args) -> dict:
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(result.stdout)
+
+
+def client(home) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+
+
+def test_pretrain_adapt_evaluate_sample_with_lineage(recipe, store, tmp_path):
+    pre = ok_json("pretrain", recipe)
+    assert pre["stage"] == "pretrain" and len(pre["run_id"]) == 32
+    assert (tmp_path / "home" / "work" / pre["run_id"] / "model" / "model.safetensors").is_file()
+
+    ada = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "frozen", "--m", 8)
+    for key in ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm", "posterior_mean_mse_floor"):
+        assert np.isfinite(ada["metrics"][key]), key
+
+    c = client(store)
+    pre_run, ada_run = c.get_run(pre["run_id"]), c.get_run(ada["run_id"])
+    assert pre_run.info.status == "FINISHED" and ada_run.info.status == "FINISHED"
+    assert ada_run.data.tags[TAG + "pretrain_run_id"] == pre["run_id"]
+    assert ada_run.data.tags[TAG + "mode"] == "frozen"
+    assert ada_run.data.params["adapt.m"] == "8"
+    assert pre_run.data.metrics["loss"] > 0  # metrics by step were written
+    assert len(c.get_metric_history(pre["run_id"], "loss")) == 120 // 20
+    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    found = mlflow.search_runs(experiment_ids=[ada_run.info.experiment_id],
+                               filter_string=f"tags.`{TAG}pretrain_run_id` = '{pre['run_id']}'",
+                               output_format="list")
+    assert [r.info.run_id for r in found] == [ada["run_id"]]
+    assert TAG + "model_id" in pre_run.data.tags
+
+    # Re-evaluating the saved model reproduces the metrics computed at the end of adapt (fixed evaluation noise).
+    ev = ok_json("evaluate", ada["run_id"])
+    for key in ("score_error", "posterior_mean_mse", "sliced_w2"):
+        assert ev["metrics"][key] == pytest.approx(ada["metrics"][key], rel=1e-5)
+
+    out = tmp_path / "s.npz"
+    ok_json("sample", ada["run_id"], "--n", 5, "--test", "--out", out)
+    with np.load(out) as z:
+        assert z["samples"].shape == (64, 5, 3) and z["y"].shape == (64, 8)
+        assert np.isfinite(z["samples"]).all()
+
+
+def test_encoder_sources_uri_and_path_agree(recipe, store):
+    pre = ok_json("pretrain", recipe)
+    path = store / "work" / pre["run_id"] / "model"
+    by_id = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "frozen")
+    by_uri = ok_json("adapt", recipe, "--encoder", f"runs:/{pre['run_id']}/model", "--mode", "frozen")
+    by_path = ok_json("adapt", recipe, "--encoder", path, "--mode", "frozen")
+    model_id = client(store).get_run(pre["run_id"]).data.tags[TAG + "model_id"]
+    by_model = ok_json("adapt", recipe, "--encoder", f"models:/{model_id}", "--mode", "frozen")
+    for other in (by_uri, by_path, by_model):
+        assert other["metrics"]["score_error"] == pytest.approx(by_id["metrics"]["score_error"], rel=1e-6)
+
+
+def test_resume_equals_uninterrupted(recipe, store, monkeypatch):
+    cfg = cdmtransfer.load_config(recipe)
+    full = cdmtransfer.pretrain(cfg)
+
+    import cdmtransfer.stages as stages
+
+    real = stages.dsm_objective
+
+    def dying_objective(*args, **kwargs):
+        loss_fn, calls = real(*args, **kwargs), {"n": 0}
+
+        def wrapped(model, gen):
+            calls["n"] += 1
+            if calls["n"] == 95:  # after the checkpoint at step 80
+                raise KeyboardInterrupt
+            return loss_fn(model, gen)
+
+        return wrapped
+
+    monkeypatch.setattr(stages, "dsm_objective", dying_objective)
+    with pytest.raises(KeyboardInterrupt):
+        cdmtransfer.pretrain(cfg)
+    c = client(store)
+    killed = [r for r in c.search_runs([c.get_run(full.run_id).info.experiment_id]) if r.info.status == "KILLED"]
+    assert len(killed) == 1
+    monkeypatch.setattr(stages, "dsm_objective", real)
+    resumed = cdmtransfer.pretrain(cfg, resume=killed[0].info.run_id)
+    assert resumed.run_id == killed[0].info.run_id
+    assert c.get_run(resumed.run_id).info.status == "FINISHED"
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(full.paths["model"] / "model.safetensors"))
+    b = load_file(str(resumed.paths["model"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert resumed.metrics["final_loss"] == pytest.approx(full.metrics["final_loss"], rel=1e-6)
+
+
+def test_modes_and_oracle_and_dry_run(recipe, store):
+    pre = ok_json("pretrain", recipe)
+    fin = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "finetune")
+    scr = ok_json("adapt", recipe, "--mode", "scratch")
+    ora = ok_json("adapt", recipe, "--mode", "oracle")
+    assert fin["metrics"]["trainable_parameters"] == scr["metrics"]["trainable_parameters"]
+    assert ora["metrics"]["trainable_parameters"] < scr["metrics"]["trainable_parameters"]
+    dry = cli("adapt", recipe, "--mode", "scratch", "--m", 5, "--set", "adapt.steps=7", "--dry-run")
+    assert dry.exit_code == 0
+    assert "m: 5" in dry.stdout and "steps: 7" in dry.stdout and "mode: scratch" in dry.stdout
+
+
+def test_sweep_parent_with_children(recipe, store):
+    res = ok_json("sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--seeds", 2)
+    assert len(res["rows"]) == 2 * 2 * 2
+    assert {(r["mode"], r["m"]) for r in res["summary"]} == {("frozen", 4), ("frozen", 8), ("scratch", 4),
+                                                             ("scratch", 8)}
+    c = client(store)
+    children = c.search_runs([c.get_run(res["run_id"]).info.experiment_id],
+                             filter_string=f"tags.mlflow.parentRunId = '{res['run_id']}'")
+    assert len(children) == 8 + 1  # the cells and the pretrain run
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {a.path for a in c.list_artifacts(res["run_id"])} >= {"results.csv", "results.json"}
+
+
+def test_transfer_beats_scratch_on_gaussian_suite(store):
+    """The paper's claim at small m: a frozen pretrained encoder beats training from scratch (score error)."""
+    overrides = ["suite.K=6", "suite.n=256", "suite.gaussian.d_x=4", "suite.gaussian.D_y=24", "suite.gaussian.d=2",
+                 "model.d=2", "model.encoder_width=64", "model.encoder_depth=2", "model.head_width=64",
+                 "pretrain.steps=600", "pretrain.batch_size=64", "adapt.steps=300", "adapt.m=8",
+                 "evaluate.posterior_conditions=16", "evaluate.sampler_steps=16", "evaluate.dist_samples=32"]
+    pre = cdmtransfer.pretrain(None, overrides)
+    frozen = cdmtransfer.adapt(None, overrides + ["adapt.mode=frozen"], encoder=pre.run_id)
+    scratch = cdmtransfer.adapt(None, overrides + ["adapt.mode=scratch"])
+    assert frozen.metrics["score_error"] < 0.7 * scratch.metrics["score_error"]
+    assert frozen.metrics["test_dsm"] < scratch.metrics["test_dsm"]
