@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from cdmtransfer.errors import CdmError, ConfigError, DataError
+from cdmtransfer.errors import ConfigError, DataError
 
 import mlflow
 from mlflow import MlflowClient
@@ -81,9 +81,9 @@ class Tracker:
                     exp = self.client.get_experiment_by_name(name)
             return exp.experiment_id
         except MlflowException as exc:
-            raise CdmError(f"tracking store {self.store.uri} is not usable: {_first_line(exc)}") from None
+            raise ConfigError(f"tracking store {self.store.uri} is unreachable or unusable: {_first_line(exc)}") from None
         except Exception as exc:  # connection errors surface as several types
-            raise CdmError(f"tracking store {self.store.uri} is unreachable: {_first_line(exc)}") from None
+            raise ConfigError(f"tracking store {self.store.uri} is unreachable or unusable: {_first_line(exc)}") from None
 
     def get_run(self, run_id: str):
         try:
