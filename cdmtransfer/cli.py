@@ -225,6 +225,93 @@ def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:
     _print_summary(summary, json_out, "sample")
 
 
+@app.command(epilog="Example: cdmtransfer estimate recipes/quickstart.yaml --epsilon 0.5 --calibrate SWEEP_RUN_ID")
+@handled
+def estimate(recipe: RecipeArg,
+             epsilon: Annotated[float, typer.Option(help="Target error ε (> 0).")],
+             delta: Annotated[float, typer.Option(help="Failure probability δ in (0, 1).")] = 0.1,
+             mode: Annotated[str, typer.Option(metavar="transfer|meta|scratch,..",
+                                               help="Bounds to invert.")] = "transfer,scratch",
+             metric: Annotated[str, typer.Option(metavar="score|tv", help="Score error or TV distance.")] = "score",
+             nu: Annotated[Optional[float], typer.Option(help="Task diversity ν (Def 3.1).", rich_help_panel="Theory")] = None,
+             diversity_delta: Annotated[Optional[float], typer.Option(help="Task diversity Δ (Def 3.1).",
+                                                                      rich_help_panel="Theory")] = None,
+             eps_approx: Annotated[Optional[float], typer.Option(help="Misspecification ε_approx.",
+                                                                 rich_help_panel="Theory")] = None,
+             constant: Annotated[Optional[float], typer.Option("--constant", help="Universal constant C (default 1).",
+                                                               rich_help_panel="Theory")] = None,
+             log_factor: Annotated[Optional[float], typer.Option(
+                 help="Use this constant for every log factor ι (default 1: bare rates).", rich_help_panel="Theory")] = 1.0,
+             paper_logs: Annotated[bool, typer.Option("--paper-logs", help="Use the paper's log factors instead.",
+                                                      rich_help_panel="Theory")] = False,
+             calibrate: Annotated[Optional[str], typer.Option(metavar="SWEEP_RUN",
+                                                              help="Fit the rates to a sweep's measured curves.")] = None,
+             calibrate_metric: Annotated[str, typer.Option(help="Measured metric to fit.")] = "score_error",
+             set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
+             verbose: VerboseOpt = False):
+    """How many target samples for error ε: the theory's bounds inverted, and (with --calibrate) measured curves."""
+    from cdmtransfer.errors import ConfigError
+    from cdmtransfer.estimate import estimate as run_estimate
+    from cdmtransfer.theory import METRICS, MODES
+
+    cfg = _config(recipe, set_, None)
+    modes = [m.strip() for m in mode.split(",") if m.strip()]
+    for name in modes:
+        if name not in MODES:
+            raise ConfigError(f"--mode {name!r} is not one of {', '.join(MODES)}")
+    if metric not in METRICS:
+        raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
+    overrides = {"nu": nu, "Delta": diversity_delta, "eps_approx": eps_approx, "C": constant,
+                 "iota": None if paper_logs else log_factor}
+    curves = None
+    if calibrate:
+        from cdmtransfer.estimate import sweep_curves
+        from cdmtransfer.stages import open_tracker
+
+        tracker = open_tracker(cfg, tracking_uri)
+        curves = sweep_curves(_sweep_results(tracker, calibrate), calibrate_metric)
+    report = run_estimate(cfg, epsilon, delta=delta, modes=modes, metric=metric, overrides=overrides,
+                          calibration=curves)
+    from cdmtransfer import report as rep
+
+    if json_out:
+        rep.emit_json(report.to_dict())
+    else:
+        rep.estimate_tables(rep.console(), report)
+    _log_estimate(cfg, report, recipe, calibrate, tracking_uri)
+
+
+def _sweep_results(tracker, run_id: str) -> dict:
+    import json
+    import tempfile
+
+    from cdmtransfer.errors import ConfigError
+
+    run = tracker.get_run(run_id)
+    if run.data.tags.get("cdmtransfer.stage") != "sweep":
+        raise ConfigError(f"--calibrate {run_id}: not a sweep run")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracker.client.download_artifacts(run_id, "results.json", tmp)
+        return json.loads(open(path).read())
+
+
+def _log_estimate(cfg, report, recipe: str, sweep_run: str | None, tracking_uri: str | None) -> None:
+    from cdmtransfer.config import flatten
+    from cdmtransfer.stages import open_tracker
+    from cdmtransfer.tracking import TAG, tracked_run
+
+    tracker = open_tracker(cfg, tracking_uri)
+    tags = {TAG + "stage": "estimate", TAG + "recipe": cfg.name, TAG + "recipe_path": recipe}
+    if sweep_run:
+        tags[TAG + "sweep_run_id"] = sweep_run
+    with tracked_run(tracker, f"{cfg.name}-estimate", tags) as run:
+        run.log_params(flatten({"inputs": report.inputs, "metric": report.metric}))
+        values = {f"m_{mode}": r["m"] for mode, r in report.theory.items() if r["m"] is not None}
+        values |= {f"calibrated_m_{mode}": r["m"] for mode, r in report.calibrated.items() if r.get("m")}
+        run.log_metrics(values, step=0)
+        run.log_dict(report.to_dict(), "estimate.json")
+
+
 def _terminate(signum, frame):
     raise KeyboardInterrupt  # so a run stopped with SIGTERM is marked KILLED, not left RUNNING
 

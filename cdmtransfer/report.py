@@ -60,3 +60,40 @@ def store_footer(out: Console, uri: str) -> None:
     out.print(f"MLflow store: {uri}")
     if uri.startswith("sqlite:///"):
         out.print(f"View the runs:  mlflow ui --backend-store-uri {uri}")
+
+
+def _m_text(m) -> str:
+    if m is None:
+        return "–"
+    return f"{m:,.0f}" if m < 1e7 else f"{m:.2e}"
+
+
+def estimate_tables(out: Console, report) -> None:
+    """The theory's required m per mode, the saving, and (if calibrated) the fitted answer with intervals."""
+    table = Table(title=f"Target samples for {report.metric} error ≤ {report.epsilon:g}: theory (theory.md §3.1)")
+    for col in ("mode", "required m", "dominant term", "note"):
+        table.add_column(col, justify="right" if col == "required m" else "left")
+    for mode, r in report.theory.items():
+        note = r["reason"]
+        table.add_row(mode, _m_text(r["m"]) if r["feasible"] else "infeasible", r["dominant_term"], note)
+    out.print(table)
+    if report.saving is not None:
+        out.print(f"transfer needs {report.saving:.3g}× fewer target samples than scratch (theory)")
+    for note in report.notes:
+        out.print(f"note: {note}")
+    if not report.calibrated:
+        return
+    cal = Table(title="Calibrated on measured curves: err(m) ≈ floor + A/m, 95% bootstrap intervals over seeds")
+    for col in ("mode", "m for ε", "interval", "floor", "exponent (measured)", "theory", "consistent"):
+        cal.add_column(col, justify="left" if col == "mode" else "right")
+    for mode, r in report.calibrated.items():
+        if "error" in r:
+            cal.add_row(mode, "–", r["error"], "", "", "", "")
+            continue
+        lo, hi = r["m_interval"]
+        m_text = _m_text(r["m"]) if r["reachable"] else f"unreachable (floor {r['floor']:.3g} ≥ ε)"
+        p_lo, p_hi = r["exponent_interval"]
+        cal.add_row(mode, m_text, f"[{_m_text(lo)}, {_m_text(hi)}]", f"{r['floor']:.3g}",
+                    f"{r['exponent']:.2f} [{p_lo:.2f}, {p_hi:.2f}]", f"{r['theory_exponent']:.2f}",
+                    "yes" if r["consistent"] else "no")
+    out.print(cal)
