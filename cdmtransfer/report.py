@@ -36,14 +36,19 @@ def metrics_table(title: str, metrics: dict) -> Table:
     return table
 
 
+SWEEP_COLUMNS = {"score_error": "score error", "posterior_mean_mse": "post. mean MSE", "sliced_w2": "sliced W2",
+                 "test_dsm": "test DSM"}
+MODE_ORDER = {"frozen": 0, "finetune": 1, "scratch": 2, "oracle": 3}
+
+
 def sweep_table(summary: list[dict], title: str) -> Table:
-    metrics = [k for k in ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")
-               if any(k in row for row in summary)]
-    table = Table(title=title, show_header=True)
-    for col in ("mode", "m", "seeds", *metrics):
+    metrics = [k for k in SWEEP_COLUMNS if any(k in row for row in summary)]
+    table = Table(title=title, show_header=True, caption="lower is better; bold: best at each m")
+    for col in ("mode", "m", "seeds", *(SWEEP_COLUMNS[k] for k in metrics)):
         table.add_column(col, justify="left" if col == "mode" else "right")
-    best = {k: min(row[k]["mean"] for row in summary if k in row) for k in metrics}
-    for row in sorted(summary, key=lambda r: (r["m"], r["mode"])):
+    best = {(k, m): min(row[k]["mean"] for row in summary if k in row and row["m"] == m)
+            for k in metrics for m in {row["m"] for row in summary}}
+    for row in sorted(summary, key=lambda r: (r["m"], MODE_ORDER.get(r["mode"], 9))):
         cells = []
         for k in metrics:
             if k not in row:
@@ -51,7 +56,7 @@ def sweep_table(summary: list[dict], title: str) -> Table:
                 continue
             mean, std = row[k]["mean"], row[k]["std"]
             text = f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 else "")
-            cells.append(f"[bold]{text}[/bold]" if mean == best[k] else text)
+            cells.append(f"[bold]{text}[/bold]" if mean == best[(k, row["m"])] else text)
         table.add_row(row["mode"], str(row["m"]), str(row["seeds"]), *cells)
     return table
 
