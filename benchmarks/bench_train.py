@@ -100,35 +100,76 @@ def cpu_model() -> str:
 # 1. train() vs bare PyTorch
 
 
-class BlockClock:
-    """Duck-typed Progress: train() calls update() once per log interval, so the marks give per-block step times
-    from inside the real loop. finish() runs after the last step, so (finish - last mark) is the tail: the last
-    optimizer.step + EMA update + the final checkpoint write."""
+class BareLoop:
+    """The baseline: the same ScoreModel (same init) on the same DSM batches (stages.dsm_objective) with plain
+    AdamW, backward and step. `clip` / `ema` add the package's gradient clipping / EMA update, nothing else."""
 
-    def __init__(self):
-        self.t_start = self.t_finish = None
-        self.marks: list[tuple[int, float]] = []
+    def __init__(self, bench: "TrainBench", clip: bool = False, ema: bool = False):
+        import torch
+
+        from cdmtransfer.train import ema_update
+
+        tc = bench.cfg.pretrain
+        self.clip, self.ema, self.tc, self.loss_fn, self.ema_update = clip, ema, tc, bench.loss_fn, ema_update
+        self.model = bench.model()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.params = list(self.model.parameters())
+        self.shadow = copy.deepcopy(self.model).requires_grad_(False) if ema else None
+        self.gen = torch.Generator().manual_seed(bench.cfg.seed)
+        self.step = 0
+
+    def run(self, n: int) -> float:
+        """n steps; returns ms/step."""
+        from torch import nn
+
+        model, optimizer, loss_fn, gen = self.model, self.optimizer, self.loss_fn, self.gen
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = loss_fn(model, gen).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip:
+                nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
+            optimizer.step()
+            if self.ema:
+                self.ema_update(self.shadow, model, self.step, self.tc.ema_decay)
+            self.step += 1
+        return (time.perf_counter() - t0) / n * 1e3
+
+
+class PairedClock:
+    """A Progress stand-in for train(). train() calls update() once per log interval (`block` steps); the clock
+    records how long those steps took and then runs one block of every bare variant, so each train() block is
+    paired with bare blocks measured within the same second. Background load then hits both sides of a pair
+    alike, and the median of per-pair ratios stays meaningful on a shared CI machine. finish() runs after the
+    last step, so (finish - last resume) is the tail: the last optimizer.step + EMA + the final checkpoint."""
+
+    def __init__(self, bare: dict[str, BareLoop], block: int):
+        self.bare, self.block = bare, block
+        self.ms: dict[str, list[float]] = {"train()": [], **{n: [] for n in bare}}
+        self._rounds = 0
+        self.t_resume = self.t_finish = None
+        self.last_step = 0
 
     def start(self, step: int = 0) -> None:
-        self.marks = [(step, time.perf_counter())]
-        self.t_start = self.marks[0][1]
+        self.last_step, self.t_resume = step, time.perf_counter()
 
     def update(self, step: int, loss: float) -> None:
-        self.marks.append((step, time.perf_counter()))
+        now = time.perf_counter()
+        self.ms["train()"].append((now - self.t_resume) / (step - self.last_step) * 1e3)
+        self.last_step = step
+        names = list(self.bare)
+        r = self._rounds % len(names)
+        self._rounds += 1
+        for name in names[r:] + names[:r]:  # rotate so no variant always runs right after train()
+            self.ms[name].append(self.bare[name].run(self.block))
+        self.t_resume = time.perf_counter()
 
     def finish(self) -> None:
         self.t_finish = time.perf_counter()
 
-    def per_step_ms(self, skip_blocks: int) -> list[float]:
-        out = []
-        for (s0, t0), (s1, t1) in list(zip(self.marks[:-1], self.marks[1:]))[skip_blocks:]:
-            out.append((t1 - t0) / (s1 - s0) * 1e3)
-        return out
-
 
 class TrainBench:
-    """Same model (same init), same DSM batches (stages.dsm_objective), same threads for every variant."""
-
     def __init__(self, block: int):
         import torch
 
@@ -153,97 +194,58 @@ class TrainBench:
         return ScoreModel(MLPEncoder(ts.D_y, m.d, m.encoder_width, m.encoder_depth), ts.K, ts.d_x,
                           m.head_width, m.head_depth, m.time_dim)
 
-    def bare(self, steps: int, skip_blocks: int, clip: bool = False, ema: bool = False) -> list[float]:
-        """Plain AdamW loop; `clip` / `ema` add the package's gradient clipping and EMA update (nothing else)."""
-        torch = self.torch
-        from torch import nn
-
-        from cdmtransfer.train import ema_update
-
-        tc = self.cfg.pretrain
-        model = self.model()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-        params = list(model.parameters())
-        shadow = copy.deepcopy(model).requires_grad_(False) if ema else None
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        clock = BlockClock()
-        clock.start(0)
-        for step in range(steps):
-            loss = self.loss_fn(model, gen).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            optimizer.step()
-            if ema:
-                ema_update(shadow, model, step, tc.ema_decay)
-            if (step + 1) % self.block == 0:
-                clock.update(step + 1, 0.0)
-        return clock.per_step_ms(skip_blocks)
-
-    def package(self, steps: int, skip_blocks: int, ckpt_root: Path) -> tuple[list[float], float, float]:
-        """The real train(): pretrain settings, no MLflow, no progress output, one checkpoint (the final one)."""
+    def rep(self, steps: int, ckpt_root: Path) -> tuple[dict[str, list[float]], float, float]:
+        """One repetition: the real train() (pretrain settings, metrics=None, progress off, checkpoint_every >
+        steps so the only checkpoint is the final one), with fresh bare loops interleaved block by block."""
         from cdmtransfer.models import model_spec
         from cdmtransfer.train import train
 
-        tc = dataclasses.replace(self.cfg.pretrain, steps=steps, log_every=self.block,
-                                 checkpoint_every=steps * 10)
+        bare = {"bare": BareLoop(self), "bare+clip": BareLoop(self, clip=True),
+                "bare+clip+ema": BareLoop(self, clip=True, ema=True)}
+        for loop in bare.values():  # warm up: lazy optimizer state, allocator, first-call dispatch
+            loop.run(self.block)
+        tc = dataclasses.replace(self.cfg.pretrain, steps=steps, log_every=self.block, checkpoint_every=steps * 10)
         model = self.model()
         meta = {"stage": "pretrain", "model": model_spec(model), "config": self.cfg.to_dict(), "run_id": "bench"}
-        clock = BlockClock()
+        clock = PairedClock(bare, self.block)
         with tempfile.TemporaryDirectory(dir=ckpt_root) as d:
             t0 = time.perf_counter()
             train(model, [{"params": list(model.parameters())}], self.loss_fn, tc, seed=self.cfg.seed,
                   ckpt_dir=Path(d) / "checkpoints", meta=meta, metrics=None, progress=clock, label="bench")
             wall = time.perf_counter() - t0
-        tail_ms = (clock.t_finish - clock.marks[-1][1]) * 1e3
-        return clock.per_step_ms(skip_blocks), tail_ms, wall
+        return clock.ms, (clock.t_finish - clock.t_resume) * 1e3, wall
 
 
 def bench_train(args) -> dict:
     torch = __import__("torch")
     torch.set_num_threads(args.threads)
     steps, reps, block = args.train_steps, args.reps, 25
-    skip = max(1, args.warmup_steps // block)
+    skip = max(1, -(-args.warmup_steps // block))  # whole blocks dropped from the start of every rep
     if steps // block <= skip + 1:
-        raise SystemExit(f"--train-steps must exceed {(skip + 2) * block}")
+        raise SystemExit(f"--train-steps must be at least {(skip + 2) * block}")
     bench = TrainBench(block)
-    variants = {
-        "bare": lambda: bench.bare(steps, skip),
-        "bare+clip": lambda: bench.bare(steps, skip, clip=True),
-        "bare+clip+ema": lambda: bench.bare(steps, skip, clip=True, ema=True),
-    }
-    tails, walls = [], []
     ckpt_root = Path(tempfile.mkdtemp(prefix="cdm-bench-"))
-
-    def package():
-        per_step, tail, wall = bench.package(steps, skip, ckpt_root)
-        tails.append(tail)
-        walls.append(wall)
-        return per_step
-
-    variants["train()"] = package
-    names = list(variants)
-    log(f"train: warm-up ({args.warmup_steps} steps per variant)")
-    for name in names:  # warm-up: allocator, lazy optimizer state, first-call dispatch
-        if name == "train()":
-            bench.package(2 * block, 0, ckpt_root)
-        else:
-            bench.bare(2 * block, 0, clip="clip" in name, ema="ema" in name)
-    tails.clear()
-    walls.clear()
-    per_rep: dict[str, list[float]] = {n: [] for n in names}
-    blocks: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]  # rotate so no variant always runs first
-        for name in order:
-            ms = variants[name]()
-            blocks[name] += ms
-            per_rep[name].append(median(ms))
-        log(f"train: rep {rep + 1}/{reps}: " + ", ".join(f"{n} {per_rep[n][-1]:.2f}" for n in names) + " ms/step")
-    shutil.rmtree(ckpt_root, ignore_errors=True)
-    med = {n: median(per_rep[n]) for n in names}
-    base = med["bare"]
+    try:
+        log(f"train: warm-up rep ({2 * block * 4} steps)")
+        bench.rep(2 * block, ckpt_root)
+        names = ["bare", "bare+clip", "bare+clip+ema", "train()"]
+        per_rep = {n: [] for n in names}
+        ratio_rep = {n: [] for n in names}
+        blocks = {n: [] for n in names}
+        tails, walls = [], []
+        for rep in range(reps):
+            ms, tail, wall = bench.rep(steps, ckpt_root)
+            tails.append(tail)
+            walls.append(wall)
+            for n in names:
+                kept = ms[n][skip:]
+                blocks[n] += kept
+                per_rep[n].append(median(kept))
+                ratio_rep[n].append(median([a / b for a, b in zip(kept, ms["bare"][skip:])]))
+            log(f"train: rep {rep + 1}/{reps}: " + ", ".join(f"{n} {per_rep[n][-1]:.2f}" for n in names)
+                + f" ms/step; paired train()/bare x{ratio_rep['train()'][-1]:.3f}")
+    finally:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
     cfg = bench.cfg
     n_params = sum(p.numel() for p in bench.model().parameters())
     return {
@@ -251,10 +253,11 @@ def bench_train(args) -> dict:
                   "rows_per_step": bench.taskset.K * cfg.pretrain.batch_size, "parameters": n_params,
                   "steps_per_run": steps, "reps": reps, "block_steps": block, "skipped_warmup_steps": skip * block,
                   "threads": torch.get_num_threads()},
-        "ms_per_step": med,
+        "ms_per_step": {n: median(per_rep[n]) for n in names},
         "ms_per_step_min_block": {n: min(blocks[n]) for n in names},
         "ms_per_step_per_rep": per_rep,
-        "ratio_vs_bare": {n: med[n] / base for n in names},
+        "ratio_vs_bare": {n: median(ratio_rep[n]) for n in names},  # median over reps of the median paired ratio
+        "ratio_vs_bare_per_rep": ratio_rep,
         "final_checkpoint_ms": median(tails),
         "final_checkpoint_ms_per_rep": tails,
         "train_call_wall_s_per_rep": walls,
@@ -409,12 +412,13 @@ def bench_heads(args) -> dict:
                     fn()
                 samples[name].append((time.perf_counter() - t0) / iters[name] * 1e3)
         b, lp = median(samples["batched"]), median(samples["loop"])
+        paired = median([a / c for a, c in zip(samples["loop"], samples["batched"])])
         bmin, lmin = min(samples["batched"]), min(samples["loop"])
-        rows.append({"K": K, "batched_ms": b, "loop_ms": lp, "loop_over_batched": lp / b,
+        rows.append({"K": K, "batched_ms": b, "loop_ms": lp, "loop_over_batched": paired,
                      "batched_ms_best": bmin, "loop_ms_best": lmin, "loop_over_batched_best": lmin / bmin,
                      "parameters": n_b})
-        log(f"heads: K={K}: batched {b:.3f} ms, loop {lp:.3f} ms (x{lp / b:.2f})")
-    return {"setup": {"in_dim": in_dim, "out_dim": out_dim, "width": width, "depth": depth, "batch_per_head": batch,
+        log(f"heads: K={K}: batched {b:.3f} ms, loop {lp:.3f} ms (paired x{paired:.2f})")
+    return {"blocks": args.heads_blocks, "setup": {"in_dim": in_dim, "out_dim": out_dim, "width": width, "depth": depth, "batch_per_head": batch,
                       "threads": torch.get_num_threads()}, "rows": rows}
 
 
@@ -516,10 +520,9 @@ def report(res: dict) -> str:
     if tr:
         r = tr["ratio_vs_bare"]["train()"]
         best = tr["ms_per_step_min_block"]
-        summary.append(["train() ms/step vs bare PyTorch",
-                        f"{tr['ms_per_step']['train()']:.2f} vs {tr['ms_per_step']['bare']:.2f} ms (x{r:.3f}); "
-                        f"best blocks {best['train()']:.2f} vs {best['bare']:.2f} ms "
-                        f"(x{best['train()'] / best['bare']:.3f})",
+        summary.append(["train() vs bare PyTorch, time per step",
+                        f"x{r:.3f} paired ({tr['ms_per_step']['train()']:.2f} vs {tr['ms_per_step']['bare']:.2f} "
+                        f"ms/step; best blocks {best['train()']:.2f} vs {best['bare']:.2f})",
                         f"<= x{GOAL_TRAIN_RATIO}", status(r <= GOAL_TRAIN_RATIO)])
     lg = res.get("logging")
     if lg:
@@ -550,12 +553,13 @@ def report(res: dict) -> str:
 
     if tr:
         s = tr["setup"]
-        base = tr["ms_per_step"]["bare"]
         lines += ["", f"## 1. Training step: train() vs bare PyTorch",
                   "", f"{s['suite']} suite, K={s['K']} tasks x batch {s['batch_per_task']} = {s['rows_per_step']} "
-                      f"rows/step, {s['parameters']:,} parameters, {s['threads']} threads. Median over {s['reps']} "
-                      f"interleaved reps of the median {s['block_steps']}-step block (first "
-                      f"{s['skipped_warmup_steps']} steps of each run skipped); {s['steps_per_run']} steps per run.",
+                      f"rows/step, {s['parameters']:,} parameters, {s['threads']} threads. Each of {s['reps']} reps "
+                      f"runs train() for {s['steps_per_run']} steps and, after every {s['block_steps']}-step block, "
+                      f"one {s['block_steps']}-step block of each bare loop (paired blocks; first "
+                      f"{s['skipped_warmup_steps']} steps of each rep dropped). ms/step: median over reps of the "
+                      "median block. Ratio: median over reps of the median per-pair ratio to `bare`.",
                   ""]
         desc = {"bare": "AdamW + backward + step only", "bare+clip": "+ clip_grad_norm_",
                 "bare+clip+ema": "+ clip_grad_norm_ + EMA (train.ema_update)",
@@ -564,10 +568,10 @@ def report(res: dict) -> str:
         prev = None
         for name, ms in tr["ms_per_step"].items():
             rows.append([f"`{name}`", desc[name], f"{ms:.3f}", f"{tr['ms_per_step_min_block'][name]:.3f}",
-                         f"x{ms / base:.3f}", "-" if prev is None else f"{ms - prev:+.3f}"])
+                         f"x{tr['ratio_vs_bare'][name]:.3f}", "-" if prev is None else f"{ms - prev:+.3f}"])
             prev = ms
-        lines.append(table(["Loop", "What it does", "ms/step (median)", "ms/step (best block)", "vs bare",
-                            "delta vs previous row (ms)"], rows))
+        lines.append(table(["Loop", "What it does", "ms/step (median)", "ms/step (best block)",
+                            "paired ratio vs bare", "ms/step vs previous row"], rows))
         lines += ["", f"Final checkpoint write (the last step's optimizer.step + EMA + save_checkpoint, measured "
                       f"inside train()): {tr['final_checkpoint_ms']:.1f} ms median per write "
                       f"(= {tr['checkpoint_ms_per_step_at_default_interval']:.3f} ms/step amortised at "
@@ -581,6 +585,13 @@ def report(res: dict) -> str:
                          f"{r['logging_share_pct']:.2f}%", f"{r['outside_train_seconds']:.2f}"])
         lines.append(table(["Store", "Steps", "pretrain() wall (s)", "train_seconds", "ms/step",
                             "logging_seconds", "logging share", "outside train() (s)"], rows))
+        if tr:
+            cold = lg["runs"][0]
+            quiet_train = cold["steps"] * tr["ms_per_step_min_block"]["train()"] / 1e3
+            lines += ["", f"Background load inflates train_seconds and so deflates the share. Against an undisturbed "
+                          f"train time estimated from section 1 ({cold['steps']} steps x best-block "
+                          f"{tr['ms_per_step_min_block']['train()']:.2f} ms = {quiet_train:.2f} s) the cold-store "
+                          f"logging share would be {100 * cold['logging_seconds'] / quiet_train:.2f}%."]
         lines += ["", "Where the pretrain() wall time goes (seconds; calls):", ""]
         keys = list(lg["runs"][0]["breakdown"])
         rows = [[k.replace("  of which", "&nbsp;&nbsp;of which")] +
@@ -594,7 +605,9 @@ def report(res: dict) -> str:
         lines += ["", "## 3. BatchedHeads vs a Python loop of nn.Sequential heads",
                   "", f"Forward + backward of K heads ({s['in_dim']} -> {s['width']} x{s['depth']} -> "
                       f"{s['out_dim']}, SiLU), {s['batch_per_head']} rows per head, {s['threads']} threads. "
-                      "Median of interleaved ~20 ms blocks.", ""]
+                      f"Blocks of ~20 ms alternate between the two ({hd['blocks']} each per K); times are medians "
+                      "of blocks, `loop / batched` is the median of per-pair ratios (> 1: BatchedHeads is faster).",
+                      ""]
         rows = [[r["K"], f"{r['batched_ms']:.3f}", f"{r['loop_ms']:.3f}", f"x{r['loop_over_batched']:.2f}",
                  f"{r['batched_ms_best']:.3f}", f"{r['loop_ms_best']:.3f}", f"x{r['loop_over_batched_best']:.2f}"]
                 for r in hd["rows"]]
@@ -635,7 +648,7 @@ def main(argv=None) -> int:
     args.warmup_steps = 50
     args.pretrain_steps = args.pretrain_steps or (200 if args.quick else 1000)
     args.heads_k = [1, 2, 4, 8, 16, 32, 64]
-    args.heads_blocks = 5 if args.quick else 11
+    args.heads_blocks = 7 if args.quick else 21
     args.cli_runs = 5
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - {"train", "logging", "heads", "cli"}

@@ -164,6 +164,7 @@ def sweep(recipe: RecipeArg,
           m: Annotated[Optional[str], typer.Option("--m", metavar="M1,M2,..", help="Target sizes.")] = None,
           modes: Annotated[Optional[str], typer.Option(metavar="MODE,..", help="Adaptation modes.")] = None,
           seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per (mode, m).")] = None,
+          jobs: Annotated[int, typer.Option(min=0, help="Worker processes (0: one per spare core).")] = 0,
           encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
@@ -181,7 +182,7 @@ def sweep(recipe: RecipeArg,
     from cdmtransfer import report
     from cdmtransfer.sweep import sweep as run_sweep
 
-    result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out)
+    result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs)
     if json_out:
         return report.emit_json(result.to_dict())
     out = report.console()
@@ -212,7 +213,8 @@ def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:
            y: Annotated[Optional[Path], typer.Option("--y", metavar="FILE",
                                                      help="Conditions: .npy [C, D_y], .npz (array y) or .csv.")] = None,
            test: Annotated[bool, typer.Option("--test", help="Use the held-out target conditions.")] = False,
-           out: Annotated[Path, typer.Option("--out", help="Output .npz (arrays samples, y).")] = Path("samples.npz"),
+           out: Annotated[Path, typer.Option("--out", help="Output .npz (arrays samples, y); image suites also "
+                                                          "write a .png grid beside it.")] = Path("samples.npz"),
            task: Annotated[int, typer.Option(help="Source head 1..K when RUN is a pretrain run.")] = 0,
            seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
            set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,

@@ -65,8 +65,71 @@ class FileSuite:
 
 
 @dataclass
+class DigitsSuite:
+    """Restoration on sklearn's 8×8 digits (theory.md §4.2 at digit scale): x clean, y = degraded x.
+
+    Pixels are scaled to [0, 1], degraded there, and both x and y mapped to [−1, 1] (x = 2p − 1); every noise std
+    below is in the [0, 1] pixel scale. Sources: the digits in `sources`; target: `target`.
+    """
+
+    degradation: Literal["noise", "blur", "inpaint", "downsample"] = "noise"
+    noise_std: float = field(default=0.5, metadata=_range(0.0, lo_open=True))  # 'noise': y = x + N(0, std²)
+    extra_noise: float = field(default=0.05, metadata=_range(0.0))  # small noise added after blur/inpaint/downsample
+    blur_sigma: float = field(default=1.0, metadata=_range(0.0, lo_open=True))  # Gaussian kernel width, pixels
+    mask_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0))  # 'inpaint': fraction of pixels missing
+    mask_channel: bool = True  # 'inpaint': y = [masked image, mask] (2·H·W dims) instead of the masked image only
+    sources: list[int] = field(default_factory=lambda: list(range(1, 10)))
+    target: int = 0
+
+
+@dataclass
+class MnistSuite(DigitsSuite):
+    """The same restoration tasks on MNIST read from a local file (IDX pair or .npz x_train/y_train); no download."""
+
+    path: str = ""  # directory with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], or an .npz
+
+
+@dataclass
+class BumpsSuite:
+    """Gaussian-bump images conditioned on the centre (companions.md §B.1); sources differ in bump width σ."""
+
+    N: int = field(default=16, metadata=_range(4))  # images are N×N
+    spacing: float = field(default=0.5, metadata=_range(0.0, lo_open=True))  # centre lattice spacing, pixels
+    density: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))  # λ: fraction of lattice kept
+    source_sigmas: list[float] = field(default_factory=lambda: [0.75, 1.0, 1.5, 2.0])  # one source task per σ
+    target_sigma: float = field(default=1.25, metadata=_range(0.0, lo_open=True))
+    rendering: Literal["bump", "sos"] = "bump"  # sources: one bump, or sum of stripes
+    target_rendering: Literal["same", "bump", "sos"] = "same"
+    periodic: bool = False  # wrapped distances: the data manifold is a torus
+    margin: float = field(default=1.0, metadata=_range(0.0))  # non-periodic: centres in [margin, N − 1 − margin]
+    D_y: int = field(default=2, metadata=_range(2))  # raw condition: (μx, μy) itself, or embedded (tasks/bumps.py)
+    holdout_band: list[float] = field(default_factory=list)  # [lo, hi]: centres with lo ≤ μx ≤ hi are OOD only
+    accuracy_conditions: int = field(default=64, metadata=_range(1))  # conditions each for ID / OOD accuracy
+    accuracy_samples: int = field(default=2, metadata=_range(1))  # samples per condition for accuracy
+
+
+@dataclass
+class LsgmmSuite:
+    """Latent subspace GMM (companions.md §A.3, tasks/lsgmm.py): x = A z + B_k g + σ_n ε, y = M [z; u].
+
+    Content z ~ GMM (shared), x-style g ~ N(0, I) in a task-specific subspace B_k, condition-side nuisance
+    u ~ N(c_k, I) with a task-specific offset c_k; x | y is Gaussian (exact scores), h*(y) = z = M_zᵀ y.
+    """
+
+    d_x: int = field(default=16, metadata=_range(2))
+    D_y: int = field(default=16, metadata=_range(2))
+    k: int = field(default=2, metadata=_range(1))  # content dimension (= dim of h*)
+    m_style: int = field(default=2, metadata=_range(1))  # x-style dimension per task (B_k) and y-nuisance dimension
+    components: int = field(default=4, metadata=_range(1))  # GMM components of the content z
+    spread: float = field(default=2.0, metadata=_range(0.0))  # GMM means ~ spread · N(0, I_k)
+    scale: float = field(default=0.5, metadata=_range(0.0, lo_open=True))  # within-component std s
+    noise: float = field(default=0.1, metadata=_range(0.0, lo_open=True))  # σ_n
+    nuisance_shift: float = field(default=2.0, metadata=_range(0.0))  # ‖c_k‖ scale of the task offsets of u
+
+
+@dataclass
 class SuiteConfig:
-    name: Literal["gaussian", "langevin", "file"] = "gaussian"
+    name: Literal["gaussian", "langevin", "file", "digits", "mnist", "bumps", "lsgmm"] = "gaussian"
     seed: int = 0  # the task world (h*, maps, data, splits); the run seed does not change it
     K: int = field(default=8, metadata=_range(1))  # number of source tasks (synthetic suites)
     n: int = field(default=512, metadata=_range(1))  # samples per source task (synthetic suites)
@@ -75,6 +138,10 @@ class SuiteConfig:
     gaussian: GaussianSuite = field(default_factory=GaussianSuite)
     langevin: LangevinSuite = field(default_factory=LangevinSuite)
     file: FileSuite = field(default_factory=FileSuite)
+    digits: DigitsSuite = field(default_factory=DigitsSuite)
+    mnist: MnistSuite = field(default_factory=MnistSuite)
+    bumps: BumpsSuite = field(default_factory=BumpsSuite)
+    lsgmm: LsgmmSuite = field(default_factory=LsgmmSuite)
 
 
 @dataclass
@@ -85,6 +152,7 @@ class ModelConfig:
     head_width: int = field(default=128, metadata=_range(1))
     head_depth: int = field(default=2, metadata=_range(1))  # hidden layers of each score head f_k
     time_dim: int = field(default=16, metadata=_range(2))  # sinusoidal time features (even)
+    encoder: Literal["mlp", "conv"] = "mlp"  # conv: a small CNN on image conditions (digits, mnist)
 
 
 @dataclass
@@ -135,6 +203,56 @@ class SweepConfig:
 
 
 @dataclass
+class ConsistencyReg:
+    """§D consistency (regularizers.py): λ_C · L_C from two short reverse chains t → max(t − hop, T0)."""
+
+    weight: float = field(default=0.0, metadata=_range(0.0))  # λ_C; 0 = off
+    hop_max: float = field(default=0.1, metadata=_range(0.0, lo_open=True))  # hop ~ Unif[0, hop_max], in t units
+    steps: int = field(default=4, metadata=_range(1))  # Euler–Maruyama steps per chain
+    fraction: float = field(default=0.25, metadata=_range(0.0, 1.0, lo_open=True))  # of each task's batch
+    weighting: Literal["alpha2", "none"] = "alpha2"  # α_t² L_C (x_t-scale, bounded) or plain L_C (x₀-scale)
+
+
+@dataclass
+class MmdReg:
+    """§C MMD² between codes h(y) in the batch and prior draws, kernel exp(−‖a−b‖²/d)."""
+
+    weight: float = field(default=0.0, metadata=_range(0.0))
+    prior: Literal["gaussian", "mixture"] = "gaussian"
+
+
+@dataclass
+class InfoReg:
+    """§C anti-ignoring: weight · max(0, margin − (DSM with shuffled codes − DSM with matching codes))."""
+
+    weight: float = field(default=0.0, metadata=_range(0.0))
+    margin: float = field(default=1.0, metadata=_range(0.0))
+
+
+@dataclass
+class HsicReg:
+    """§A HSIC(h(y), nuisance): 'task' (one-hot task id; pretrain only) or 'style' (the suite's known style)."""
+
+    weight: float = field(default=0.0, metadata=_range(0.0))
+    nuisance: Literal["task", "style"] = "task"
+
+
+@dataclass
+class RegularizeConfig:
+    """Companion-paper terms added to the DSM loss (regularizers.py); every weight 0 = plain DSM.
+
+    `stages` lists where the terms apply. MMD and HSIC act on the encoder only, so they are skipped where it is not
+    trained (adapt frozen/oracle).
+    """
+
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "adapt"])
+    consistency: ConsistencyReg = field(default_factory=ConsistencyReg)
+    mmd: MmdReg = field(default_factory=MmdReg)
+    info: InfoReg = field(default_factory=InfoReg)
+    hsic: HsicReg = field(default_factory=HsicReg)
+
+
+@dataclass
 class TrackingConfig:
     uri: Optional[str] = None  # None: the embedded store under `home` (or MLFLOW_TRACKING_URI)
     # SQLite store, artifacts and working checkpoints; CDMTRANSFER_HOME sets the default
@@ -156,6 +274,7 @@ class Config:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    regularize: RegularizeConfig = field(default_factory=RegularizeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict:
@@ -207,6 +326,14 @@ def check_consistency(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: sweep.m has {m}, must be >= 1")
     if cfg.suite.name == "file" and not cfg.suite.file.path:
         raise ConfigError(f"{where}: suite.file.path is required when suite.name is 'file'")
+    for stage in cfg.regularize.stages:
+        if stage not in ("pretrain", "adapt"):
+            raise ConfigError(f"{where}: regularize.stages has {stage!r}, not one of pretrain, adapt")
+    if cfg.suite.name == "mnist" and not cfg.suite.mnist.path:
+        raise ConfigError(f"{where}: suite.mnist.path is required when suite.name is 'mnist'")
+    band = cfg.suite.bumps.holdout_band
+    if band and (len(band) != 2 or band[0] > band[1]):
+        raise ConfigError(f"{where}: suite.bumps.holdout_band must be [lo, hi] with lo <= hi, got {band}")
 
 
 def apply_override(data: dict, item: str) -> None:

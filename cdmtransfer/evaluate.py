@@ -8,6 +8,8 @@ in `skipped` with the reason.
   posterior_mean_mse_floor is the same for the exact posterior mean, where the suite knows it.
 - sliced_w2: sliced Wasserstein-2 between model and true conditional samples, averaged over conditions;
   sliced_w2_floor is the same between two independent true sample sets (the finite-sample floor).
+- suite extras (TaskSet.extra_metrics): psnr of the posterior mean (digits, mnist); centre accuracy ID/OOD and
+  encoder diagnostics (bumps).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from cdmtransfer.config import Config
+from cdmtransfer.diagnostics import diagnose
 from cdmtransfer.diffusion import OUProcess, dsm_loss, sample
 from cdmtransfer.models import ScoreModel
 from cdmtransfer.tasks.base import TaskSet
@@ -83,6 +86,12 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config) -> tuple[di
     exact_mean = getattr(taskset.truth, "mean", None)
     if exact_mean is not None:
         metrics["posterior_mean_mse_floor"] = float((exact_mean(0, y) - x_true).pow(2).mean())
+    if taskset.extra_metrics is not None:  # image suites: psnr (digits), centre accuracy and h diagnostics (bumps)
+        def draw(y_, n_per, generator):
+            return conditional_samples(model, y_, n_per, process, e.sampler_steps, e.sampler, generator)
+
+        metrics.update(taskset.extra_metrics(model=model, draw=draw, x_true=x_true, x_mean=draws.mean(1), y=y,
+                                             seed=e.seed + 3))
 
     n_dist = min(e.dist_conditions, taskset.test_y.shape[0])
     y_dist = taskset.test_y[:n_dist]
@@ -96,4 +105,7 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config) -> tuple[di
         model_draws = conditional_samples(model, y_dist, e.dist_samples, process, e.sampler_steps, e.sampler, gen)
         metrics["sliced_w2"] = float(sliced_w2(model_draws, reference, 64, gen).mean())
         metrics["sliced_w2_floor"] = float(sliced_w2(reference2, reference, 64, gen).mean())
+    found, why = diagnose(model, taskset, torch.Generator().manual_seed(e.seed + 4))  # regularizers' targets
+    metrics.update(found)
+    skipped.update(why)
     return metrics, skipped

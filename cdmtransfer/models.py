@@ -41,6 +41,29 @@ class MLPEncoder(nn.Module):
         return self.net(y)
 
 
+class ConvEncoder(nn.Module):
+    """h for image conditions: y [B, C·H·W] viewed as [B, C, H, W] → 3×3 convs (SiLU; stride 2 while the side is
+    ≥ 8) → 2×2 average pool → linear to R^d. Translation-equivariant features, few parameters (model.encoder = conv)."""
+
+    def __init__(self, D_y: int, d: int, width: int, depth: int, shape: tuple[int, int, int]):
+        super().__init__()
+        C, H, W = shape
+        if C * H * W != D_y:
+            raise ValueError(f"conv encoder: image shape {shape} does not hold D_y = {D_y} values")
+        layers, ch, side = [], C, min(H, W)
+        for _ in range(depth):
+            stride = 2 if side >= 8 else 1
+            layers += [nn.Conv2d(ch, width, 3, stride=stride, padding=1), nn.SiLU()]
+            ch, side = width, (side + stride - 1) // stride
+        layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, d)]
+        self.net = nn.Sequential(*layers)
+        self.D_y, self.d, self.shape, self.width, self.depth = D_y, d, tuple(shape), width, depth
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        lead = y.shape[:-1]  # [K, B] or [B]
+        return self.net(y.reshape(-1, *self.shape)).view(*lead, self.d)
+
+
 class FixedEncoder(nn.Module):
     """A known representation h*(y) = act(y Wᵀ + b), used by `adapt --mode oracle`. Buffers only: never trained."""
 
@@ -104,6 +127,8 @@ def build_encoder(spec: dict) -> nn.Module:
     """Rebuild an encoder from its plain-dict spec (as stored in a checkpoint's meta.json)."""
     if spec["kind"] == "mlp":
         return MLPEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"])
+    if spec["kind"] == "conv":
+        return ConvEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"], tuple(spec["shape"]))
     if spec["kind"] == "fixed":
         return FixedEncoder(torch.zeros(spec["d"], spec["D_y"]), torch.zeros(spec["d"]), spec["activation"])
     raise ValueError(f"unknown encoder kind {spec['kind']!r}")
@@ -114,6 +139,9 @@ def encoder_spec(encoder: nn.Module) -> dict:
         linears = [m for m in encoder.net if isinstance(m, nn.Linear)]
         return {"kind": "mlp", "D_y": encoder.D_y, "d": encoder.d, "width": linears[0].out_features,
                 "depth": len(linears) - 1}
+    if isinstance(encoder, ConvEncoder):
+        return {"kind": "conv", "D_y": encoder.D_y, "d": encoder.d, "width": encoder.width, "depth": encoder.depth,
+                "shape": list(encoder.shape)}
     if isinstance(encoder, FixedEncoder):
         return {"kind": "fixed", "D_y": encoder.D_y, "d": encoder.d, "activation": encoder.activation}
     raise TypeError(f"no spec for encoder {type(encoder).__name__}")

@@ -113,6 +113,13 @@ def sample_run(source: str, n: int, out: Path, *, y_file: Path | None = None, te
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez(tmp, samples=draws.numpy(), y=y_out.numpy())
     tmp.replace(out)
-    return RunSummary(meta.get("run_id", ""), "sample", {}, {"samples": out},
+    paths = {"samples": out}
+    if taskset.preview is not None:  # image suites: a PNG grid beside the .npz (first 8 conditions, ≤ 8 samples)
+        from cdmtransfer.images import save_grid
+
+        c = min(8, y.shape[0])
+        grid, labels = taskset.preview(y[:c], draws[:c, :8], taskset.test_x[:c] if test else None)
+        paths["grid"] = save_grid(out.with_suffix(".png"), grid, labels, title=taskset.description)
+    return RunSummary(meta.get("run_id", ""), "sample", {}, paths,
                       {"conditions": int(y.shape[0]), "per_condition": n, "sampler": e.sampler,
                        "steps": e.sampler_steps}, tracker.store.uri)

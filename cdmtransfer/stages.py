@@ -19,8 +19,9 @@ from cdmtransfer.config import Config, flatten
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.evaluate import evaluate_model
-from cdmtransfer.models import MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
+from cdmtransfer.models import ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
 from cdmtransfer.progress import Progress
+from cdmtransfer.regularizers import make_objective
 from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import TAG, RunSummary, Tracker, find_model_dir, register_model, resolve_store, tracked_run
 from cdmtransfer.train import train
@@ -42,10 +43,12 @@ def open_tracker(cfg: Config, tracking_uri: str | None) -> Tracker:
     return Tracker(resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home), cfg.tracking.experiment)
 
 
-def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, batch: int):
+def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, batch: int,
+                  regularizer=None):
     """Per-sample DSM losses [K, batch] on a fresh batch from every task at once (theory.md §1.4).
 
     x [K, n_max, d_x], y [K, n_max, D_y], counts [K]: each task draws `batch` rows uniformly from its own n_k.
+    `regularizer` (regularizers.RegularizedObjective), when given, returns DSM plus its terms per sample instead.
     """
     K, _, d_x = x.shape
 
@@ -55,6 +58,8 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
         yb = torch.gather(y, 1, idx[..., None].expand(-1, -1, y.shape[-1]))
         t = process.sample_t((K, batch), gen, device=x.device)
         noise = torch.randn(x0.shape, generator=gen, device=x.device)
+        if regularizer is not None:
+            return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
         return dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
 
     return loss_fn
@@ -78,7 +83,7 @@ def _check_resume(run_dir: Path, cfg: Config, stage: str) -> None:
         raise ConfigError(f"--resume: the recipe differs from the run being resumed at {', '.join(diff[:5])}")
 
 
-def _finish(run, model_dir: Path, meta: dict, cfg: Config, stage: str) -> str | None:
+def _finish(run, model_dir: Path, cfg: Config, stage: str) -> str | None:
     if not cfg.tracking.log_artifacts:
         return None
     run.log_artifacts(model_dir, "model")
@@ -98,7 +103,7 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         _check_resume(tracker.store.work_dir(resume), cfg, "pretrain")
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    model = ScoreModel(MLPEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth), taskset.K, taskset.d_x,
+    model = ScoreModel(new_encoder(cfg, taskset), taskset.K, taskset.d_x,
                        m.head_width, m.head_depth, m.time_dim).to(device)
     tags = {TAG + "stage": "pretrain", TAG + "recipe": cfg.name, TAG + "suite": taskset.name,
             TAG + "seed": cfg.seed}
@@ -112,8 +117,9 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         meta = {"stage": "pretrain", "model": model_spec(model), "config": cfg.to_dict(), "run_id": run.run_id,
                 "taskset": taskset.summary()}
         process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+        reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
         loss_fn = dsm_objective(taskset.source_x.to(device), taskset.source_y.to(device),
-                                taskset.source_n.to(device), process, cfg.pretrain.batch_size)
+                                taskset.source_n.to(device), process, cfg.pretrain.batch_size, regularizer=reg)
         result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
                        ckpt_dir=run.work_dir / "checkpoints", meta=meta, metrics=run,
                        progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
@@ -121,8 +127,10 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
         metrics = {"final_loss": result.final_loss, "train_seconds": result.seconds,
                    "parameters": count_parameters(model), "encoder_parameters": count_parameters(model.encoder)}
+        if reg is not None:
+            metrics.update(reg.summary())  # mean of each regulariser term over the steps run
         run.log_metrics(metrics, step=cfg.pretrain.steps)
-        model_id = _finish(run, model_dir, meta, cfg, "pretrain")
+        model_id = _finish(run, model_dir, cfg, "pretrain")
     return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
                       {"model_id": model_id, "taskset": taskset.summary(), "logging_seconds": run.logging_seconds},
                       tracker.store.uri)
@@ -152,28 +160,52 @@ def load_encoder(tracker: Tracker, source: str, taskset: TaskSet, cfg: Config) -
     return encoder, lineage
 
 
-def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, resume: str | None = None,
-          quiet: bool = True, parent_run_id: str | None = None) -> RunSummary:
-    """Adapt to the target on m samples in mode cfg.adapt.mode, then evaluate on the held-out target split."""
-    a = cfg.adapt
-    device = setup_torch(cfg)
-    taskset = build_taskset(cfg)
-    x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
-    tracker = open_tracker(cfg, tracking_uri)
-    if resume:
-        _check_resume(tracker.store.work_dir(resume), cfg, "adapt")
-    lineage: dict = {}
+def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
+    """A fresh encoder h per model.encoder: an MLP on y, or a small CNN on y viewed as the suite's condition image."""
+    m = cfg.model
+    if m.encoder == "conv":
+        if taskset.condition_shape is None:
+            raise ConfigError(f"model.encoder = conv needs image conditions; suite '{taskset.name}' has none "
+                              f"(use model.encoder=mlp)")
+        return ConvEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth, taskset.condition_shape)
+    return MLPEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth)
+
+
+def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
+                    encoder: str | None) -> tuple[torch.nn.Module, dict]:
+    """The encoder adapt starts from, by mode, and its lineage (empty unless it came from a pretrain run)."""
+    mode = cfg.adapt.mode
     torch.manual_seed(cfg.seed + 1)
-    if a.mode in ("frozen", "finetune"):
+    if mode in ("frozen", "finetune"):
         if not encoder:
-            raise ConfigError(f"--mode {a.mode} needs --encoder (a pretrain run id, MLflow model URI or path)")
-        enc, lineage = load_encoder(tracker, encoder, taskset, cfg)
-    elif a.mode == "scratch":
-        enc = MLPEncoder(taskset.D_y, cfg.model.d, cfg.model.encoder_width, cfg.model.encoder_depth)
-    else:
-        enc = taskset.truth.encoder()
-        if enc is None:
-            raise ConfigError(f"--mode oracle: suite '{taskset.name}' has no true representation h*")
+            raise ConfigError(f"--mode {mode} needs --encoder (a pretrain run id, MLflow model URI or path)")
+        return load_encoder(tracker, encoder, taskset, cfg)
+    if mode == "scratch":
+        return new_encoder(cfg, taskset), {}
+    enc = taskset.truth.encoder()
+    if enc is None:
+        raise ConfigError(f"--mode oracle: suite '{taskset.name}' has no true representation h*")
+    return enc, {}
+
+
+def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str | None) -> dict:
+    a = cfg.adapt
+    tags = {TAG + "stage": "adapt", TAG + "recipe": cfg.name, TAG + "suite": taskset.name, TAG + "mode": a.mode,
+            TAG + "m": a.m, TAG + "seed": cfg.seed, **{TAG + k: v for k, v in lineage.items()}}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return tags
+
+
+def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: dict, run_id: str, work_dir: Path,
+                metrics, *, quiet: bool = True, resume: bool = False, device=None) -> tuple[dict, dict, Path]:
+    """Train the target head (and encoder, per mode) on m target samples, export the EMA model, evaluate it.
+
+    `metrics` receives the training curve (an MLflow Run, or a recorder in a sweep worker). Returns
+    (metrics, skipped metrics with reasons, exported model directory).
+    """
+    a = cfg.adapt
+    x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
     torch.manual_seed(cfg.seed + 2)  # the new head starts the same in every mode
     mc = cfg.model
     model = ScoreModel(enc, 1, taskset.d_x, mc.head_width, mc.head_depth, mc.time_dim).to(device)
@@ -185,32 +217,61 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                   {"params": list(model.encoder.parameters()), "lr": a.encoder_lr}]
     else:
         groups = [{"params": list(model.parameters()), "lr": a.lr}]
+    meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
+            "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
+    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+    reg = make_objective(cfg.regularize, "adapt", process, taskset.truth)
+    loss_fn = dsm_objective(x_m[None].to(device), y_m[None].to(device), torch.tensor([a.m], device=device),
+                            process, a.batch_size, regularizer=reg)
+    result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=work_dir / "checkpoints", meta=meta,
+                   metrics=metrics, progress=_progress(a.steps, f"adapt {a.mode}", quiet), resume=resume,
+                   label=f"adapt-{a.mode}", device=device)
+    model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
+    values, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
+    values.update(final_loss=result.final_loss, train_seconds=result.seconds,
+                  trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
+    if reg is not None:
+        values.update(reg.summary())  # mean of each regulariser term over the steps run
+    return values, skipped, model_dir
 
-    tags = {TAG + "stage": "adapt", TAG + "recipe": cfg.name, TAG + "suite": taskset.name, TAG + "mode": a.mode,
-            TAG + "m": a.m, TAG + "seed": cfg.seed, **{TAG + k: v for k, v in lineage.items()}}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+
+def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path) -> str | None:
+    """Log an adapt run's final metrics, skipped-metric reasons and model; returns the LoggedModel id."""
+    run.log_metrics(values, step=cfg.adapt.steps)
+    if skipped:
+        run.log_dict(skipped, "skipped_metrics.json")
+    return _finish(run, model_dir, cfg, f"adapt-{cfg.adapt.mode}")
+
+
+def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, resume: str | None = None,
+          quiet: bool = True, parent_run_id: str | None = None) -> RunSummary:
+    """Adapt to the target on m samples in mode cfg.adapt.mode, then evaluate on the held-out target split."""
+    a = cfg.adapt
+    device = setup_torch(cfg)
+    taskset = build_taskset(cfg)
+    taskset.target_subset(a.m, seed=cfg.seed)  # refuse an m the data cannot give before anything is created
+    tracker = open_tracker(cfg, tracking_uri)
+    if resume:
+        _check_resume(tracker.store.work_dir(resume), cfg, "adapt")
+    enc, lineage = prepare_encoder(cfg, taskset, tracker, encoder)
+    tags = adapt_tags(cfg, taskset, lineage, parent_run_id)
     with tracked_run(tracker, f"{cfg.name}-adapt-{a.mode}-m{a.m}", tags, resume_run_id=resume) as run:
         check_writable(run.work_dir)
         if not resume:
             run.log_params(flatten(cfg.to_dict()))
             run.log_dict(cfg.to_dict(), "config.json")
-        meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
-                "run_id": run.run_id, "lineage": lineage, "taskset": taskset.summary()}
-        process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-        loss_fn = dsm_objective(x_m[None].to(device), y_m[None].to(device), torch.tensor([a.m], device=device),
-                                process, a.batch_size)
-        result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=run.work_dir / "checkpoints",
-                       meta=meta, metrics=run, progress=_progress(a.steps, f"adapt {a.mode}", quiet),
-                       resume=bool(resume), label=f"adapt-{a.mode}", device=device)
-        model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
-        metrics, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
-        metrics.update(final_loss=result.final_loss, train_seconds=result.seconds,
-                       trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
-        run.log_metrics(metrics, step=a.steps)
-        if skipped:
-            run.log_dict(skipped, "skipped_metrics.json")
-        model_id = _finish(run, model_dir, meta, cfg, f"adapt-{a.mode}")
+        metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run.run_id, run.work_dir, run,
+                                                  quiet=quiet, resume=bool(resume), device=device)
+        model_id = record_adapt(run, cfg, metrics, skipped, model_dir)
+        if taskset.preview is not None and cfg.tracking.log_artifacts:  # image suites: one sample grid PNG
+            from cdmtransfer.images import write_preview
+            from cdmtransfer.models import build_model
+
+            weights, meta = load_export(model_dir)  # the exported EMA model, as evaluated
+            ema = build_model(meta["model"])
+            ema.load_state_dict(weights)
+            png = write_preview(ema.eval(), taskset, cfg, run.work_dir / "samples.png", seed=cfg.seed)
+            run.log_artifact(png)
     return RunSummary(run.run_id, "adapt", metrics, {"model": model_dir},
                       {"mode": a.mode, "m": a.m, "seed": cfg.seed, "skipped": skipped, "model_id": model_id,
                        "logging_seconds": run.logging_seconds, **lineage}, tracker.store.uri)

@@ -11,12 +11,19 @@ import csv
 import dataclasses
 import io
 import math
+import multiprocessing
+import os
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cdmtransfer.config import Config, flatten
 from cdmtransfer.errors import ConfigError
-from cdmtransfer.stages import adapt, open_tracker, pretrain
-from cdmtransfer.tracking import TAG, tracked_run
+from cdmtransfer.stages import adapt_tags, load_encoder, open_tracker, pretrain, record_adapt, setup_torch
+from cdmtransfer.tasks import build_taskset
+from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, tracked_run
 
 HEADLINE = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # in the order tables show them
 
@@ -61,38 +68,73 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None,
-          quiet: bool = True) -> SweepResult:
+class MetricRecorder:
+    """Collects a training curve in memory (in a worker process) for the parent to write to MLflow."""
+
+    def __init__(self):
+        self.records: list[tuple[dict, int]] = []
+
+    def log_metrics(self, values: dict, step: int) -> None:
+        self.records.append((dict(values), step))
+
+    def flush(self) -> None:
+        pass
+
+
+def run_cell(cfg_dict: dict, encoder_dir: str | None, lineage: dict, run_id: str, work_dir: str) -> dict:
+    """Train and evaluate one (mode, m, seed) cell; runs in the sweep's process or in a worker process.
+
+    Touches no tracking store: the parent process is the only writer, so parallel cells cannot lose or mix runs.
+    """
+    from cdmtransfer.config import from_dict
+    from cdmtransfer.stages import prepare_encoder, train_adapt
+
+    cfg = from_dict(Config, cfg_dict, "sweep cell")
+    device = setup_torch(cfg)
+    taskset = build_taskset(cfg)
+    enc, _ = prepare_encoder(cfg, taskset, None, encoder_dir)
+    recorder = MetricRecorder()
+    metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run_id, Path(work_dir), recorder,
+                                              device=device)
+    return {"metrics": metrics, "skipped": skipped, "model_dir": str(model_dir), "history": recorder.records}
+
+
+def default_jobs(cells: int) -> int:
+    """Worker processes when --jobs is 0: one per spare core (one core left for the parent), at most one per cell."""
+    return max(1, min(cells, (os.cpu_count() or 1) - 1))
+
+
+def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
+          jobs: int = 0) -> SweepResult:
     s = cfg.sweep
+    setup_torch(cfg)
+    taskset = build_taskset(cfg)
     tracker = open_tracker(cfg, tracking_uri)
     modes, skipped = list(s.modes), {}
-    if "oracle" in modes:
-        from cdmtransfer.tasks import build_taskset
-
-        if build_taskset(cfg).truth.encoder() is None:
-            modes.remove("oracle")
-            skipped["oracle"] = f"suite '{cfg.suite.name}' has no true representation h*"
+    if "oracle" in modes and taskset.truth.encoder() is None:
+        modes.remove("oracle")
+        skipped["oracle"] = f"suite '{cfg.suite.name}' has no true representation h*"
     if not modes:
         raise ConfigError("sweep: no mode left to run")
-    tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name}
-    with tracked_run(tracker, f"{cfg.name}-sweep", tags) as parent:
+    for m in s.m:
+        taskset.target_subset(m, seed=cfg.seed)  # refuse an impossible m before anything is created
+    cells = [dataclasses.replace(cfg, seed=cfg.seed + offset, adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m))
+             for mode in modes for m in s.m for offset in range(s.seeds)]
+    jobs = jobs or default_jobs(len(cells))
+    tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs}
+    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, \
+            tracked_run(tracker, f"{cfg.name}-sweep", tags) as parent:
         parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
-        pre_id = None
-        if any(mode in ("frozen", "finetune") for mode in modes) and not encoder:
-            pre = pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id)
-            encoder = pre_id = pre.run_id
-        if encoder:
+        pre_id, encoder_dir, lineage = None, None, {}
+        if any(mode in ("frozen", "finetune") for mode in modes):
+            if not encoder:
+                pre = pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id)
+                encoder = pre_id = pre.run_id
+            model_dir, _ = find_model_dir(tracker, encoder, Path(tmp))
+            _, lineage = load_encoder(tracker, encoder, taskset, cfg)  # checks it fits before any cell starts
+            encoder_dir = str(model_dir)
             parent.set_tags({TAG + "encoder_source": encoder})
-        rows = []
-        for mode in modes:
-            for m in s.m:
-                for offset in range(s.seeds):
-                    cell = dataclasses.replace(cfg, seed=cfg.seed + offset,
-                                               adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m))
-                    res = adapt(cell, encoder=encoder if mode in ("frozen", "finetune") else None,
-                                tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id)
-                    rows.append({"mode": mode, "m": m, "seed": cell.seed, "run_id": res.run_id,
-                                 "metrics": res.metrics})
+        rows = _run_cells(cells, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet, taskset)
         summary = summarise(rows)
         for entry in summary:
             parent.log_metrics({f"{entry['mode']}.{k}": entry[k]["mean"] for k in HEADLINE if k in entry},
@@ -100,3 +142,58 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped}, "results.json")
         parent.client.log_text(parent.run_id, to_csv(rows), "results.csv")
     return SweepResult(parent.run_id, pre_id, rows, summary, skipped, tracker.store.uri)
+
+
+def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset):
+    """Open one child run per cell, train the cells (in `jobs` worker processes when > 1), record each as it ends."""
+    runs, rows = {}, []
+    for i, cell in enumerate(cells):
+        run = open_run(tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
+                       adapt_tags(cell, taskset, lineage if cell.adapt.mode in ("frozen", "finetune") else {},
+                                  parent_id))
+        run.log_params(flatten(cell.to_dict()))
+        run.log_dict(cell.to_dict(), "config.json")
+        runs[i] = run
+
+    def args(i):
+        cell = cells[i]
+        uses_encoder = cell.adapt.mode in ("frozen", "finetune")
+        return (cell.to_dict(), encoder_dir if uses_encoder else None, lineage if uses_encoder else {},
+                runs[i].run_id, str(runs[i].work_dir))
+
+    def record(i, out):
+        run, cell = runs[i], cells[i]
+        for values, step in out["history"]:
+            run.log_metrics(values, step)
+        record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]))
+        close_run(run, "FINISHED")
+        rows.append({"mode": cell.adapt.mode, "m": cell.adapt.m, "seed": cell.seed, "run_id": run.run_id,
+                     "metrics": out["metrics"]})
+        if not quiet:
+            print(f"[sweep] {len(rows)}/{len(cells)} done: {cell.adapt.mode} m={cell.adapt.m} seed={cell.seed}",
+                  file=sys.stderr, flush=True)
+
+    pending = set(runs)
+    try:
+        if jobs <= 1:
+            for i in range(len(cells)):
+                record(i, run_cell(*args(i)))
+                pending.discard(i)
+        else:
+            context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP or SQLite state in workers
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                futures = {pool.submit(run_cell, *args(i)): i for i in range(len(cells))}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    record(i, future.result())
+                    pending.discard(i)
+    except KeyboardInterrupt:
+        for i in pending:
+            close_run(runs[i], "KILLED")
+        raise
+    except BaseException:
+        for i in pending:
+            close_run(runs[i], "FAILED")
+        raise
+    order = {(c.adapt.mode, c.adapt.m, c.seed): k for k, c in enumerate(cells)}
+    return sorted(rows, key=lambda r: order[(r["mode"], r["m"], r["seed"])])

@@ -151,10 +151,9 @@ def tracked_run(tracker: Tracker, name: str, tags: dict, resume_run_id: str | No
         client.update_run(resume_run_id, status="RUNNING")
         run_id = resume_run_id
         client.set_tag(run_id, TAG + "resumed_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+        run = Run(tracker, run_id)
     else:
-        run_id = client.create_run(tracker.experiment_id, run_name=name, tags={k: str(v) for k, v in tags.items()}
-                                   ).info.run_id
-    run = Run(tracker, run_id)
+        run = open_run(tracker, name, tags)
     status = "FAILED"
     try:
         yield run
@@ -163,10 +162,22 @@ def tracked_run(tracker: Tracker, name: str, tags: dict, resume_run_id: str | No
         status = "KILLED"
         raise
     finally:
-        try:
-            run.flush()
-        finally:
-            client.set_terminated(run_id, status)
+        close_run(run, status)
+
+
+def open_run(tracker: Tracker, name: str, tags: dict) -> Run:
+    """Create a RUNNING run; the caller must `close_run` it (prefer `tracked_run`, which always does)."""
+    run_id = tracker.client.create_run(tracker.experiment_id, run_name=name,
+                                       tags={k: str(v) for k, v in tags.items()}).info.run_id
+    return Run(tracker, run_id)
+
+
+def close_run(run: Run, status: str) -> None:
+    """Flush buffered metrics and set the final status (FINISHED, FAILED or KILLED), whatever happens."""
+    try:
+        run.flush()
+    finally:
+        run.client.set_terminated(run.run_id, status)
 
 
 def find_model_dir(tracker: Tracker, source: str, dst: Path) -> tuple[Path, str | None]:

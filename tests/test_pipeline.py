@@ -177,3 +177,26 @@ def test_transfer_beats_scratch_on_gaussian_suite(store):
     scratch = cdmtransfer.adapt(None, overrides + ["adapt.mode=scratch"])
     assert frozen.metrics["score_error"] < 0.7 * scratch.metrics["score_error"]
     assert frozen.metrics["test_dsm"] < scratch.metrics["test_dsm"]
+
+
+def test_parallel_sweep_equals_sequential(recipe, store):
+    """--jobs 2 runs cells in worker processes; the parent is the only store writer, so nothing is lost or mixed."""
+    pre = ok_json("pretrain", recipe)
+    args = ("sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--encoder", pre["run_id"])
+    seq = ok_json(*args, "--jobs", 1)
+    par = ok_json(*args, "--jobs", 2)
+    key = lambda r: (r["mode"], r["m"], r["seed"])  # noqa: E731
+    assert [key(r) for r in seq["rows"]] == [key(r) for r in par["rows"]]
+    for a, b in zip(seq["rows"], par["rows"]):
+        assert a["run_id"] != b["run_id"]
+        assert b["metrics"]["score_error"] == pytest.approx(a["metrics"]["score_error"], rel=1e-6)
+    c = client(store)
+    for res in (seq, par):
+        children = c.search_runs([c.get_run(res["run_id"]).info.experiment_id],
+                                 filter_string=f"tags.mlflow.parentRunId = '{res['run_id']}'")
+        assert sorted(r.info.run_id for r in children) == sorted(r["run_id"] for r in res["rows"])
+        assert all(r.info.status == "FINISHED" for r in children)
+        for r in children:  # each child has its own training curve and final metrics
+            assert len(c.get_metric_history(r.info.run_id, "loss")) == 80 // 20
+            if r.data.tags[TAG + "mode"] == "frozen":
+                assert r.data.tags[TAG + "pretrain_run_id"] == pre["run_id"]

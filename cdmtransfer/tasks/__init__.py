@@ -5,9 +5,14 @@ from cdmtransfer.tasks.base import GroundTruth, TaskSet
 
 
 def build_taskset(cfg: Config) -> TaskSet:
-    from cdmtransfer.tasks import files, gaussian, langevin
+    if cfg.suite.name == "lsgmm":
+        from cdmtransfer.tasks import lsgmm
 
-    builders = {"gaussian": gaussian.build, "langevin": langevin.build, "file": files.build}
+        return lsgmm.build(cfg)
+    from cdmtransfer.tasks import bumps, digits, files, gaussian, langevin
+
+    builders = {"gaussian": gaussian.build, "langevin": langevin.build, "file": files.build,
+                "digits": digits.build, "mnist": digits.build_mnist, "bumps": bumps.build}
     return builders[cfg.suite.name](cfg)
 
 

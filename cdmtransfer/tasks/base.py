@@ -7,6 +7,7 @@ truth attaches a `GroundTruth`; the evaluator uses what it offers and reports wh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -45,6 +46,15 @@ class TaskSet:
     y_mean: torch.Tensor | None = None
     y_std: torch.Tensor | None = None
     description: str = ""
+    # Image suites (tasks/digits.py, tasks/bumps.py); None elsewhere, so other suites are unaffected.
+    image_shape: tuple[int, int] | None = None  # x is a flattened H×W image
+    condition_shape: tuple[int, int, int] | None = None  # y is a flattened C×H×W image (for model.encoder = conv)
+    # extra_metrics(model=, draw=, x_true=, x_mean=, y=, seed=) -> dict: suite-specific metrics, called by
+    # evaluate_model with draw(y, n_per, generator) -> [C, n_per, d_x] samples, the posterior-mean evaluation's
+    # x, mean and conditions, and a seed for the suite's own draws. Implementations take **_ for the rest.
+    extra_metrics: Callable[..., dict] | None = None
+    # preview(y [C, D_y], samples [C, n, d_x], x_true [C, d_x] | None) -> ([R, cols, H, W] in [0, 1], row labels)
+    preview: Callable[..., tuple] | None = None
 
     @property
     def K(self) -> int:
