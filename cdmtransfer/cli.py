@@ -189,6 +189,8 @@ def sweep(recipe: RecipeArg,
     out.print(report.sweep_table(result.summary, f"{cfg.name}: target error by mode and m (mean ± sd over seeds)"))
     for mode, why in result.skipped_modes.items():
         out.print(f"skipped mode {mode}: {why}")
+    if result.plots:
+        out.print(f"learning curves: {', '.join(result.plots.values())} (artifacts of the sweep run)")
     out.print(f"sweep run id: {result.run_id}" + (f"  (pretrain run {result.pretrain_run_id})"
                                                   if result.pretrain_run_id else ""))
     report.store_footer(out, result.tracking_uri)

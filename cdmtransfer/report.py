@@ -13,7 +13,9 @@ METRIC_ORDER = ("score_error", "score_error_weighted", "posterior_mean_mse", "po
 
 
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 120  # pipes and logs: wide enough that tables do not wrap
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def emit_json(data: dict) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from cdmtransfer.config import Config, flatten
 from cdmtransfer.errors import ConfigError
+from cdmtransfer.plots import learning_curves
 from cdmtransfer.stages import adapt_tags, load_encoder, open_tracker, pretrain, record_adapt, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, tracked_run
@@ -36,6 +37,7 @@ class SweepResult:
     summary: list[dict]  # one per (mode, m): mean and std over seeds of each metric
     skipped_modes: dict = field(default_factory=dict)
     tracking_uri: str = ""
+    plots: dict = field(default_factory=dict)  # metric -> artifact path of its learning-curve PNG
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,7 +143,15 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                                step=entry["m"])
         parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped}, "results.json")
         parent.client.log_text(parent.run_id, to_csv(rows), "results.csv")
-    return SweepResult(parent.run_id, pre_id, rows, summary, skipped, tracker.store.uri)
+        plots = {}
+        if len(s.m) > 1:
+            for metric in HEADLINE:
+                png = learning_curves(summary, metric, Path(tmp) / f"curve_{metric}.png",
+                                      f"{cfg.name}: {metric} vs m")
+                if png is not None:
+                    parent.log_artifact(png, "plots")
+                    plots[metric] = f"plots/{png.name}"
+    return SweepResult(parent.run_id, pre_id, rows, summary, skipped, tracker.store.uri, plots)
 
 
 def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset):

@@ -163,7 +163,8 @@ def test_sweep_parent_with_children(recipe, store):
                              filter_string=f"tags.mlflow.parentRunId = '{res['run_id']}'")
     assert len(children) == 8 + 1  # the cells and the pretrain run
     assert all(r.info.status == "FINISHED" for r in children)
-    assert {a.path for a in c.list_artifacts(res["run_id"])} >= {"results.csv", "results.json"}
+    assert {a.path for a in c.list_artifacts(res["run_id"])} >= {"results.csv", "results.json", "plots"}
+    assert {a.path for a in c.list_artifacts(res["run_id"], "plots")} >= {"plots/curve_score_error.png"}
 
 
 def test_transfer_beats_scratch_on_gaussian_suite(store):
