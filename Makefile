@@ -27,6 +27,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 
+# The paper's conditioned-diffusion learning curves (theory.md §4.1), in-domain β0 = 5.5 and out-of-domain β0 = 15,
+# at CPU scale (recipes/langevin.yaml): one pretrain, then frozen / finetune / scratch for m in {10,...,100}, 3 seeds.
+PAPER_M ?= 10,20,30,40,50,100
+PAPER_ENCODER = $(BIN)/python -c "import json; print(json.load(open('cdmtransfer-runs/paper-pretrain.json'))['run_id'])"
+paper: $(STAMP)
+	@mkdir -p cdmtransfer-runs
+	$(BIN)/cdmtransfer pretrain recipes/langevin.yaml --json > cdmtransfer-runs/paper-pretrain.json
+	$(BIN)/cdmtransfer sweep recipes/langevin.yaml --m $(PAPER_M) --encoder $$($(PAPER_ENCODER)) \
+		--set suite.langevin.beta_target=5.5
+	$(BIN)/cdmtransfer sweep recipes/langevin.yaml --m $(PAPER_M) --encoder $$($(PAPER_ENCODER)) \
+		--set suite.langevin.beta_target=15
+
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/cdmtransfer-runs/mlflow.db
 
