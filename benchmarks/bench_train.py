@@ -219,7 +219,7 @@ class TrainBench:
 def bench_train(args) -> dict:
     torch = __import__("torch")
     torch.set_num_threads(args.threads)
-    steps, reps, block = args.train_steps, args.reps, 25
+    steps, reps, block = args.train_steps, args.reps, args.block
     skip = max(1, -(-args.warmup_steps // block))  # whole blocks dropped from the start of every rep
     if steps // block <= skip + 1:
         raise SystemExit(f"--train-steps must be at least {(skip + 2) * block}")
@@ -641,6 +641,8 @@ def main(argv=None) -> int:
                    help="comma-separated subset of train,logging,heads,cli")
     p.add_argument("--train-steps", type=int, help="steps per train()/bare run (default 500; quick 150)")
     p.add_argument("--reps", type=int, help="interleaved repetitions (default 3)")
+    p.add_argument("--block", type=int, default=10,
+                   help="steps per paired block in the train() benchmark (train()'s log_every; default 10)")
     p.add_argument("--pretrain-steps", type=int, help="steps of the real pretrain (default 1000; quick 200)")
     args = p.parse_args(argv)
     args.train_steps = args.train_steps or (150 if args.quick else 500)

@@ -130,6 +130,8 @@ def pretrain(recipe: RecipeArg, set_: SetOpt = None, seed: SeedOpt = None, resum
     from cdmtransfer.stages import pretrain as run_pretrain
 
     summary = run_pretrain(cfg, tracking_uri=tracking_uri, resume=resume, quiet=quiet or json_out)
+    if summary.info.get("rank"):  # torchrun ranks other than 0 stay silent
+        return
     _print_summary(summary, json_out, f"pretrain {cfg.name}")
 
 

@@ -16,7 +16,9 @@ import torch
 
 from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
 from cdmtransfer.config import Config, flatten
+from cdmtransfer import distributed
 from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.evaluate import evaluate_model
 from cdmtransfer.models import ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
@@ -44,11 +46,12 @@ def open_tracker(cfg: Config, tracking_uri: str | None) -> Tracker:
 
 
 def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, batch: int,
-                  regularizer=None):
+                  regularizer=None, shard: Dist = Dist()):
     """Per-sample DSM losses [K, batch] on a fresh batch from every task at once (theory.md §1.4).
 
     x [K, n_max, d_x], y [K, n_max, D_y], counts [K]: each task draws `batch` rows uniformly from its own n_k.
     `regularizer` (regularizers.RegularizedObjective), when given, returns DSM plus its terms per sample instead.
+    Under torchrun every rank draws the same global batch and keeps its slice `shard.rank::shard.world`.
     """
     K, _, d_x = x.shape
 
@@ -58,6 +61,9 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
         yb = torch.gather(y, 1, idx[..., None].expand(-1, -1, y.shape[-1]))
         t = process.sample_t((K, batch), gen, device=x.device)
         noise = torch.randn(x0.shape, generator=gen, device=x.device)
+        if shard.active:
+            part = slice(shard.rank, None, shard.world)
+            x0, yb, t, noise = x0[:, part], yb[:, part], t[:, part], noise[:, part]
         if regularizer is not None:
             return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
         return dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
@@ -96,15 +102,19 @@ def _finish(run, model_dir: Path, cfg: Config, stage: str) -> str | None:
 def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None = None,
              quiet: bool = True, parent_run_id: str | None = None) -> RunSummary:
     """Pretrain the shared encoder and K source heads; returns the run id, final metrics and model path."""
-    device = setup_torch(cfg)
+    dist = distributed.from_env()
+    distributed.check_batch(dist, cfg.pretrain.batch_size)
+    device = distributed.init(dist, setup_torch(cfg))
     taskset = build_taskset(cfg)
-    tracker = open_tracker(cfg, tracking_uri)
-    if resume:
-        _check_resume(tracker.store.work_dir(resume), cfg, "pretrain")
     torch.manual_seed(cfg.seed)
     m = cfg.model
     model = ScoreModel(new_encoder(cfg, taskset), taskset.K, taskset.d_x,
                        m.head_width, m.head_depth, m.time_dim).to(device)
+    if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
+        return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume)
+    tracker = open_tracker(cfg, tracking_uri)
+    if resume:
+        _check_resume(tracker.store.work_dir(resume), cfg, "pretrain")
     tags = {TAG + "stage": "pretrain", TAG + "recipe": cfg.name, TAG + "suite": taskset.name,
             TAG + "seed": cfg.seed}
     if parent_run_id:
@@ -119,21 +129,40 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
         reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
         loss_fn = dsm_objective(taskset.source_x.to(device), taskset.source_y.to(device),
-                                taskset.source_n.to(device), process, cfg.pretrain.batch_size, regularizer=reg)
+                                taskset.source_n.to(device), process, cfg.pretrain.batch_size, regularizer=reg,
+                                shard=dist)
         result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
                        ckpt_dir=run.work_dir / "checkpoints", meta=meta, metrics=run,
                        progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
-                       label="pretrain", device=device)
+                       label="pretrain", device=device, dist=dist)
         model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
         metrics = {"final_loss": result.final_loss, "train_seconds": result.seconds,
                    "parameters": count_parameters(model), "encoder_parameters": count_parameters(model.encoder)}
         if reg is not None:
             metrics.update(reg.summary())  # mean of each regulariser term over the steps run
+        if dist.active:
+            metrics["world_size"] = dist.world
         run.log_metrics(metrics, step=cfg.pretrain.steps)
         model_id = _finish(run, model_dir, cfg, "pretrain")
+    distributed.finish(dist)
     return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
                       {"model_id": model_id, "taskset": taskset.summary(), "logging_seconds": run.logging_seconds},
                       tracker.store.uri)
+
+
+def _pretrain_rank(cfg: Config, taskset: TaskSet, model: ScoreModel, dist: Dist, device, tracking_uri, resume):
+    """A torchrun rank other than 0: the same steps on its slice of each batch; no tracking, no files written."""
+    store = resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home)
+    ckpt_dir = store.work_dir(resume) / "checkpoints" if resume else store.home / "work" / "none"
+    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+    reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
+    loss_fn = dsm_objective(taskset.source_x.to(device), taskset.source_y.to(device), taskset.source_n.to(device),
+                            process, cfg.pretrain.batch_size, regularizer=reg, shard=dist)
+    result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
+                   ckpt_dir=ckpt_dir, meta={}, resume=bool(resume), label=f"pretrain-rank{dist.rank}",
+                   device=device, dist=dist)
+    distributed.finish(dist)
+    return RunSummary("", "pretrain", {"final_loss": result.final_loss}, {}, {"rank": dist.rank}, store.uri)
 
 
 def load_encoder(tracker: Tracker, source: str, taskset: TaskSet, cfg: Config) -> tuple[torch.nn.Module, dict]:

@@ -18,8 +18,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cdmtransfer import distributed
 from cdmtransfer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cdmtransfer.config import TrainConfig
+from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import DataError, TrainingError
 from cdmtransfer.progress import Progress
 
@@ -55,8 +57,12 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: TrainConfig, *, seed: int,
           ckpt_dir: Path, meta: dict, metrics=None, progress: Progress | None = None, resume: bool = False,
-          label: str = "train", device: torch.device | None = None) -> TrainResult:
-    """Run `cfg.steps` optimisation steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`)."""
+          label: str = "train", device: torch.device | None = None, dist: Dist = Dist()) -> TrainResult:
+    """Run `cfg.steps` optimisation steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`).
+
+    Under torchrun (`dist.active`) gradients are averaged by DistributedDataParallel and only rank 0 logs,
+    shows progress and writes checkpoints.
+    """
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -65,6 +71,9 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     if resume:
         start = _restore(ckpt_dir, model, ema, optimizer, generator)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    net = nn.parallel.DistributedDataParallel(model) if dist.active else model
+    if not dist.is_main:
+        metrics, progress = None, None
     progress = progress or Progress(total=cfg.steps, label=label, enabled=False)
     progress.start(start)
     t0, last_path, loss_value = time.perf_counter(), None, float("nan")
@@ -73,7 +82,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         scale = lr_at(step, cfg)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * scale
-        losses = loss_fn(model, generator)
+        losses = loss_fn(net, generator)
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,7 +92,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             count = done % cfg.log_every or cfg.log_every
-            loss_value = float(running) / count  # the one host sync per logging interval
+            loss_value = float(distributed.mean(running, dist)) / count  # one host sync per logging interval
             running.zero_()
             if not math.isfinite(loss_value):
                 raise TrainingError(f"{label}: loss became non-finite at step {done}; "
@@ -94,7 +103,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
             progress.update(done, loss_value)
         optimizer.step()
         ema_update(ema, model, step, cfg.ema_decay)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if dist.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             last_path = save_checkpoint(ckpt_dir, done, model.state_dict(), ema.state_dict(),
                                         _train_state(optimizer, generator, done), meta)
             if metrics is not None:

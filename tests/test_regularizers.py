@@ -15,7 +15,7 @@ from cdmtransfer.diagnostics import active_subspace, subspace_error
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import FixedEncoder, MLPEncoder, ScoreModel
 from cdmtransfer.regularizers import (RegularizedObjective, consistency_loss, hsic, make_objective, mmd2,
-                                      pairwise_gap, x0_prediction)
+                                      pairwise_gap, reverse_chain, x0_prediction)
 from cdmtransfer.stages import dsm_objective
 from cdmtransfer.tasks import build_taskset
 
@@ -61,11 +61,9 @@ def test_consistency_estimator_is_unbiased(scale):
     se = lc.std(0) / math.sqrt(R)
     assert torch.all((lc.mean(0) - exact).abs() < 4 * se + 1e-4), (lc.mean(0), exact, se)
     # and the many-chain pairwise estimator (used by the diagnostic) agrees
-    chains = consistency_chains = 2000
-    from cdmtransfer.regularizers import reverse_chain
-
+    chains = 2000
     ends = reverse_chain(eps_fn, x_t0.repeat(chains, 1), t0.repeat(chains), t_to0.repeat(chains), 4, g)
-    a = x0_prediction(ends, eps_fn(ends, t_to0.repeat(consistency_chains)), t_to0.repeat(chains)).view(chains, 2, 3)
+    a = x0_prediction(ends, eps_fn(ends, t_to0.repeat(chains)), t_to0.repeat(chains)).view(chains, 2, 3)
     assert torch.allclose(pairwise_gap(a, b[:2]), exact, atol=6 * float(se.max()) + 1e-4)
 
 
