@@ -50,7 +50,7 @@ def adapt(recipe, overrides=(), **kwargs):
 
 def sweep(recipe, overrides=(), **kwargs):
     """Learning curves over sweep.modes x sweep.m x sweep.seeds. kwargs: encoder, tracking_uri, quiet."""
-    from cdmtransfer.sweep import sweep as run
+    from cdmtransfer.curves import sweep as run
 
     return run(_cfg(recipe, overrides), **kwargs)
 

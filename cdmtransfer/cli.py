@@ -182,7 +182,7 @@ def sweep(recipe: RecipeArg,
     if dry_run:
         return _dry_run(cfg)
     from cdmtransfer import report
-    from cdmtransfer.sweep import sweep as run_sweep
+    from cdmtransfer.curves import sweep as run_sweep
 
     result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs)
     if json_out:

@@ -1,6 +1,6 @@
 """Representation and consistency diagnostics for the companion-paper regularisers (regularizers.py).
 
-Each is computed on the held-out target split when the suite makes it possible (evaluate.py calls `diagnose`):
+Each is computed on the held-out target split when the suite makes it possible (metrics.py calls `diagnose`):
 - consistency_gap_t{t}: ‖E[x̂₀(X_t', t') | X_t] − x̂₀(X_t, t)‖², t' = t/2, averaged over test points; the expectation
   is over the model's own reverse-SDE chains, estimated without bias from pairs of chains (§D.1 property CP).
 - probe_r2: held-out R² of a linear least-squares probe predicting the true h*(y) from [h(y), 1] (fit on the first

@@ -107,7 +107,7 @@ def write_preview(model, taskset, cfg, path: Path, conditions: int = 8, per_cond
     if taskset.preview is None:
         return None
     from cdmtransfer.diffusion import OUProcess
-    from cdmtransfer.evaluate import conditional_samples
+    from cdmtransfer.metrics import conditional_samples
 
     n = min(conditions, taskset.test_y.shape[0])
     e = cfg.evaluate

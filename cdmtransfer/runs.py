@@ -12,7 +12,7 @@ from cdmtransfer.checkpoint import load_export
 from cdmtransfer.config import Config, TrackingConfig, apply_override, check_consistency, from_dict
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.errors import ConfigError, DataError
-from cdmtransfer.evaluate import conditional_samples, evaluate_model
+from cdmtransfer.metrics import conditional_samples, evaluate_model
 from cdmtransfer.models import ScoreModel, build_model
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import Run, RunSummary, Tracker, find_model_dir, resolve_store

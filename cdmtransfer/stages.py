@@ -20,7 +20,7 @@ from cdmtransfer import distributed
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError
-from cdmtransfer.evaluate import evaluate_model
+from cdmtransfer.metrics import evaluate_model
 from cdmtransfer.models import ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
 from cdmtransfer.progress import Progress
 from cdmtransfer.regularizers import make_objective

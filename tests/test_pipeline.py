@@ -201,3 +201,14 @@ def test_parallel_sweep_equals_sequential(recipe, store):
             assert len(c.get_metric_history(r.info.run_id, "loss")) == 80 // 20
             if r.data.tags[TAG + "mode"] == "frozen":
                 assert r.data.tags[TAG + "pretrain_run_id"] == pre["run_id"]
+
+
+def test_api_functions_are_not_shadowed_by_submodules():
+    import importlib
+    import inspect
+
+    for module in ("stages", "metrics", "curves", "runs", "estimate", "theory", "tracking", "checkpoint"):
+        importlib.import_module(f"cdmtransfer.{module}")
+    for name in cdmtransfer.__all__:
+        if name != "__version__":
+            assert inspect.isfunction(getattr(cdmtransfer, name)), name
