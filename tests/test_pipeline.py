@@ -7,7 +7,6 @@ import json
 import mlflow
 import numpy as np
 import pytest
-import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
