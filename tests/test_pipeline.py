@@ -211,3 +211,30 @@ def test_api_functions_are_not_shadowed_by_submodules():
     for name in cdmtransfer.__all__:
         if name != "__version__":
             assert inspect.isfunction(getattr(cdmtransfer, name)), name
+
+
+def test_estimate_from_theory_and_calibrated_on_a_sweep(recipe, store):
+    theory_only = ok_json("estimate", recipe, "--epsilon", 50.0)
+    assert set(theory_only["theory"]) == {"transfer", "scratch"}
+    for mode in ("transfer", "scratch"):
+        r = theory_only["theory"][mode]
+        assert r["feasible"] == (r["m"] is not None)
+    assert theory_only["inputs"]["d_x"] == 3 and theory_only["inputs"]["D_y"] == 8 and theory_only["inputs"]["K"] == 3
+
+    longer = ["--set", "pretrain.steps=600", "--set", "adapt.steps=400"]
+    res = ok_json("sweep", recipe, "--m", "4,8,16", "--modes", "frozen,scratch", "--seeds", 2, *longer)
+    errors = {(r["mode"], r["m"]): r["score_error"]["mean"] for r in res["summary"]}
+    assert errors[("frozen", 16)] < errors[("frozen", 4)]  # a learning curve, not noise
+    eps = errors[("frozen", 8)]  # a level the frozen curve reaches inside the measured range
+    est = ok_json("estimate", recipe, "--epsilon", eps, "--calibrate", res["run_id"])
+    frozen = est["calibrated"]["frozen"]
+    assert frozen["reachable"] and 2 <= frozen["m"] <= 32
+    lo, hi = frozen["m_interval"]
+    assert lo is None or lo <= frozen["m"]
+    c = client(store)
+    runs = c.search_runs([c.get_run(res["run_id"]).info.experiment_id],
+                         filter_string="tags.`cdmtransfer.stage` = 'estimate'")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert any(r.data.tags.get(TAG + "sweep_run_id") == res["run_id"] for r in runs)
+    bad = cli("estimate", recipe, "--epsilon", 1.0, "--calibrate", runs[0].info.run_id)
+    assert bad.exit_code == 2 and "not a sweep run" in bad.stderr
