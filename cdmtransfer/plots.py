@@ -36,3 +36,51 @@ def learning_curves(summary: list[dict], metric: str, path: Path, title: str) ->
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def conditional_scatter(model_draws, true_draws, x_true, path: Path, title: str) -> Path:
+    """Model samples x | y (and true ones, where the suite can draw them) for a few test conditions, in the plane
+    of the first two coordinates of x; the held-out true x of each condition is starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cond = model_draws.shape[0]
+    fig, axes = plt.subplots(1, n_cond, figsize=(3.2 * n_cond, 3.2), dpi=110, squeeze=False)
+    for c, ax in enumerate(axes[0]):
+        j = 1 if model_draws.shape[-1] > 1 else 0
+        if true_draws is not None:
+            ax.scatter(true_draws[c, :, 0], true_draws[c, :, j], s=4, alpha=0.35, color="grey", label="true")
+        ax.scatter(model_draws[c, :, 0], model_draws[c, :, j], s=4, alpha=0.5, color="tab:blue", label="model")
+        ax.scatter([x_true[c, 0]], [x_true[c, j]], marker="*", s=120, color="tab:red", label="held-out x")
+        ax.set_xlabel("x[0]")
+        ax.set_ylabel(f"x[{j}]")
+        ax.set_title(f"condition {c}", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def adapt_samples_figure(model, taskset, cfg, path: Path, n_cond: int = 3, n_per: int = 200) -> Path | None:
+    """The sample plot logged with every adapt run on vector data (image suites log their own grids)."""
+    import torch
+
+    from cdmtransfer.diffusion import OUProcess
+    from cdmtransfer.metrics import conditional_samples
+
+    if taskset.image_shape is not None:
+        return None
+    n_cond = min(n_cond, taskset.test_y.shape[0])
+    y, x_true = taskset.test_y[:n_cond], taskset.test_x[:n_cond]
+    gen = torch.Generator().manual_seed(cfg.evaluate.seed + 5)
+    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
+    draws = conditional_samples(model, y, n_per, process, cfg.evaluate.sampler_steps, cfg.evaluate.sampler, gen)
+    truth = taskset.truth.sample(0, y.repeat_interleave(n_per, 0), gen)
+    truth = None if truth is None else truth.view(n_cond, n_per, -1)
+    return conditional_scatter(draws.numpy(), None if truth is None else truth.numpy(), x_true.numpy(), path,
+                               f"{cfg.name}: adapt {cfg.adapt.mode}, m = {cfg.adapt.m}")

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
+from cdmtransfer import distributed
 from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
 from cdmtransfer.config import Config, flatten
-from cdmtransfer import distributed
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.metrics import evaluate_model
 from cdmtransfer.models import ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
+from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
 from cdmtransfer.regularizers import make_objective
 from cdmtransfer.tasks import TaskSet, build_taskset
@@ -257,6 +258,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                    label=f"adapt-{a.mode}", device=device)
     model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
     values, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
+    adapt_samples_figure(result.ema, taskset, cfg, work_dir / "plots" / "samples.png")
     values.update(final_loss=result.final_loss, train_seconds=result.seconds,
                   trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
     if reg is not None:
@@ -269,6 +271,9 @@ def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path)
     run.log_metrics(values, step=cfg.adapt.steps)
     if skipped:
         run.log_dict(skipped, "skipped_metrics.json")
+    plots = model_dir.parent / "plots"
+    if cfg.tracking.log_artifacts and plots.is_dir():
+        run.log_artifacts(plots, "plots")
     return _finish(run, model_dir, cfg, f"adapt-{cfg.adapt.mode}")
 
 

@@ -76,6 +76,7 @@ def test_pretrain_adapt_evaluate_sample_with_lineage(recipe, store, tmp_path):
                                output_format="list")
     assert [r.info.run_id for r in found] == [ada["run_id"]]
     assert TAG + "model_id" in pre_run.data.tags
+    assert {a.path for a in c.list_artifacts(ada["run_id"], "plots")} == {"plots/samples.png"}
 
     # Re-evaluating the saved model reproduces the metrics computed at the end of adapt (fixed evaluation noise).
     ev = ok_json("evaluate", ada["run_id"])
