@@ -95,14 +95,16 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
             loss_value = float(distributed.mean(running, dist)) / count  # one host sync per logging interval
             running.zero_()
             if not math.isfinite(loss_value):
-                raise TrainingError(f"{label}: loss became non-finite at step {done}; "
-                                    f"last good checkpoint: {_newest(ckpt_dir) or 'none'}")
+                raise _non_finite(label, done, ckpt_dir)
             if metrics is not None:
                 metrics.log_metrics({"loss": loss_value, "lr": base_lrs[0] * scale,
                                      "grad_norm": float(grad_norm)}, step=done)
             progress.update(done, loss_value)
         optimizer.step()
         ema_update(ema, model, step, cfg.ema_decay)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if not math.isfinite(float(distributed.mean(running, dist))):  # never checkpoint diverged weights
+                raise _non_finite(label, done, ckpt_dir)
         if dist.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             last_path = save_checkpoint(ckpt_dir, done, model.state_dict(), ema.state_dict(),
                                         _train_state(optimizer, generator, done), meta)
@@ -112,6 +114,12 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     if start >= cfg.steps:
         last_path = _newest(ckpt_dir)
     return TrainResult(model, ema, cfg.steps, loss_value, time.perf_counter() - t0, last_path)
+
+
+def _non_finite(label: str, step: int, ckpt_dir: Path) -> TrainingError:
+    last = _newest(ckpt_dir)
+    return TrainingError(f"{label}: the loss became NaN or infinite by step {step} (lower the learning rate?); "
+                         f"last good checkpoint: {last or 'none'}")
 
 
 def _train_state(optimizer, generator, step: int) -> dict:

@@ -82,3 +82,36 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     assert proc.returncode == 130 and "interrupted" in err
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, store, monkeypatch):
+    import math
+
+    import cdmtransfer
+    import cdmtransfer.stages as stages
+    from cdmtransfer.errors import TrainingError
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY)
+    real = stages.dsm_objective
+
+    def poisoned(*args, **kwargs):
+        loss_fn, calls = real(*args, **kwargs), {"n": 0}
+
+        def wrapped(model, gen):
+            calls["n"] += 1
+            losses = loss_fn(model, gen)
+            return losses * float("nan") if calls["n"] == 93 else losses  # between checkpoints 80 and 120
+
+        return wrapped
+
+    monkeypatch.setattr(stages, "dsm_objective", poisoned)
+    with pytest.raises(TrainingError, match="NaN or infinite by step 100.*step_000080"):
+        cdmtransfer.pretrain(recipe)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"
+    ckpts = list_checkpoints(store / "work" / run.info.run_id / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_000040", "step_000080"]
+    model_state, ema_state, _, _ = load_checkpoint(ckpts[-1])
+    assert all(math.isfinite(float(v.abs().max())) for v in [*model_state.values(), *ema_state.values()])
