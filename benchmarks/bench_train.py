@@ -18,7 +18,6 @@ functions that are restored afterwards).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -512,9 +511,9 @@ def report(res: dict) -> str:
         lines.append("CPU used by other processes during each section (cores, 0 = quiet): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in fl.items()) + ".")
     if any(v > 0.25 for v in fl.values()):
-        lines.append(f"\nWARNING: other processes were using the CPUs during this run; with {mach['threads']} "
-                     "torch threads on a shared machine every parallel region waits for descheduled threads, so "
-                     "timings are inflated and noisy. The 'best block' columns are the least disturbed estimate.")
+        lines.append("\nWARNING: other processes were using the CPUs during this run, so timings are inflated and "
+                     "noisy (with more than one torch thread, every parallel region also waits for descheduled "
+                     "threads). Paired ratios and the 'best block' columns are the least disturbed estimates.")
     summary = []
     tr = res.get("train")
     if tr:
@@ -553,7 +552,7 @@ def report(res: dict) -> str:
 
     if tr:
         s = tr["setup"]
-        lines += ["", f"## 1. Training step: train() vs bare PyTorch",
+        lines += ["", "## 1. Training step: train() vs bare PyTorch",
                   "", f"{s['suite']} suite, K={s['K']} tasks x batch {s['batch_per_task']} = {s['rows_per_step']} "
                       f"rows/step, {s['parameters']:,} parameters, {s['threads']} threads. Each of {s['reps']} reps "
                       f"runs train() for {s['steps_per_run']} steps and, after every {s['block_steps']}-step block, "
@@ -572,6 +571,8 @@ def report(res: dict) -> str:
             prev = ms
         lines.append(table(["Loop", "What it does", "ms/step (median)", "ms/step (best block)",
                             "paired ratio vs bare", "ms/step vs previous row"], rows))
+        lines += ["", "Paired train()/bare ratio per rep: "
+                  + ", ".join(f"x{v:.3f}" for v in tr["ratio_vs_bare_per_rep"]["train()"]) + "."]
         lines += ["", f"Final checkpoint write (the last step's optimizer.step + EMA + save_checkpoint, measured "
                       f"inside train()): {tr['final_checkpoint_ms']:.1f} ms median per write "
                       f"(= {tr['checkpoint_ms_per_step_at_default_interval']:.3f} ms/step amortised at "
