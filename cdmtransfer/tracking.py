@@ -19,10 +19,13 @@ from typing import Iterator
 
 from cdmtransfer.errors import ConfigError, DataError
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+# stdout belongs to the command (--json must stay parseable): MLflow must not print run URLs there.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 for _name in ("alembic", "mlflow"):  # the store's schema set-up logs at INFO; keep the terminal for our output
     logging.getLogger(_name).setLevel(logging.WARNING)
