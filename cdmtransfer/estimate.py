@@ -112,6 +112,7 @@ def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str
         boot = theory.bootstrap_fit(m_values, errors, kind=kind, n_boot=200, seed=0)
         power = theory.bootstrap_fit(m_values, errors, kind="power", n_boot=200, seed=0)
         m_point, m_lo, m_hi = boot["m_for"](epsilon)
+        mp_point, mp_lo, mp_hi = power["m_for"](epsilon)
         p_hat, p_int = power["fit"].p, power["intervals"]["p"]
         p_theory = theory.theory_exponent(problem, "scratch" if mode == "scratch" else "transfer", metric)
         consistent, message = theory.consistent_with_theory(p_hat, p_int, p_theory)
@@ -120,6 +121,8 @@ def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str
                      "floor": fit.floor, "A": fit.A, "exponent": p_hat, "exponent_interval": list(p_int),
                      "theory_exponent": p_theory, "consistent": consistent, "message": message,
                      "reachable": bool(np.isfinite(m_point)),
+                     # the free-exponent fit: better at extrapolating in benchmarks/predictive_check.py
+                     "m_power": _finite(mp_point), "m_power_interval": [_finite(mp_lo), _finite(mp_hi)],
                      "predict": {int(m): boot["predict"](m) for m in (64, 256, 1024)}}
     return out
 

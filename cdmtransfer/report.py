@@ -90,8 +90,9 @@ def estimate_tables(out: Console, report) -> None:
         out.print(f"note: {note}")
     if not report.calibrated:
         return
-    cal = Table(title="Calibrated on measured curves: err(m) ≈ floor + A/m, 95% bootstrap intervals over seeds")
-    for col in ("mode", "m for ε", "interval", "floor", "exponent (measured)", "theory", "consistent"):
+    cal = Table(title="Calibrated on measured curves (95% bootstrap intervals over seeds)")
+    for col in ("mode", "m for ε: floor + A/m", "interval", "m for ε: floor + A/m^p", "interval", "floor",
+                "p (measured)", "p (theory)", "consistent"):
         cal.add_column(col, justify="left" if col == "mode" else "right")
     for mode, r in report.calibrated.items():
         if "error" in r:
@@ -99,8 +100,11 @@ def estimate_tables(out: Console, report) -> None:
             continue
         lo, hi = r["m_interval"]
         m_text = _m_text(r["m"]) if r["reachable"] else f"unreachable (floor {r['floor']:.3g} ≥ ε)"
+        mp = r.get("m_power")
+        mp_lo, mp_hi = r.get("m_power_interval", [None, None])
         p_lo, p_hi = r["exponent_interval"]
-        cal.add_row(mode, m_text, f"[{_m_text(lo)}, {_m_text(hi)}]", f"{r['floor']:.3g}",
+        cal.add_row(mode, m_text, f"[{_m_text(lo)}, {_m_text(hi)}]", _m_text(mp) if mp else "unreachable",
+                    f"[{_m_text(mp_lo)}, {_m_text(mp_hi)}]", f"{r['floor']:.3g}",
                     f"{r['exponent']:.2f} [{p_lo:.2f}, {p_hi:.2f}]", f"{r['theory_exponent']:.2f}",
                     "yes" if r["consistent"] else "no")
     out.print(cal)
