@@ -77,7 +77,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     progress = progress or Progress(total=cfg.steps, label=label, enabled=False)
     progress.start(start)
     t0, last_path, loss_value = time.perf_counter(), None, float("nan")
-    running = torch.zeros(())
+    running = torch.zeros((), device=device)
     for step in range(start, cfg.steps):
         scale = lr_at(step, cfg)
         for group, base in zip(optimizer.param_groups, base_lrs):
