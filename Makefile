@@ -30,7 +30,7 @@ bench: $(STAMP)
 # The paper's experiments at CPU scale. Conditioned diffusion (theory.md §4.1, recipes/langevin.yaml): one pretrain,
 # then frozen (the paper's fine-tuning) / finetune / scratch for m in {10,...,100}, 2 seeds, at the in-domain
 # target β0 = 5.5 and the out-of-domain β0 = 15; then the digits-restoration analogue of §4.2 (digits-denoise.yaml).
-# Measured on 2 shared cores: pretrain 139 s, each Langevin sweep ≈ 8.5 min, digits ≈ 12 min (about 30 min in all).
+# Measured on 2 shared cores: pretrain 139 s, each Langevin sweep ≈ 8.5 min, digits ≈ 7 min (about 26 min in all).
 PAPER_M ?= 10,20,30,40,50,100
 PAPER_SEEDS ?= 2
 PAPER_ENCODER = $(BIN)/python -c "import json; print(json.load(open('cdmtransfer-runs/paper-pretrain.json'))['run_id'])"
