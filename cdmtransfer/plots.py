@@ -67,12 +67,16 @@ def conditional_scatter(model_draws, true_draws, x_true, path: Path, title: str)
 
 
 def adapt_samples_figure(model, taskset, cfg, path: Path, n_cond: int = 3, n_per: int = 200) -> Path | None:
-    """The sample plot logged with every adapt run on vector data (image suites log their own grids)."""
+    """The sample plot logged with every adapt run: the suite's image grid, or a scatter for vector data."""
     import torch
 
     from cdmtransfer.diffusion import OUProcess
     from cdmtransfer.metrics import conditional_samples
 
+    if taskset.preview is not None:
+        from cdmtransfer.images import write_preview
+
+        return write_preview(model, taskset, cfg, path, seed=cfg.seed)
     if taskset.image_shape is not None:
         return None
     n_cond = min(n_cond, taskset.test_y.shape[0])

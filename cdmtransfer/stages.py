@@ -297,15 +297,6 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run.run_id, run.work_dir, run,
                                                   quiet=quiet, resume=bool(resume), device=device)
         model_id = record_adapt(run, cfg, metrics, skipped, model_dir)
-        if taskset.preview is not None and cfg.tracking.log_artifacts:  # image suites: one sample grid PNG
-            from cdmtransfer.images import write_preview
-            from cdmtransfer.models import build_model
-
-            weights, meta = load_export(model_dir)  # the exported EMA model, as evaluated
-            ema = build_model(meta["model"])
-            ema.load_state_dict(weights)
-            png = write_preview(ema.eval(), taskset, cfg, run.work_dir / "samples.png", seed=cfg.seed)
-            run.log_artifact(png)
     return RunSummary(run.run_id, "adapt", metrics, {"model": model_dir},
                       {"mode": a.mode, "m": a.m, "seed": cfg.seed, "skipped": skipped, "model_id": model_id,
                        "logging_seconds": run.logging_seconds, **lineage}, tracker.store.uri)

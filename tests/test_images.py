@@ -216,7 +216,7 @@ def test_digits_end_to_end_with_conv_encoder(store):
     res = cdmtransfer.adapt(None, sets + ["adapt.mode=frozen"], encoder=pre.run_id)
     assert {"posterior_mean_mse", "psnr", "psnr_input"} <= set(res.metrics)
     assert "score_error" in res.info["skipped"]
-    assert (store / "work" / res.run_id / "samples.png").is_file()
+    assert (store / "work" / res.run_id / "plots" / "samples.png").is_file()
 
 
 def test_bumps_end_to_end(store, tmp_path):
