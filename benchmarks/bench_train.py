@@ -637,7 +637,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short run (fewer steps and repetitions)")
     p.add_argument("--json", metavar="PATH", help="also write all results (raw samples included) as JSON")
-    p.add_argument("--threads", type=int, default=2, help="torch threads for every measurement (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every measurement (default 1, as cdmtransfer runs)")
     p.add_argument("--only", default="train,logging,heads,cli",
                    help="comma-separated subset of train,logging,heads,cli")
     p.add_argument("--train-steps", type=int, help="steps per train()/bare run (default 500; quick 150)")
