@@ -8,6 +8,7 @@ Runs always end FINISHED, FAILED or KILLED: `tracked_run` sets the status on eve
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -64,6 +65,20 @@ def resolve_store(cli_uri: str | None, recipe_uri: str | None, home: str) -> Sto
     return Store(uri, home_path, embedded=False)
 
 
+@contextmanager
+def _sqlite_init_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite store across processes (`make -j`, parallel scripts): MLflow migrates
+    a new database's schema on first use, and two processes migrating at once corrupt it (ECOSYSTEM.md §2.8)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///"):]).expanduser().with_suffix(".init.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 class Tracker:
     """One tracking store and experiment; creates and reopens runs."""
 
@@ -71,8 +86,9 @@ class Tracker:
         self.store = store
         if store.embedded:
             store.home.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=store.uri)
-        self.experiment_id = self._experiment(experiment)
+        with _sqlite_init_lock(store.uri):
+            self.client = MlflowClient(tracking_uri=store.uri)
+            self.experiment_id = self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:
         try:

@@ -115,3 +115,20 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     assert [p.name for p in ckpts] == ["step_000040", "step_000080"]
     model_state, ema_state, _, _ = load_checkpoint(ckpts[-1])
     assert all(math.isfinite(float(v.abs().max())) for v in [*model_state.values(), *ema_state.values()])
+
+
+def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypatch):
+    """Like `make -j4`: four processes start on a store that does not exist yet (schema migration races)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY)
+    home = tmp_path / "fresh-home"
+    procs = [cli(home, "adapt", recipe, "--mode", "scratch", "--seed", seed, "--set", "adapt.steps=200",
+                 "--set", "adapt.log_every=10", "--quiet", "--json") for seed in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outs]
+    ids = {json.loads(out)["run_id"] for out, _ in outs}
+    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.info.run_id for r in runs} == ids and {r.info.status for r in runs} == {"FINISHED"}
+    for run_id in ids:
+        assert len(client.get_metric_history(run_id, "loss")) == 20
