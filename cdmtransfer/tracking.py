@@ -84,8 +84,11 @@ class Tracker:
 
     def __init__(self, store: Store, experiment: str):
         self.store = store
-        if store.embedded:
+        try:
             store.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{store.home}: cannot create the run directory ({exc.strerror or exc}); "
+                              f"set CDMTRANSFER_HOME or tracking.home to a writable place") from None
         with _sqlite_init_lock(store.uri):
             self.client = MlflowClient(tracking_uri=store.uri)
             self.experiment_id = self._experiment(experiment)

@@ -77,6 +77,9 @@ CASES = {
                                              "--mode", "scratch", "--m", 50], 3, ["m = 50"]),
     "oracle on user data": (lambda p: ["adapt", file_recipe(p, npz(p / "d.npz", **good_arrays())),
                                        "--mode", "oracle"], 2, ["oracle", "no true representation"]),
+    "run directory not creatable": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "scratch", "--set",
+                                               f"tracking.home={write(p / 'plain-file', 'x')}/runs"], 2,
+                                    ["plain-file", "cannot create the run directory"]),
     "unreachable tracking server": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "scratch",
                                                "--tracking-uri", "http://127.0.0.1:9"], 2, ["127.0.0.1:9", "unreachable"]),
 }
