@@ -125,3 +125,41 @@ def test_help_does_not_import_torch():
            "try:\n    app()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, 'mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False False"
+
+
+def _damaged_copy(src, dst, damage):
+    import shutil
+
+    shutil.copytree(src, dst)
+    damage(dst)
+    return dst
+
+
+DAMAGE = {
+    "truncated weights": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+                          3, ["model.safetensors", "corrupt or truncated"]),
+    "garbage weights": (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 64), 3, ["corrupt or truncated"]),
+    "older format": (lambda d: (d / "meta.json").write_text(
+        (d / "meta.json").read_text().replace('"format_version": 1', '"format_version": 0')), 3,
+        ["format version 0", "not supported"]),
+    "garbled meta": (lambda d: (d / "meta.json").write_text("{not json"), 3, ["meta.json", "corrupt"]),
+    "not a checkpoint": (lambda d: (d / "meta.json").unlink(), 3, ["not a cdmtransfer checkpoint"]),
+}
+
+
+def test_damaged_encoder_checkpoints_are_refused_cleanly(tmp_path, store):
+    import json
+
+    recipe = write(tmp_path / "r.yaml", TINY)
+    pre = run_cli("pretrain", recipe, "--json", "--quiet")
+    assert pre.exit_code == 0, pre.stderr
+    model_dir = store / "work" / json.loads(pre.stdout)["run_id"] / "model"
+    for name, (damage, code, words) in DAMAGE.items():
+        bad = _damaged_copy(model_dir, tmp_path / name.replace(" ", "-"), damage)
+        result = run_cli("adapt", recipe, "--mode", "frozen", "--encoder", bad)
+        line = result.stderr.strip()
+        assert result.exit_code == code, (name, line)
+        assert "\n" not in line and all(w in line for w in words), (name, line)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the pretrain; no adapt run was created
