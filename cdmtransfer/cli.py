@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdmtransfer import __version__
-from cdmtransfer.errors import CdmError
+from cdmtransfer.errors import CdmError, ConfigError
 
 app = typer.Typer(name="cdmtransfer", no_args_is_help=True, rich_markup_mode="rich", add_completion=True,
                   pretty_exceptions_enable=False,
@@ -256,7 +256,6 @@ def estimate(recipe: RecipeArg,
              set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
              verbose: VerboseOpt = False):
     """How many target samples for error ε: the theory's bounds inverted, and (with --calibrate) measured curves."""
-    from cdmtransfer.errors import ConfigError
     from cdmtransfer.estimate import estimate as run_estimate
     from cdmtransfer.theory import METRICS, MODES
 
@@ -272,7 +271,7 @@ def estimate(recipe: RecipeArg,
     curves = None
     if calibrate:
         from cdmtransfer.estimate import sweep_curves
-        from cdmtransfer.stages import open_tracker
+        from cdmtransfer.tracking import open_tracker
 
         tracker = open_tracker(cfg, tracking_uri)
         curves = sweep_curves(_sweep_results(tracker, calibrate), calibrate_metric)
@@ -291,8 +290,6 @@ def _sweep_results(tracker, run_id: str) -> dict:
     import json
     import tempfile
 
-    from cdmtransfer.errors import ConfigError
-
     run = tracker.get_run(run_id)
     if run.data.tags.get("cdmtransfer.stage") != "sweep":
         raise ConfigError(f"--calibrate {run_id}: not a sweep run")
@@ -303,8 +300,7 @@ def _sweep_results(tracker, run_id: str) -> dict:
 
 def _log_estimate(cfg, report, recipe: str, sweep_run: str | None, tracking_uri: str | None) -> None:
     from cdmtransfer.config import flatten
-    from cdmtransfer.stages import open_tracker
-    from cdmtransfer.tracking import TAG, tracked_run
+    from cdmtransfer.tracking import TAG, open_tracker, tracked_run
 
     tracker = open_tracker(cfg, tracking_uri)
     tags = {TAG + "stage": "estimate", TAG + "recipe": cfg.name, TAG + "recipe_path": recipe}

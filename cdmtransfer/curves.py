@@ -22,9 +22,9 @@ from pathlib import Path
 from cdmtransfer.config import Config, flatten
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.plots import learning_curves
-from cdmtransfer.stages import adapt_tags, load_encoder, open_tracker, pretrain, record_adapt, setup_torch
+from cdmtransfer.stages import adapt_tags, load_encoder, pretrain, record_adapt, setup_torch
 from cdmtransfer.tasks import build_taskset
-from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, tracked_run
+from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
 
 HEADLINE = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # in the order tables show them
 

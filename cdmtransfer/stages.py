@@ -26,7 +26,8 @@ from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
 from cdmtransfer.regularizers import make_objective
 from cdmtransfer.tasks import TaskSet, build_taskset
-from cdmtransfer.tracking import TAG, RunSummary, Tracker, find_model_dir, register_model, resolve_store, tracked_run
+from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
+                                  resolve_store, tracked_run)
 from cdmtransfer.train import train
 
 
@@ -40,10 +41,6 @@ def setup_torch(cfg: Config) -> torch.device:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device = cuda but no CUDA device is available (use --set device=cpu)")
     return torch.device(cfg.device)
-
-
-def open_tracker(cfg: Config, tracking_uri: str | None) -> Tracker:
-    return Tracker(resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home), cfg.tracking.experiment)
 
 
 def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, batch: int,

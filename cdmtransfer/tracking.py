@@ -114,6 +114,11 @@ class Tracker:
             raise ConfigError(f"run {run_id} not found in the tracking store {self.store.uri}") from None
 
 
+def open_tracker(cfg, tracking_uri: str | None) -> Tracker:
+    """The tracker for a Config: --tracking-uri, then MLFLOW_TRACKING_URI, then the recipe, then the embedded store."""
+    return Tracker(resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home), cfg.tracking.experiment)
+
+
 class Run:
     """A live MLflow run with a metric buffer flushed in batches (one write per flush, not per step)."""
 
