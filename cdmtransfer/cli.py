@@ -167,7 +167,8 @@ def sweep(recipe: RecipeArg,
           modes: Annotated[Optional[str], typer.Option(metavar="MODE,..", help="Adaptation modes.")] = None,
           seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per (mode, m).")] = None,
           jobs: Annotated[int, typer.Option(min=0, help="Worker processes (0: one per spare core).")] = 0,
-          encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, tracking_uri: TrackingOpt = None,
+          encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
+          tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
     """Learning curves: pretrain once, then adapt for every (mode, m, seed) as child runs of one parent run."""
@@ -184,7 +185,8 @@ def sweep(recipe: RecipeArg,
     from cdmtransfer import report
     from cdmtransfer.curves import sweep as run_sweep
 
-    result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs)
+    result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs,
+                       resume=resume)
     if json_out:
         return report.emit_json(result.to_dict())
     out = report.console()

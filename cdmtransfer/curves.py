@@ -106,8 +106,55 @@ def default_jobs(cells: int) -> int:
     return max(1, min(cells, (os.cpu_count() or 1) - 1))
 
 
+def _cell_key(mode: str, m, seed) -> tuple[str, int, int]:
+    return mode, int(m), int(seed)
+
+
+def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
+    """For --resume: the finished cells of an interrupted sweep (key -> row) and its pretrain child runs.
+
+    Children left RUNNING by a killed process are marked KILLED (the truth); their cells are trained again.
+    """
+    parent = tracker.get_run(sweep_id)
+    if parent.data.tags.get(TAG + "stage") != "sweep":
+        raise ConfigError(f"--resume {sweep_id}: not a sweep run")
+    now = {k: str(v) for k, v in flatten(cfg.to_dict()).items() if not k.startswith("tracking.") and k != "sweep.modes"}
+    diff = sorted(k for k, v in now.items() if parent.data.params.get(k, v) != v)
+    if diff:
+        raise ConfigError(f"--resume: the recipe differs from the sweep being resumed at {', '.join(diff[:5])}")
+    done, pretrains = {}, []
+    children = tracker.client.search_runs([parent.info.experiment_id],
+                                          filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
+    for run in children:
+        tags = run.data.tags
+        if run.info.status == "RUNNING":
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+        if tags.get(TAG + "stage") == "pretrain":
+            pretrains.append(run)
+        elif run.info.status == "FINISHED":
+            key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"])
+            metrics = {k: v for k, v in run.data.metrics.items() if k not in ("loss", "lr", "grad_norm")}
+            done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "run_id": run.info.run_id, "metrics": metrics}
+    return done, pretrains
+
+
+def _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet) -> str:
+    """The pretrained encoder of a sweep: a finished pretrain child, a resumed one, or a new one."""
+    for run in pretrains:
+        if run.info.status == "FINISHED":
+            return run.info.run_id
+    for run in pretrains:  # an interrupted pretrain continues from its last checkpoint
+        try:
+            return pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id,
+                            resume=run.info.run_id).run_id
+        except ConfigError:  # killed before its first checkpoint
+            tracker.client.set_terminated(run.info.run_id, "KILLED")
+    return pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id).run_id
+
+
 def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
-          jobs: int = 0) -> SweepResult:
+          jobs: int = 0, resume: str | None = None) -> SweepResult:
+    """Learning curves over sweep.modes × sweep.m × sweep.seeds; `resume` continues an interrupted sweep run."""
     s = cfg.sweep
     setup_torch(cfg)
     taskset = build_taskset(cfg)
@@ -123,20 +170,28 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     cells = [dataclasses.replace(cfg, seed=cfg.seed + offset, adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m))
              for mode in modes for m in s.m for offset in range(s.seeds)]
     jobs = jobs or default_jobs(len(cells))
+    done, pretrains = _prior_work(tracker, resume, cfg) if resume else ({}, [])
+    if resume and not encoder:
+        parent_tags = tracker.get_run(resume).data.tags
+        encoder = parent_tags.get(TAG + "encoder_source") if not pretrains else None
     tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs}
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, \
-            tracked_run(tracker, f"{cfg.name}-sweep", tags) as parent:
-        parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
+            tracked_run(tracker, f"{cfg.name}-sweep", tags, resume_run_id=resume) as parent:
+        if not resume:
+            parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
         pre_id, encoder_dir, lineage = None, None, {}
         if any(mode in ("frozen", "finetune") for mode in modes):
             if not encoder:
-                pre = pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id)
-                encoder = pre_id = pre.run_id
+                encoder = pre_id = _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet)
             model_dir, _ = find_model_dir(tracker, encoder, Path(tmp))
             _, lineage = load_encoder(tracker, encoder, taskset, cfg)  # checks it fits before any cell starts
             encoder_dir = str(model_dir)
             parent.set_tags({TAG + "encoder_source": encoder})
-        rows = _run_cells(cells, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet, taskset)
+        todo = [c for c in cells if _cell_key(c.adapt.mode, c.adapt.m, c.seed) not in done]
+        rows = list(done.values()) + _run_cells(todo, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet,
+                                                taskset)
+        order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed): k for k, c in enumerate(cells)}
+        rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"])])
         summary = summarise(rows)
         for entry in summary:
             parent.log_metrics({f"{entry['mode']}.{k}": entry[k]["mean"] for k in HEADLINE if k in entry},
@@ -205,5 +260,4 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
         for i in pending:
             close_run(runs[i], "FAILED")
         raise
-    order = {(c.adapt.mode, c.adapt.m, c.seed): k for k, c in enumerate(cells)}
-    return sorted(rows, key=lambda r: order[(r["mode"], r["m"], r["seed"])])
+    return rows

@@ -132,3 +132,41 @@ def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypa
     assert {r.info.run_id for r in runs} == ids and {r.info.status for r in runs} == {"FINISHED"}
     for run_id in ids:
         assert len(client.get_metric_history(run_id, "loss")) == 20
+
+
+def test_kill_9_during_a_sweep_then_resume_completes_it(tmp_path, store):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY)
+    args = ["sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--seeds", 2, "--jobs", 1,
+            "--set", "adapt.steps=300", "--quiet", "--json"]
+    full = cli(store, *args)
+    out, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
+    reference = {(r["mode"], r["m"], r["seed"]): r["metrics"]["score_error"] for r in json.loads(out)["rows"]}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    before = {r.info.run_id for r in client.search_runs(["1"])}
+    victim = cli(store, *args)
+    deadline, parent = time.time() + 120, None
+    while time.time() < deadline:  # wait until the new sweep has finished two cells, then kill it
+        new = [r for r in client.search_runs(["1"]) if r.info.run_id not in before]
+        parent = next((r for r in new if r.data.tags.get("cdmtransfer.stage") == "sweep"), None)
+        if sum(r.info.status == "FINISHED" and r.data.tags.get("cdmtransfer.stage") == "adapt" for r in new) >= 2:
+            break
+        time.sleep(0.1)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert parent is not None and client.get_run(parent.info.run_id).info.status == "RUNNING"
+
+    resumed = cli(store, *args, "--resume", parent.info.run_id)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    result = json.loads(out)
+    assert result["run_id"] == parent.info.run_id
+    got = {(r["mode"], r["m"], r["seed"]): r["metrics"]["score_error"] for r in result["rows"]}
+    assert got.keys() == reference.keys()
+    for key, value in reference.items():
+        assert got[key] == pytest.approx(value, rel=1e-5), key
+    children = client.search_runs(["1"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert "RUNNING" not in {r.info.status for r in children}
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
