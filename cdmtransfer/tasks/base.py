@@ -102,3 +102,13 @@ def stack_sources(xs: list[torch.Tensor], ys: list[torch.Tensor]):
         X[k, : x.shape[0]] = x
         Y[k, : y.shape[0]] = y
     return X, Y, n
+
+
+def draw_splits(draw, K: int, n: int, n_pool: int, n_test: int) -> tuple:
+    """Sources 1..K with n rows each, then the target's pool and test split, from `draw(task, rows) -> (x, y)`.
+
+    Returns (source_x, source_y, source_n, pool_x, pool_y, test_x, test_y) in TaskSet's argument order.
+    """
+    xs, ys = zip(*(draw(k, n) for k in range(1, K + 1)))
+    X, Y, counts = stack_sources(list(xs), list(ys))
+    return (X, Y, counts, *draw(0, n_pool), *draw(0, n_test))

@@ -15,7 +15,7 @@ import torch
 from cdmtransfer.config import Config
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.models import FixedEncoder
-from cdmtransfer.tasks.base import GroundTruth, TaskSet, stack_sources
+from cdmtransfer.tasks.base import GroundTruth, TaskSet, draw_splits
 
 
 class GaussianTruth(GroundTruth):
@@ -76,9 +76,6 @@ def build(cfg: Config) -> TaskSet:
         y = torch.randn(n, D_y, generator=gen)
         return truth.sample(task, y, gen), y
 
-    xs, ys = zip(*(draw(k, s.n) for k in range(1, K + 1)))
-    X, Y, n = stack_sources(list(xs), list(ys))
-    pool_x, pool_y = draw(0, s.n_target_pool)
-    test_x, test_y = draw(0, s.n_test)
+    splits = draw_splits(draw, K, s.n, s.n_target_pool, s.n_test)
     desc = f"Gaussian, {g_cfg.h_star} h* (d={d}), target {g_cfg.target}, d_x={d_x}, D_y={D_y}"
-    return TaskSet("gaussian", X, Y, n, pool_x, pool_y, test_x, test_y, truth, description=desc)
+    return TaskSet("gaussian", *splits, truth, description=desc)

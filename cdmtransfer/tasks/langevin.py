@@ -14,7 +14,7 @@ import torch
 
 from cdmtransfer.config import Config
 from cdmtransfer.models import FixedEncoder
-from cdmtransfer.tasks.base import GroundTruth, TaskSet, stack_sources
+from cdmtransfer.tasks.base import GroundTruth, TaskSet, draw_splits
 
 
 def langevin_paths(beta: float, n: int, steps: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,14 +43,12 @@ def build(cfg: Config) -> TaskSet:
     gen = torch.Generator().manual_seed(cfg.suite.seed)
     M = torch.randn(l_cfg.D_y, l_cfg.d_x, generator=gen) / l_cfg.d_x**0.5
 
-    def draw(beta: float, n: int):
+    def draw(task: int, n: int):  # source k has β = k; the target (task 0) has β = beta_target
+        beta = l_cfg.beta_target if task == 0 else float(task)
         x = langevin_paths(beta, n, l_cfg.d_x, gen)
         y = x @ M.T + l_cfg.obs_std * torch.randn(n, l_cfg.D_y, generator=gen)
         return x, y
 
-    xs, ys = zip(*(draw(float(beta), s.n) for beta in range(1, s.K + 1)))
-    X, Y, n = stack_sources(list(xs), list(ys))
-    pool_x, pool_y = draw(l_cfg.beta_target, s.n_target_pool)
-    test_x, test_y = draw(l_cfg.beta_target, s.n_test)
+    splits = draw_splits(draw, s.K, s.n, s.n_target_pool, s.n_test)
     desc = f"conditioned diffusion, sources β=1..{s.K}, target β={l_cfg.beta_target}, d_x={l_cfg.d_x}, D_y={l_cfg.D_y}"
-    return TaskSet("langevin", X, Y, n, pool_x, pool_y, test_x, test_y, LangevinTruth(M), description=desc)
+    return TaskSet("langevin", *splits, LangevinTruth(M), description=desc)

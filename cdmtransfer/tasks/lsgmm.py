@@ -20,7 +20,7 @@ import torch
 from cdmtransfer.config import Config
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.models import FixedEncoder
-from cdmtransfer.tasks.base import GroundTruth, TaskSet, stack_sources
+from cdmtransfer.tasks.base import GroundTruth, TaskSet, draw_splits
 
 
 def _orthonormal(shape, gen) -> torch.Tensor:
@@ -108,9 +108,6 @@ def build(cfg: Config) -> TaskSet:
         y = z @ truth.M_z.T + u @ truth.M_u.T
         return truth.sample(task, y, gen), y
 
-    xs, ys = zip(*(draw(j, s.n) for j in range(1, K + 1)))
-    X, Y, n = stack_sources(list(xs), list(ys))
-    pool_x, pool_y = draw(0, s.n_target_pool)
-    test_x, test_y = draw(0, s.n_test)
+    splits = draw_splits(draw, K, s.n, s.n_target_pool, s.n_test)
     desc = f"LSGMM, content k={k} ({c.components}-GMM), style m={m}, d_x={c.d_x}, D_y={c.D_y}"
-    return TaskSet("lsgmm", X, Y, n, pool_x, pool_y, test_x, test_y, truth, description=desc)
+    return TaskSet("lsgmm", *splits, truth, description=desc)
