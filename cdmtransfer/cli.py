@@ -111,11 +111,16 @@ def _print_summary(summary, json_out: bool, title: str) -> None:
     report.store_footer(out, summary.tracking_uri)
 
 
-@app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, help="Show the version.")] = False):
-    if version:
+def _show_version(value: bool) -> None:
+    if value:  # eager: runs while parsing, before typer asks for a command
         print(f"cdmtransfer {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_show_version,
+                                                help="Show the version and exit.")] = False):
+    """Few-shot transfer for conditional diffusion models."""
 
 
 @app.command(epilog="Example: cdmtransfer pretrain recipes/gaussian-linear.yaml --set pretrain.steps=500")

@@ -163,3 +163,12 @@ def test_damaged_encoder_checkpoints_are_refused_cleanly(tmp_path, store):
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["FINISHED"]  # the pretrain; no adapt run was created
+
+
+def test_version_and_help_exit_zero():
+    import cdmtransfer
+
+    version = run_cli("--version")
+    assert version.exit_code == 0 and version.stdout.strip() == f"cdmtransfer {cdmtransfer.__version__}"
+    helped = run_cli("adapt", "--help")
+    assert helped.exit_code == 0 and "--encoder" in helped.stdout and "--mode" in helped.stdout
