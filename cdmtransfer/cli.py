@@ -146,7 +146,7 @@ def adapt(recipe: RecipeArg,
           encoder: EncoderOpt = None,
           mode: Annotated[Optional[str], typer.Option(metavar="frozen|finetune|scratch|oracle",
                                                       help="How the encoder is treated (default: adapt.mode).")] = None,
-          m: Annotated[Optional[int], typer.Option("--m", min=1, help="Target samples (default: adapt.m).")] = None,
+          m: Annotated[Optional[int], typer.Option("--m", help="Target samples (default: adapt.m).")] = None,
           set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None, tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
@@ -170,8 +170,8 @@ def adapt(recipe: RecipeArg,
 def sweep(recipe: RecipeArg,
           m: Annotated[Optional[str], typer.Option("--m", metavar="M1,M2,..", help="Target sizes.")] = None,
           modes: Annotated[Optional[str], typer.Option(metavar="MODE,..", help="Adaptation modes.")] = None,
-          seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per (mode, m).")] = None,
-          jobs: Annotated[int, typer.Option(min=0, help="Worker processes (0: one per spare core).")] = 0,
+          seeds: Annotated[Optional[int], typer.Option(help="Seeds per (mode, m).")] = None,
+          jobs: Annotated[int, typer.Option(help="Worker processes (0: one per spare core).")] = 0,
           encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
           tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -184,6 +184,8 @@ def sweep(recipe: RecipeArg,
         extra.append(f"sweep.modes=[{modes}]")
     if seeds is not None:
         extra.append(f"sweep.seeds={seeds}")
+    if jobs < 0:
+        raise ConfigError(f"--jobs {jobs}: must be >= 0 (0: one worker per spare core)")
     cfg = _config(recipe, extra, seed)
     if dry_run:
         return _dry_run(cfg)
@@ -220,7 +222,7 @@ def evaluate(run: Annotated[str, typer.Argument(metavar="RUN", help="Adapt run i
 @app.command(epilog="Example: cdmtransfer sample RUN_ID --n 64 --test --out samples.npz")
 @handled
 def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:/ or models:/ URI, or path.")],
-           n: Annotated[int, typer.Option("--n", min=1, help="Samples per condition.")] = 16,
+           n: Annotated[int, typer.Option("--n", help="Samples per condition (>= 1).")] = 16,
            y: Annotated[Optional[Path], typer.Option("--y", metavar="FILE",
                                                      help="Conditions: .npy [C, D_y], .npz (array y) or .csv.")] = None,
            test: Annotated[bool, typer.Option("--test", help="Use the held-out target conditions.")] = False,
@@ -232,6 +234,9 @@ def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:
            verbose: VerboseOpt = False):
     """Draw conditional samples from a run's EMA model and write them to .npz."""
     from cdmtransfer.runs import sample_run
+
+    if n < 1:
+        raise ConfigError(f"--n {n}: must be >= 1")
 
     summary = sample_run(run, n, out, y_file=y, test=test, task=task, tracking_uri=tracking_uri,
                          overrides=list(set_ or []), seed=seed)
