@@ -77,12 +77,12 @@ def handled(fn):
     return wrapper
 
 
-def _config(recipe: str, sets: list[str] | None, seed: int | None):
+def _config(recipe: str, sets: list[str] | None, flags: dict | None = None):
+    """The recipe with `--set` overrides, then explicit flags (recipe key -> value; None means not given) on top."""
     from cdmtransfer.config import load_config
 
     overrides = list(sets or [])
-    if seed is not None:
-        overrides.append(f"seed={seed}")
+    overrides += [f"{key}={value}" for key, value in (flags or {}).items() if value is not None]
     return load_config(recipe, overrides)
 
 
@@ -129,7 +129,7 @@ def pretrain(recipe: RecipeArg, set_: SetOpt = None, seed: SeedOpt = None, resum
              tracking_uri: TrackingOpt = None, dry_run: DryRunOpt = False, json_out: JsonOpt = False,
              quiet: QuietOpt = False, verbose: VerboseOpt = False):
     """Learn the shared encoder h(y) jointly with K source score heads (joint DSM over the source tasks)."""
-    cfg = _config(recipe, set_, seed)
+    cfg = _config(recipe, set_, {"seed": seed})
     if dry_run:
         return _dry_run(cfg)
     from cdmtransfer.stages import pretrain as run_pretrain
@@ -151,12 +151,7 @@ def adapt(recipe: RecipeArg,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
     """Train a target head on m target samples with the encoder frozen, fine-tuned, from scratch or the true h*."""
-    extra = list(set_ or [])
-    if mode is not None:
-        extra.append(f"adapt.mode={mode}")
-    if m is not None:
-        extra.append(f"adapt.m={m}")
-    cfg = _config(recipe, extra, seed)
+    cfg = _config(recipe, set_, {"adapt.mode": mode, "adapt.m": m, "seed": seed})
     if dry_run:
         return _dry_run(cfg)
     from cdmtransfer.stages import adapt as run_adapt
@@ -177,16 +172,10 @@ def sweep(recipe: RecipeArg,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
     """Learning curves: pretrain once, then adapt for every (mode, m, seed) as child runs of one parent run."""
-    extra = list(set_ or [])
-    if m is not None:
-        extra.append(f"sweep.m=[{m}]")
-    if modes is not None:
-        extra.append(f"sweep.modes=[{modes}]")
-    if seeds is not None:
-        extra.append(f"sweep.seeds={seeds}")
     if jobs < 0:
         raise ConfigError(f"--jobs {jobs}: must be >= 0 (0: one worker per spare core)")
-    cfg = _config(recipe, extra, seed)
+    cfg = _config(recipe, set_, {"sweep.m": m and f"[{m}]", "sweep.modes": modes and f"[{modes}]",
+                                 "sweep.seeds": seeds, "seed": seed})
     if dry_run:
         return _dry_run(cfg)
     from cdmtransfer import report
@@ -271,7 +260,7 @@ def estimate(recipe: RecipeArg,
     from cdmtransfer.estimate import estimate as run_estimate
     from cdmtransfer.theory import METRICS, MODES
 
-    cfg = _config(recipe, set_, None)
+    cfg = _config(recipe, set_)
     modes = [m.strip() for m in mode.split(",") if m.strip()]
     for name in modes:
         if name not in MODES:
