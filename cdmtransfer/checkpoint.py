@@ -11,6 +11,8 @@ and meta.json.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -19,9 +21,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from cdmtransfer.errors import CdmError, DataError
+from cdmtransfer.errors import CdmError, DataError, StorageError
 
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -35,11 +37,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Every checkpoint file goes through here: serialised in memory first, so a full disk surfaces as an OSError
+    with its errno (torch.save and safetensors writing to a path hide it behind their own messages)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+
+def _write_weights(path: Path, state: dict, metadata: dict | None = None) -> None:
+    _write_bytes(path, save(_tensors(state), metadata=metadata))
+
+
+def _write_torch(path: Path, obj) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_bytes(path, buffer.getvalue())
+
+
+def _storage_error(exc: OSError, what: str, directory: Path, kept: str) -> StorageError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        free = shutil.disk_usage(directory).free / 2**20 if directory.exists() else float("nan")
+        reason += f", {free:.1f} MiB free"
+    return StorageError(f"{directory}: cannot write {what} ({reason}); {kept}")
 
 
 def _tensors(state: dict) -> dict[str, torch.Tensor]:
@@ -61,24 +87,39 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(directory: Path, step: int, model_state: dict, ema_state: dict, train_state: dict,
                     meta: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` under `directory` atomically; keep the newest `keep`. Returns its path."""
+    """Write checkpoint `step` under `directory` (= <home>/work/<run id>/checkpoints) atomically; keep the newest
+    `keep`. Returns its path. A failed write (disk full, read-only) removes its partial files and raises
+    StorageError naming the last good checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in [*directory.glob("step_*.tmp-*"), *directory.glob("step_*.old-*")]:  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)  # (one writer per run: rank 0)
     final = directory / f"step_{step:06d}"
     tmp = directory / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        save_file(_tensors(model_state), str(tmp / "model.safetensors"))
-        save_file(_tensors(ema_state), str(tmp / "ema.safetensors"))
-        torch.save(train_state, tmp / "train_state.pt")
+        tmp.mkdir()
+        _write_weights(tmp / "model.safetensors", model_state)
+        _write_weights(tmp / "ema.safetensors", ema_state)
+        _write_torch(tmp / "train_state.pt", train_state)
         _write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION, "step": step})
         _publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
+        if isinstance(exc, OSError):
+            previous = list_checkpoints(directory)
+            kept = (f"the last good checkpoint {previous[-1].name} is intact: free space, then rerun with "
+                    f"--resume {directory.parent.name}" if previous else "no earlier checkpoint exists")
+            raise _storage_error(exc, f"checkpoint {final.name}", directory, kept) from None
         raise
     for old in list_checkpoints(directory)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory without ever exposing it half-deleted: rename it out of sight first."""
+    hidden = path.with_name(path.name + f".old-{os.getpid()}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -132,14 +173,16 @@ def export_model(directory: Path, ema_state: dict, meta: dict) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        save_file(_tensors(ema_state), str(tmp / "model.safetensors"),
-                  metadata={"format_version": str(FORMAT_VERSION)})
+        tmp.mkdir()
+        _write_weights(tmp / "model.safetensors", ema_state, {"format_version": str(FORMAT_VERSION)})
         _write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION})
         _publish(tmp, directory)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _storage_error(exc, f"the model export {directory.name}", directory.parent,
+                                 "the training checkpoints are intact") from None
         raise
     return directory
 

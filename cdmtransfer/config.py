@@ -286,6 +286,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), source: str 
     where = source or (str(path) if path else "<defaults>")
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a recipe file")
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found")
         try:

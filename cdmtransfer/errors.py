@@ -23,3 +23,9 @@ class TrainingError(CdmError):
     """Training could not go on (e.g. a non-finite loss); the last good checkpoint is kept (exit 1)."""
 
     exit_code = 1
+
+
+class StorageError(CdmError):
+    """A file could not be written (disk full, quota, read-only or unwritable directory); earlier files are kept."""
+
+    exit_code = 1

@@ -47,6 +47,9 @@ class Store:
         return (self.home / "artifacts").as_uri() if self.embedded else None
 
     def work_dir(self, run_id: str) -> Path:
+        """<home>/work/<run id>; anything but a 32-hex run id is refused, so no path can escape <home>/work."""
+        if not RUN_ID.fullmatch(run_id):
+            raise ConfigError(f"{run_id!r} is not an MLflow run id (32 hexadecimal characters)")
         return self.home / "work" / run_id
 
     def ui_command(self) -> str:
@@ -217,14 +220,19 @@ def find_model_dir(tracker: Tracker, source: str, dst: Path) -> tuple[Path, str 
         if path.is_file():
             path = path.parent
         return path, None
-    if RUN_ID.match(source):
+    if RUN_ID.fullmatch(source):
         tracker.get_run(source)
         local = tracker.store.work_dir(source) / "model"
         if local.is_dir():
             return local, source
         return _download(tracker, f"runs:/{source}/model", dst), source
     if source.startswith(("runs:/", "models:/")):
-        run_id = source.split("/")[1] if source.startswith("runs:/") else None
+        parts = source.split(":/", 1)[1].split("/")
+        if ".." in parts or "\\" in source:
+            raise ConfigError(f"model URI {source!r}: '..' and backslashes are not allowed in artifact paths")
+        run_id = parts[0] if source.startswith("runs:/") else None
+        if run_id is not None and not RUN_ID.fullmatch(run_id):
+            raise ConfigError(f"model URI {source!r}: {run_id!r} is not an MLflow run id (32 hexadecimal characters)")
         return _download(tracker, source, dst), run_id
     raise ConfigError(f"encoder source {source!r} is not a file, a run id, or a runs:/ or models:/ URI")
 

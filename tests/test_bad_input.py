@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,22 @@ CASES = {
     "run directory not creatable": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "scratch", "--set",
                                                f"tracking.home={write(p / 'plain-file', 'x')}/runs"], 2,
                                     ["plain-file", "cannot create the run directory"]),
+    "recipe is a directory": (lambda p: ["pretrain", p], 2, ["is a directory, not a recipe file"]),
+    "recipe names a Python object": (lambda p: ["pretrain", write(p / "evil.yaml", "name: !!python/object/apply:os.system"
+                                                                               " ['touch pwned']\n")], 2,
+                                     ["evil.yaml", "not valid YAML", "python/object"]),
+    "resume id escaping the work dir": (lambda p: ["pretrain", write(p / "r.yaml", TINY), "--resume", "../../etc"], 2,
+                                        ["'../../etc'", "not an MLflow run id"]),
+    "sweep resume of an unknown run": (lambda p: ["sweep", write(p / "r.yaml", TINY), "--resume", "../x"], 2,
+                                       ["../x", "not found"]),
+    "runs:/ URI escaping its artifacts": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "frozen", "--encoder",
+                                                     "runs:/0123456789abcdef0123456789abcdef/../../x"], 2,
+                                          ["'..'", "not allowed"]),
+    "runs:/ URI with a bad run id": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "frozen", "--encoder",
+                                                "runs:/nothex/model"], 2, ["'nothex'", "not an MLflow run id"]),
+    "models:/ URI that does not resolve": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "frozen",
+                                                      "--encoder", "models:/m-deadbeef"], 3,
+                                           ["models:/m-deadbeef", "not found"]),
     "unreachable tracking server": (lambda p: ["adapt", write(p / "r.yaml", TINY), "--mode", "scratch",
                                                "--tracking-uri", "http://127.0.0.1:9"], 2, ["127.0.0.1:9", "unreachable"]),
 }
@@ -100,6 +117,7 @@ def test_bad_input_one_line_exit_code_nothing_left(name, tmp_path, store, monkey
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
     runs = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db").search_runs(
         [e.experiment_id for e in MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db").search_experiments()])
     assert runs == []  # nothing created, so nothing left RUNNING

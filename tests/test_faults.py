@@ -170,3 +170,83 @@ def test_kill_9_during_a_sweep_then_resume_completes_it(tmp_path, store):
     children = client.search_runs(["1"], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert "RUNNING" not in {r.info.status for r in children}
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+BIG_HEADS = ["--set", "model.head_width=200", "--set", "model.head_depth=2", "--set", "pretrain.steps=60",
+             "--set", "pretrain.checkpoint_every=20"]  # one checkpoint ≈ 2.1 MB: the second does not fit in 4 MiB
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not _can_mount_tmpfs(), reason="needs unshare + tmpfs (Linux)")
+def test_disk_full_during_checkpoint_keeps_last_good_one_and_resume_finishes(tmp_path, store, _migrated_db):
+    """A real full disk: the home lives on a 4 MiB tmpfs in a private mount namespace (unshare -rm)."""
+    recipe, disk, out = tmp_path / "r.yaml", tmp_path / "disk", tmp_path / "after"
+    recipe.write_text(TINY)
+    disk.mkdir()
+    cmd = f"{sys.executable} -m cdmtransfer pretrain {recipe} --quiet {' '.join(BIG_HEADS)}"
+    script = f"""
+mount -t tmpfs -o size=4m tmpfs {disk} && cp {_migrated_db} {disk}/mlflow.db
+export CDMTRANSFER_HOME={disk}
+{cmd} 2> {tmp_path}/stderr; echo $? > {tmp_path}/rc
+ls {disk}/work/*/checkpoints > {tmp_path}/left
+mount -o remount,size=64m {disk}
+{cmd} --resume $(ls {disk}/work) > /dev/null 2>&1; echo $? > {tmp_path}/rc_resume
+cp -r {disk} {out}
+"""
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], check=True, timeout=300)
+    lines = (tmp_path / "stderr").read_text().strip().splitlines()
+    assert (tmp_path / "rc").read_text().strip() == "1"
+    assert len(lines) == 1, lines
+    assert "No space left on device" in lines[0] and "step_000040" in lines[0], lines[0]
+    assert "last good checkpoint step_000020 is intact" in lines[0] and "--resume" in lines[0], lines[0]
+    assert (tmp_path / "left").read_text().split() == ["step_000020"]  # no partial step_000040.tmp-* left
+    assert (tmp_path / "rc_resume").read_text().strip() == "0"
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"  # the resumed attempt finished the same run
+    reference = cli(store, "pretrain", recipe, "--quiet", "--json", *BIG_HEADS)
+    stdout, _ = reference.communicate(timeout=300)
+    resumed, uninterrupted = weights(out, run.info.run_id), weights(store, json.loads(stdout)["run_id"])
+    assert max(float((resumed[k] - uninterrupted[k]).abs().max()) for k in resumed) < 1e-6
+
+
+def test_a_write_that_fails_mid_checkpoint_leaves_no_partial_files(tmp_path):
+    """Portable stand-in for a full disk: RLIMIT_FSIZE makes any write past 64 KiB fail (EFBIG)."""
+    import resource
+
+    import torch
+
+    from cdmtransfer.checkpoint import save_checkpoint
+    from cdmtransfer.errors import StorageError
+
+    small, big = {"w": torch.ones(4)}, {"w": torch.ones(100_000)}
+    save_checkpoint(tmp_path, 1, small, small, {"step": 1}, {"stage": "test"})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        with pytest.raises(StorageError, match="cannot write checkpoint step_000002.*File too large.*step_000001 is"):
+            save_checkpoint(tmp_path, 2, big, big, {"step": 2}, {"stage": "test"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]
+    model_state, _, train_state, meta = load_checkpoint(tmp_path / "step_000001")
+    assert torch.equal(model_state["w"], small["w"]) and meta["step"] == 1
+
+
+def test_leftovers_of_a_killed_writer_are_cleared_and_never_listed(tmp_path):
+    import torch
+
+    from cdmtransfer.checkpoint import save_checkpoint
+
+    (tmp_path / "step_000005.tmp-999").mkdir(parents=True)  # kill -9 mid-write
+    (tmp_path / "step_000001.old-999").mkdir()  # kill -9 mid-delete
+    assert list_checkpoints(tmp_path) == []
+    state = {"w": torch.ones(2)}
+    for step in (10, 20, 30):
+        save_checkpoint(tmp_path, step, state, state, {"step": step}, {"stage": "test"}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000020", "step_000030"]
