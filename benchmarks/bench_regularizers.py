@@ -1,7 +1,7 @@
 """ms per training step (loss + backward + AdamW step) of pretraining on the LSGMM suite, with each regulariser
 on alone vs plain DSM. Same model init, same batches, one torch thread.
 
-    .venv/bin/python benchmarks/bench_regularizers.py [steps]
+    .venv/bin/python benchmarks/bench_regularizers.py [steps] [off,mixmatch,...]
 """
 
 import sys
@@ -19,7 +19,8 @@ from cdmtransfer.tasks import build_taskset
 BASE = ["suite.name=lsgmm", "suite.K=4", "suite.n=512", "model.d=4", "model.encoder_width=128",
         "model.encoder_depth=2", "model.head_width=128", "model.head_depth=2", "pretrain.batch_size=64"]
 VARIANTS = {"off": [], "consistency": ["regularize.consistency.weight=1"], "mmd": ["regularize.mmd.weight=1"],
-            "info": ["regularize.info.weight=1"], "hsic": ["regularize.hsic.weight=1"]}
+            "info": ["regularize.info.weight=1"], "hsic": ["regularize.hsic.weight=1"],
+            "mixmatch": ["suite.lsgmm.condition=view", "regularize.mixmatch.weight=1"]}  # D_y = d_x = 16: views
 
 
 def ms_per_step(over, steps):
@@ -48,7 +49,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     base = None
-    for name, over in VARIANTS.items():
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else list(VARIANTS)  # e.g. off,mixmatch
+    for name, over in ((n, VARIANTS[n]) for n in ["off"] + [n for n in only if n != "off"]):
         ms = min(ms_per_step(over, steps) for _ in range(3))
         base = base or ms
         print(f"{name:12s} {ms:7.2f} ms/step  x{ms / base:.2f}")

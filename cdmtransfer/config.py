@@ -120,6 +120,9 @@ class LsgmmSuite:
     scale: float = field(default=0.5, metadata=_range(0.0, lo_open=True))  # within-component std s
     noise: float = field(default=0.1, metadata=_range(0.0, lo_open=True))  # σ_n
     nuisance_shift: float = field(default=2.0, metadata=_range(0.0))  # ‖c_k‖ scale of the task offsets of u
+    # latent: y = M [z; u] (condition-side latents). view: y = A z + B_k u + σ_n (I − AAᵀ) ε' is a second *view* of
+    # the content in x-space (needs D_y = d_x; h*(y) = Aᵀy; the mix-and-match regulariser needs it).
+    condition: Literal["latent", "view"] = "latent"
 
 
 @dataclass
@@ -233,6 +236,22 @@ class HsicReg:
 
 
 @dataclass
+class MixmatchReg:
+    """§A.2 style-guided mix-and-match: weight · ‖h(x̂₀^{k'}(x_t, h(y), t)) − h(y)‖² / tr Cov(h(y)), k' ≠ k a swapped
+    head (pretrain; regularizers.py documents the reading).
+
+    Needs D_y = d_x (h also reads x-space: suite.lsgmm.condition = view) and K ≥ 2 heads; with one head (adapt)
+    there is no other style and the term is skipped. Rows with t > t_max get no penalty (null: every row).
+    """
+
+    weight: float = field(default=0.0, metadata=_range(0.0))
+    t_max: Optional[float] = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    through_generation: bool = False  # also backpropagate into the swapped head's x̂₀ (default: into h only)
+    normalize: bool = True  # divide by the codes' batch variance tr Cov(h(y)): scale-free (h cannot just shrink)
+    swap: bool = True  # false: the row's own head k (no style swap; the multi-view invariance alone), an ablation
+
+
+@dataclass
 class RegularizeConfig:
     """Companion-paper terms added to the DSM loss (regularizers.py); every weight 0 = plain DSM.
 
@@ -245,6 +264,7 @@ class RegularizeConfig:
     mmd: MmdReg = field(default_factory=MmdReg)
     info: InfoReg = field(default_factory=InfoReg)
     hsic: HsicReg = field(default_factory=HsicReg)
+    mixmatch: MixmatchReg = field(default_factory=MixmatchReg)
 
 
 @dataclass

@@ -11,6 +11,8 @@ Each is computed on the held-out target split when the suite makes it possible (
   on the top-k eigenvectors of the encoder's *active subspace* matrix C = E_y[J_h(y)ᵀ J_h(y)] (J the Jacobian of h):
   the directions of y along which the (possibly nonlinear) encoder varies. C is restricted to the conditions'
   support span(M_z, M_u) (P C P): y never leaves it, so h's slopes off it are untrained and meaningless.
+  With suite.lsgmm.condition = view the content directions are span(A) itself (the paper's ‖P_W − P_A‖_F/√(2k)),
+  the nuisance directions every task's style subspace span(B_0, …, B_K), and the support all of R^{D_y}.
   0: h varies only with content; 1: only orthogonally to it. For a linear h(y) = W y, C = WᵀW and P_W is the
   projector on row(W) (within the support), as in §A.3.
   style_leakage = tr(P_U C)/tr(C), the share of the encoder's squared sensitivity along the nuisance directions
@@ -95,7 +97,8 @@ def diagnose(model, taskset, generator: torch.Generator) -> tuple[dict[str, floa
         skipped["subspace_error"] = f"suite '{taskset.name}' has no known content subspace"
         return out, skipped
     A, U = truth.content_basis(), truth.style_basis()
-    S = torch.cat([A, U], dim=1).double()  # the conditions' support span(M): h is never trained off it
+    support = getattr(truth, "support_basis", None)
+    S = (support() if support else torch.cat([A, U], dim=1)).double()  # h is never trained off the conditions' span
     C = S @ S.T @ active_subspace(model.encoder, taskset.test_y).double() @ S @ S.T
     evecs = torch.linalg.eigh(C)[1]  # ascending eigenvalues
     out["subspace_error"] = subspace_error(evecs[:, -A.shape[1]:], A)

@@ -7,11 +7,36 @@
 - info (§C.6, anti-ignoring): a hinge on the DSM gap between shuffled and matching codes, batch mean.
 - hsic (§A.2/A.4): HSIC between h(y) and a nuisance (task one-hot, or the suite's known style), Gaussian kernels with
   the median heuristic (Gretton et al. 2005; unbiased form: Song et al. 2012, eq. 5).
+- mixmatch (§A.2, style-guided score matching / mix-and-match; a plausible reading, the paper's exact loss is not
+  available): "draw a second style g′, generate X̂ ~ p_θ(·|φ(X₀), g′), penalise ‖φ(X̂) − φ(X₀)‖²". Here the style
+  label is the task k (its head f_k), the content encoder φ is h, and the condition y is a second *view* of the
+  content in x-space (suite.lsgmm.condition = view; D_y = d_x), so h applies to generated x too. For each row of
+  task k, with k′ = k + s mod K (one random shift s ∈ {1..K−1} per step, all heads in one batched call), the swapped
+  head "generates" by one Tweedie step at the row's own noised x_t: X̂ = x̂₀^{k′}(x_t, h(y), t) = E_θ[x₀ | x_t, h(y),
+  style k′], and the per-row penalty is ‖h(X̂) − h(y)‖² / tr Cov_batch(h(y)) on rows with t ≤ t_max (0 on the
+  others). Choices:
+  * normalised by the codes' batch variance (normalize = true): the raw ‖·‖² could be lowered by shrinking h, which
+    the heads undo by scaling up their input weights, a degenerate direction; the ratio is scale-free;
+  * the gradient flows into h only (both h(X̂) and h(y)); X̂ is generated without gradient (through_generation =
+    true also trains the swapped head to keep h's content, as the paper trains its generator): the term is then an
+    invariance penalty on the encoder, and costs one gradient-free head call plus one encoder call per step;
+  * t ≤ t_max (default 1): x̂₀ = (x_t − σ_t ε̂)/α_t amplifies the head's error by σ_t/α_t (55× at t = 4), which
+    would make h(X̂) noise at large t; at small t, X̂ ≈ x₀ keeps the row's own style (the term becomes the
+    multi-view invariance ‖h(x₀) − h(y)‖²), at moderate t the swapped head fills in its own style;
+  * one head only (adapt) has no other style: the term is skipped there; the encoder must read x-space (D_y = d_x);
+  * swap = false uses the row's own head (k′ = k): the multi-view invariance ‖h(x̂₀^k) − h(y)‖² without the style
+    swap, to tell the two apart. Measured: it gives the same gains (the swap adds nothing measurable here).
+  For the oracle h = Aᵀ and exact heads the numerator is ‖Aᵀ(x̂₀ − A z)‖², of the scale k σ_n² (the x noise along
+  A); an h that reads the style directions B_k pays ‖B_kᵀ(B_k u − X̂)‖²-scale, since X̂ carries style k′ (or g), not
+  u. Measured in recipes/regularize-mixmatch.yaml (3 pretrain seeds): lower subspace error, style leakage and
+  frozen score error on every seed; with t_max = null it hurts.
 
 Every estimator is a small batched function. `make_objective` turns a `RegularizeConfig` into the per-sample loss
 that `stages.dsm_objective` hands to the one training loop; batch-level terms are broadcast over the batch, so the
 mean the loop minimises is DSM + Σ weight · term. All functions are pure except the running term means an objective
-keeps for logging.
+keeps for logging: their means over the whole run (`summary()`, logged once as reg_<term>) and over each logging
+interval of the loop (`RegMetrics` adds them as reg/<term> to every log_metrics call of the loop, by step; the
+terms are accumulated as detached device tensors and read back once per interval, never per step).
 """
 
 from __future__ import annotations
@@ -21,6 +46,7 @@ import math
 import torch
 
 from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
 # §D consistency
@@ -161,28 +187,72 @@ def info_gap(eps_matched: torch.Tensor, eps_shuffled: torch.Tensor, noise: torch
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# §A.2 style-guided mix-and-match
+
+
+def swapped_heads_eps(model, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
+                      shift: torch.Tensor) -> torch.Tensor:
+    """ε̂ of head k + shift (mod K) at task k's rows, for every k in one batched call; shapes [K, B, ·].
+
+    `shift` is a 0-dim integer tensor (no host sync): rows of task k are placed in slice k + shift, whose head runs
+    on them, and the outputs are put back in task order.
+    """
+    K = x_t.shape[0]
+    ar = torch.arange(K, device=x_t.device)
+    src, back = (ar - shift) % K, (ar + shift) % K  # slice j holds task j − shift; task k's answer is in k + shift
+    return model.eps_from_code(x_t[src], code[src], t[src])[back]
+
+
+def mixmatch_penalty(encoder, x_hat: torch.Tensor, code: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Per-row ‖h(X̂) − h(y)‖² (content preserved under a style swap), [K, B].
+
+    normalize: divided by the codes' total variance over the batch, tr Cov(h(y)) (with its gradient), so the term
+    is invariant to rescaling h: the encoder cannot lower it by shrinking its code (the heads would undo the scale).
+    """
+    pen = (encoder(x_hat) - code).pow(2).sum(-1)
+    if normalize:
+        flat = code.reshape(-1, code.shape[-1])
+        pen = pen / flat.var(0).sum().clamp_min(1e-8)
+    return pen
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The objective handed to train(): DSM + weighted terms, per sample
 
 
 class RegularizedObjective:
-    """Per-sample loss [K, B] = DSM + λ_C L_C/fraction (on its rows) + λ_MMD MMD² + λ_I hinge + λ_H HSIC.
+    """Per-sample loss [K, B] = DSM + λ_C L_C/fraction (on its rows) + λ_MMD MMD² + λ_I hinge + λ_H HSIC
+    + λ_MM mix-and-match (on rows with t ≤ t_max).
 
     `nuisance(y, task_index)` returns the HSIC partner [K, B, q]. Encoder-only terms (MMD, HSIC) are skipped when
     the encoder has nothing to train (frozen, oracle): they would add a constant. `running` keeps detached sums of
-    each term (no host sync per step); `summary()` returns their means.
+    each term over the run, `interval` since the last `interval_means()` (no host sync per step); `summary()`
+    returns the run means.
     """
 
-    def __init__(self, reg, process: OUProcess, nuisance=None):
+    def __init__(self, reg, process: OUProcess, nuisance=None, use_mixmatch: bool = True):
         self.reg, self.process, self.nuisance = reg, process, nuisance
+        self.use_mixmatch = use_mixmatch and reg.mixmatch.weight > 0
         self.running: dict[str, torch.Tensor] = {}
-        self.calls = 0
+        self.interval: dict[str, torch.Tensor] = {}
+        self.calls = self.interval_calls = 0
 
     def _note(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().mean()
         self.running[name] = self.running.get(name, torch.zeros((), device=v.device)) + v
+        self.interval[name] = self.interval.get(name, torch.zeros((), device=v.device)) + v
 
     def summary(self) -> dict[str, float]:
         return {f"reg_{k}": float(v) / max(1, self.calls) for k, v in self.running.items()}
+
+    def interval_means(self) -> dict[str, float]:
+        """Each term's mean over the calls since the previous call of this method (one host sync), then reset."""
+        if not self.interval or not self.interval_calls:
+            return {}
+        names = list(self.interval)
+        values = (torch.stack([self.interval[n] for n in names]) / self.interval_calls).tolist()
+        self.interval, self.interval_calls = {}, 0
+        return {f"reg/{n}": v for n, v in zip(names, values)}
 
     def __call__(self, model, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
@@ -192,6 +262,7 @@ class RegularizedObjective:
         eps = model.eps_from_code(x_t, code, t)
         loss = dsm_loss(eps, noise)  # theory.md §1.4
         self.calls += 1
+        self.interval_calls += 1
         self._note("dsm", loss)
         encoder_trains = any(p.requires_grad for p in model.encoder.parameters())
         c = r.consistency
@@ -226,7 +297,42 @@ class RegularizedObjective:
             h = hsic(code.reshape(K * B, -1), nz.reshape(K * B, -1))
             self._note("hsic", h)
             loss = loss + r.hsic.weight * h
+        mm = r.mixmatch
+        if self.use_mixmatch and (encoder_trains or mm.through_generation):
+            shift = 1 + (torch.rand((), generator=generator, device=x_t.device) * (K - 1)).long()  # s ∈ {1..K−1}
+            if not mm.swap:  # ablation: own head (drawn anyway, so both variants see the same random stream)
+                shift = torch.zeros_like(shift)
+            with torch.set_grad_enabled(mm.through_generation and torch.is_grad_enabled()):
+                eps_sw = swapped_heads_eps(model, x_t, code, t, shift)
+                x_hat = x0_prediction(x_t, eps_sw, t)
+            pen = mixmatch_penalty(model.encoder, x_hat, code, mm.normalize)
+            if mm.t_max is not None:
+                pen = pen * (t <= mm.t_max)
+            self._note("mixmatch", pen)
+            loss = loss + mm.weight * pen
         return loss
+
+
+class RegMetrics:
+    """The loop's metric writer, plus the regulariser's per-interval term means (reg/<term>) on every log_metrics.
+
+    train() calls log_metrics once per logging interval with that interval's mean loss; this adds each term's mean
+    over the same steps, at the same step, in the same batched write. Anything else is passed through.
+    """
+
+    def __init__(self, inner, objective: RegularizedObjective):
+        self.inner, self.objective = inner, objective
+
+    def log_metrics(self, values: dict, step: int) -> None:
+        self.inner.log_metrics({**values, **self.objective.interval_means()}, step=step)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def with_reg_metrics(metrics, objective: RegularizedObjective | None):
+    """`metrics` wrapped in RegMetrics when there is an objective to report and a writer to report to."""
+    return metrics if metrics is None or objective is None else RegMetrics(metrics, objective)
 
 
 def task_onehot(y: torch.Tensor) -> torch.Tensor:
@@ -235,11 +341,27 @@ def task_onehot(y: torch.Tensor) -> torch.Tensor:
     return torch.eye(K, device=y.device)[:, None, :].expand(K, B, K)
 
 
+def check_regularizers(reg, stage: str, taskset) -> None:
+    """Refuse, before any run is created, a term this suite or stage cannot support (ConfigError, exit 2)."""
+    if stage not in reg.stages:
+        return
+    mm = reg.mixmatch
+    if stage == "pretrain" and mm.weight > 0:
+        if taskset.D_y != taskset.d_x:
+            raise ConfigError(f"regularize.mixmatch applies h to generated x, so it needs D_y = d_x (got D_y = "
+                              f"{taskset.D_y}, d_x = {taskset.d_x}); use suite.lsgmm.condition = view")
+        if taskset.K < 2 and mm.swap:
+            raise ConfigError("regularize.mixmatch needs K >= 2 source tasks (styles) to swap")
+    if reg.hsic.weight > 0 and reg.hsic.nuisance == "style" and getattr(taskset.truth, "style", None) is None:
+        raise ConfigError("regularize.hsic.nuisance = style needs a suite that knows its style (lsgmm)")
+
+
 def make_objective(reg, stage: str, process: OUProcess, truth=None) -> RegularizedObjective | None:
     """The regularised per-sample objective for `stage`, or None when no term is on there (plain DSM path)."""
     if stage not in reg.stages:
         return None
-    if not any(getattr(reg, name).weight > 0 for name in ("consistency", "mmd", "info", "hsic")):
+    terms = ("consistency", "mmd", "info", "hsic") + (("mixmatch",) if stage == "pretrain" else ())
+    if not any(getattr(reg, name).weight > 0 for name in terms):  # mixmatch: one head in adapt, nothing to swap
         return None
     nuisance = None
     if reg.hsic.weight > 0:
@@ -248,8 +370,6 @@ def make_objective(reg, stage: str, process: OUProcess, truth=None) -> Regulariz
         else:
             style = getattr(truth, "style", None)
             if style is None:
-                from cdmtransfer.errors import ConfigError
-
                 raise ConfigError("regularize.hsic.nuisance = style needs a suite that knows its style (lsgmm)")
             nuisance = style
-    return RegularizedObjective(reg, process, nuisance)
+    return RegularizedObjective(reg, process, nuisance, use_mixmatch=stage == "pretrain")

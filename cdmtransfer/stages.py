@@ -24,7 +24,7 @@ from cdmtransfer.metrics import evaluate_model
 from cdmtransfer.models import ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
-from cdmtransfer.regularizers import make_objective
+from cdmtransfer.regularizers import check_regularizers, make_objective, with_reg_metrics
 from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
                                   resolve_store, tracked_run)
@@ -108,6 +108,7 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     m = cfg.model
     model = ScoreModel(new_encoder(cfg, taskset), taskset.K, taskset.d_x,
                        m.head_width, m.head_depth, m.time_dim).to(device)
+    check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
         return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume)
     tracker = open_tracker(cfg, tracking_uri)
@@ -130,7 +131,7 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
                                 taskset.source_n.to(device), process, cfg.pretrain.batch_size, regularizer=reg,
                                 shard=dist)
         result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
-                       ckpt_dir=run.work_dir / "checkpoints", meta=meta, metrics=run,
+                       ckpt_dir=run.work_dir / "checkpoints", meta=meta, metrics=with_reg_metrics(run, reg),
                        progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
                        label="pretrain", device=device, dist=dist)
         model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
@@ -251,8 +252,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     loss_fn = dsm_objective(x_m[None].to(device), y_m[None].to(device), torch.tensor([a.m], device=device),
                             process, a.batch_size, regularizer=reg)
     result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=work_dir / "checkpoints", meta=meta,
-                   metrics=metrics, progress=_progress(a.steps, f"adapt {a.mode}", quiet), resume=resume,
-                   label=f"adapt-{a.mode}", device=device)
+                   metrics=with_reg_metrics(metrics, reg), progress=_progress(a.steps, f"adapt {a.mode}", quiet),
+                   resume=resume, label=f"adapt-{a.mode}", device=device)
     model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
     values, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
     adapt_samples_figure(result.ema, taskset, cfg, work_dir / "plots" / "samples.png")
@@ -281,6 +282,7 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     device = setup_torch(cfg)
     taskset = build_taskset(cfg)
     taskset.target_subset(a.m, seed=cfg.seed)  # refuse an m the data cannot give before anything is created
+    check_regularizers(cfg.regularize, "adapt", taskset)
     tracker = open_tracker(cfg, tracking_uri)
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "adapt")

@@ -13,9 +13,11 @@ import cdmtransfer
 from cdmtransfer.config import load_config
 from cdmtransfer.diagnostics import active_subspace, subspace_error
 from cdmtransfer.diffusion import OUProcess
+from cdmtransfer.errors import ConfigError
 from cdmtransfer.models import FixedEncoder, MLPEncoder, ScoreModel
 from cdmtransfer.regularizers import (RegularizedObjective, consistency_loss, hsic, make_objective, mmd2,
-                                      pairwise_gap, reverse_chain, x0_prediction)
+                                      mixmatch_penalty, pairwise_gap, reverse_chain, swapped_heads_eps,
+                                      x0_prediction)
 from cdmtransfer.stages import dsm_objective
 from cdmtransfer.tasks import build_taskset
 
@@ -230,3 +232,136 @@ def test_pretrain_with_all_terms_logs_each(store):
     for key in ("reg_dsm", "reg_consistency", "reg_mmd", "reg_info_gap", "reg_hsic"):
         assert math.isfinite(out.metrics[key]), key
     assert out.metrics["reg_hsic"] != 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# §A.2 mix-and-match on the view-LSGMM (suite.lsgmm.condition = view), per-step regulariser metrics
+
+
+def view_cfg(*extra):
+    return lsgmm_cfg("suite.lsgmm.condition=view", *extra)
+
+
+def test_view_lsgmm_condition_gives_content_exactly_and_scores_are_exact():
+    ts = build_taskset(view_cfg())
+    tr = ts.truth
+    g = torch.Generator().manual_seed(7)
+    B = 30
+    z = 2 * torch.randn(B, 2, generator=g)
+    for task in (0, 2):
+        y = tr.condition(task, z, g)
+        assert torch.allclose(tr.h_star(y), z, atol=1e-5) and torch.allclose(tr.encoder()(y), z, atol=1e-5)
+        # the view's non-content part lies in the complement of A, carries B_k u (u ~ N(c_k, I)) plus noise
+        rest = y - z @ tr.A.T
+        assert torch.allclose(rest @ tr.A, torch.zeros(B, 2), atol=1e-5)
+        u = rest @ tr.B[task]
+        assert (u.mean(0) - tr.offsets[task]).abs().max() < 4 / B**0.5 * 1.2
+        # exact score vs autograd of log N(x_t; α A z, α² Σ_k + σ² I), with the true z (not h*)
+        x_t = 1.5 * torch.randn(B, 6, generator=g, dtype=torch.float64)
+        t = torch.logspace(-2, math.log10(3.0), B, dtype=torch.float64)
+        a, s2 = torch.exp(-t)[:, None, None], (1 - torch.exp(-2 * t))[:, None, None]
+        eye = torch.eye(6, dtype=torch.float64)
+        Bk, A = tr.B[task].double(), tr.A.double()
+        Sigma = Bk @ Bk.T + tr.noise**2 * eye
+        x = x_t.clone().requires_grad_(True)
+        logp = MultivariateNormal(a[:, :, 0] * (z.double() @ A.T), covariance_matrix=a**2 * Sigma + s2 * eye)
+        (ref,) = torch.autograd.grad(logp.log_prob(x).sum(), x)
+        got = tr.score(task, x_t.float(), y, t.float()).double()
+        assert torch.allclose(got, ref, rtol=1e-3, atol=1e-3)
+    # the content basis is span(A) itself and the conditions fill R^{D_y} (the view noise spans the complement of A)
+    assert subspace_error(tr.content_basis(), tr.A) < 1e-6
+    assert torch.allclose(tr.support_basis(), torch.eye(6))
+    with pytest.raises(ConfigError, match="D_y = d_x"):
+        build_taskset(view_cfg("suite.lsgmm.D_y=8"))
+
+
+class TaggedHeads:
+    """eps_from_code returning the head index of each slice (to check which head ran on which task's rows)."""
+
+    def eps_from_code(self, x_t, code, t):
+        return torch.arange(x_t.shape[0], dtype=x_t.dtype)[:, None, None].expand_as(x_t)
+
+
+def test_swapped_heads_put_each_task_on_another_head_in_one_call():
+    K = 5
+    x = torch.arange(K, dtype=torch.float32)[:, None, None].expand(K, 3, 2)  # row value = its task
+    for s in range(1, K):
+        out = swapped_heads_eps(TaggedHeads(), x, x, x[..., 0], torch.tensor(s))
+        assert torch.equal(out[:, 0, 0], (torch.arange(K) + s).float() % K)
+
+
+class DecoderModel(torch.nn.Module):
+    """A head family whose Tweedie x̂₀ is exactly A·code[:k] + B_{j+1} v_j: content from the code, its own style."""
+
+    def __init__(self, encoder, truth, K):
+        super().__init__()
+        self.encoder, self.truth = encoder, truth
+        self.styles = 3 * torch.randn(K, truth.B.shape[2], generator=torch.Generator().manual_seed(8))
+
+    def eps_from_code(self, x_t, code, t):
+        tr, K = self.truth, x_t.shape[0]
+        style = torch.einsum("kdm,km->kd", tr.B[1:K + 1], self.styles[:K])[:, None]
+        x0 = code[..., : tr.A.shape[1]] @ tr.A.T + style
+        return (x_t - OUProcess.alpha(t)[..., None] * x0) / OUProcess.sigma(t)[..., None]
+
+
+def linear_encoder(W):
+    enc = MLPEncoder(W.shape[1], W.shape[0], 1, 0)  # depth 0: one trainable Linear, set to W
+    with torch.no_grad():
+        enc.net[0].weight.copy_(W)
+        enc.net[0].bias.zero_()
+    return enc
+
+
+def test_mixmatch_is_zero_for_the_content_encoder_and_positive_when_it_reads_style():
+    ts = build_taskset(view_cfg("suite.lsgmm.noise=0.05"))
+    tr = ts.truth
+    process = OUProcess(0.01, 4.0)
+    cfg = view_cfg("regularize.mixmatch.weight=1.0", "regularize.mixmatch.t_max=null")
+    obj = make_objective(cfg.regularize, "pretrain", process, tr)
+    assert make_objective(cfg.regularize, "adapt", process, tr) is None  # one head: nothing to swap
+    loss_fn = dsm_objective(ts.source_x, ts.source_y, ts.source_n, process, 32, regularizer=obj)
+    values = {}
+    for name, W in (("content", tr.A.T), ("content+style", torch.cat([tr.A, tr.B[1]], dim=1).T)):
+        obj.running.clear()
+        loss_fn(DecoderModel(linear_encoder(W), tr, 3), torch.Generator().manual_seed(9))
+        values[name] = float(obj.running["mixmatch"])
+    # h = Aᵀ: h(X̂) = Aᵀ(A z + B v) = z = h(y) whatever style the swapped head adds; reading B_1 sees v ≠ u
+    assert values["content"] < 1e-8 and values["content+style"] > 0.5, values
+    # normalised by the codes' batch variance: rescaling h does not change the term
+    W, y = torch.cat([tr.A, tr.B[1]], dim=1).T, ts.source_y[:, :16]
+    x_hat = torch.randn(y.shape, generator=torch.Generator().manual_seed(10))
+    p1, p3 = (mixmatch_penalty(linear_encoder(c * W), x_hat, linear_encoder(c * W)(y)) for c in (1.0, 3.0))
+    assert torch.allclose(p1, p3, rtol=1e-4) and p1.mean() > 0
+    # t_max masks the rows above it; the D_y = d_x requirement is a config error
+    cfg = view_cfg("regularize.mixmatch.weight=1.0", "regularize.mixmatch.t_max=0.02")
+    obj = make_objective(cfg.regularize, "pretrain", process, tr)
+    loss_fn = dsm_objective(ts.source_x, ts.source_y, ts.source_n, process, 32, regularizer=obj)
+    W = torch.cat([tr.A, tr.B[1]], dim=1).T
+    loss_fn(DecoderModel(linear_encoder(W), tr, 3), torch.Generator().manual_seed(9))
+    assert float(obj.running["mixmatch"]) < 0.1 * values["content+style"]
+
+
+def test_mixmatch_on_a_suite_without_views_is_refused_before_any_run(store):
+    bad = lsgmm_cfg(*FAST, "suite.lsgmm.D_y=8", "regularize.mixmatch.weight=1.0")
+    with pytest.raises(ConfigError, match="D_y = d_x"):
+        cdmtransfer.pretrain(bad)
+    one = lsgmm_cfg(*FAST, "suite.K=1", "suite.lsgmm.condition=view", "regularize.mixmatch.weight=1.0")
+    with pytest.raises(ConfigError, match="K >= 2"):
+        cdmtransfer.pretrain(one)
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_pretrain_with_mixmatch_logs_each_term_by_step(store):
+    over = FAST + ["suite.lsgmm.condition=view", "regularize.stages=pretrain", "regularize.mixmatch.weight=1.0",
+                   "regularize.hsic.weight=1.0"]
+    out = cdmtransfer.pretrain(lsgmm_cfg(*over))
+    assert math.isfinite(out.metrics["reg_mixmatch"]) and out.metrics["reg_mixmatch"] > 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    for key in ("reg/dsm", "reg/mixmatch", "reg/hsic"):
+        hist = client.get_metric_history(out.run_id, key)
+        assert sorted(m.step for m in hist) == [10, 20], key
+        assert all(math.isfinite(m.value) for m in hist)
+    loss = {m.step: m.value for m in client.get_metric_history(out.run_id, "loss")}
+    assert set(loss) == {10, 20}

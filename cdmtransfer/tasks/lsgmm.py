@@ -11,6 +11,14 @@ x | y ~ N(A z, Σ_k) with Σ_k = σ_n² I + B_k B_kᵀ, so under the OU process 
 c I + α² P_B (c = α² σ_n² + σ², P_B = B_k B_kᵀ), and the exact conditional score is
     ∇log p_t(x_t | y) = −[(I − P_B)/c + P_B/(c + α²)] (x_t − α A z).
 The unconditional noisy density is the GMM Σ_c π_c N(α A μ_c, α²(s² AAᵀ + Σ_k) + σ² I) (`marginal_score`).
+
+suite.lsgmm.condition = view ("multiple views", companions.md §A.2): the condition is a second view of the same
+content in x-space (D_y = d_x), drawn like x but with its own style draw and the task's nuisance offset:
+    y = A z + B_k u + σ_n (I − AAᵀ) ε',   u ~ N(c_k, I_m), ε' ~ N(0, I_{d_x})
+(the condition-style subspace C_k is B_k itself: orthogonal to A, task-specific). The view's noise is kept out of
+span(A), so Aᵀy = z exactly: h*(y) = Aᵀy (linear; FixedEncoder oracle) and x | y ~ N(A z, Σ_k) as above, so every
+score formula above holds unchanged with z = Aᵀy. An encoder of the view can be compared with span(A) itself
+(‖P_W − P_A‖_F/√(2k), §A.3), and the same h applies to x (the mix-and-match regulariser needs that).
 """
 
 from __future__ import annotations
@@ -28,24 +36,46 @@ def _orthonormal(shape, gen) -> torch.Tensor:
 
 
 class LsgmmTruth(GroundTruth):
-    def __init__(self, A, B, M, k, means, scale, noise, offsets):
+    def __init__(self, A, B, M, k, means, scale, noise, offsets, view: bool = False):
         self.A, self.B = A, B  # [d_x, k], [K+1, d_x, m]
-        self.M_z, self.M_u = M[:, :k], M[:, k:]  # [D_y, k], [D_y, m]
+        self.view = view
+        if view:  # y = A z + B_k u + σ_n P_⊥ ε': content directions A, style directions span(B_0, …, B_K)
+            self.M_z = A
+            U, S, _ = torch.linalg.svd(B.transpose(0, 1).reshape(A.shape[0], -1), full_matrices=False)
+            self.M_u = U[:, S > 1e-5 * S[0]]
+        else:
+            self.M_z, self.M_u = M[:, :k], M[:, k:]  # [D_y, k], [D_y, m]
         self.means, self.scale, self.noise, self.offsets = means, scale, noise, offsets  # [C, k], s, σ_n, [K+1, m]
 
     def h_star(self, y: torch.Tensor) -> torch.Tensor:
         return y @ self.M_z
 
     def style(self, y: torch.Tensor) -> torch.Tensor:
-        """The condition-side nuisance u = M_uᵀ y (any leading shape)."""
+        """The condition-side nuisance: u = M_uᵀ y (latent); view: the coordinates of y on span(B_0, …, B_K)."""
         return y @ self.M_u
 
     def content_basis(self) -> torch.Tensor:
-        """Orthonormal basis of the content directions in condition space, span(M_z) [D_y, k]."""
+        """Orthonormal basis of the content directions in condition space: span(M_z), or span(A) for views [D_y, k]."""
         return self.M_z
 
     def style_basis(self) -> torch.Tensor:
+        """The nuisance directions: span(M_u), or for views every task's condition style, span(B_0, …, B_K)."""
         return self.M_u
+
+    def support_basis(self) -> torch.Tensor:
+        """Orthonormal basis of the span the conditions live in: span(M) (latent) or all of R^{D_y} (views)."""
+        if self.view:
+            return torch.eye(self.A.shape[0])
+        return torch.cat([self.M_z, self.M_u], dim=1)
+
+    def condition(self, task: int, z: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A condition y for content z [n, k] in `task`: M [z; u] (latent) or a second view (module docstring)."""
+        u = self.offsets[task] + torch.randn(z.shape[0], self.offsets.shape[1], generator=generator)
+        if not self.view:
+            return z @ self.M_z.T + u @ self.M_u.T
+        eps = torch.randn(z.shape[0], self.A.shape[0], generator=generator)
+        eps = eps - (eps @ self.A) @ self.A.T  # (I − AAᵀ) ε': the view's noise never touches the content
+        return z @ self.A.T + u @ self.B[task].T + self.noise * eps
 
     def mean(self, task: int, y: torch.Tensor) -> torch.Tensor:
         return self.h_star(y) @ self.A.T
@@ -90,6 +120,9 @@ def build(cfg: Config) -> TaskSet:
     K, k, m = s.K, c.k, c.m_style
     if c.d_x < k + m:
         raise ConfigError(f"suite.lsgmm.d_x = {c.d_x} must be >= k + m_style = {k + m}")
+    if c.condition == "view" and c.D_y != c.d_x:
+        raise ConfigError(f"suite.lsgmm.condition = view needs D_y = d_x (the condition is a view in x-space), "
+                          f"got D_y = {c.D_y}, d_x = {c.d_x} (use --set suite.lsgmm.D_y={c.d_x})")
     if c.D_y < k + m:
         raise ConfigError(f"suite.lsgmm.D_y = {c.D_y} must be >= k + m_style = {k + m}")
     gen = torch.Generator().manual_seed(s.seed)
@@ -99,15 +132,14 @@ def build(cfg: Config) -> TaskSet:
     M = _orthonormal((c.D_y, k + m), gen)
     means = c.spread * torch.randn(c.components, k, generator=gen)
     offsets = c.nuisance_shift * torch.randn(K + 1, m, generator=gen) / m**0.5
-    truth = LsgmmTruth(A, B, M, k, means, c.scale, c.noise, offsets)
+    truth = LsgmmTruth(A, B, M, k, means, c.scale, c.noise, offsets, view=c.condition == "view")
 
     def draw(task: int, n: int):
         which = torch.randint(c.components, (n,), generator=gen)
         z = means[which] + c.scale * torch.randn(n, k, generator=gen)
-        u = offsets[task] + torch.randn(n, m, generator=gen)
-        y = z @ truth.M_z.T + u @ truth.M_u.T
+        y = truth.condition(task, z, gen)
         return truth.sample(task, y, gen), y
 
     splits = draw_splits(draw, K, s.n, s.n_target_pool, s.n_test)
-    desc = f"LSGMM, content k={k} ({c.components}-GMM), style m={m}, d_x={c.d_x}, D_y={c.D_y}"
+    desc = f"LSGMM, content k={k} ({c.components}-GMM), style m={m}, d_x={c.d_x}, D_y={c.D_y}, {c.condition} y"
     return TaskSet("lsgmm", *splits, truth, description=desc)
