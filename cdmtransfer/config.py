@@ -151,6 +151,7 @@ class ModelConfig:
     head_depth: int = field(default=2, metadata=_range(1))  # hidden layers of each score head f_k
     time_dim: int = field(default=16, metadata=_range(2))  # sinusoidal time features (even)
     encoder: Literal["mlp", "conv"] = "mlp"  # conv: a small CNN on image conditions (digits, mnist)
+    head: Literal["mlp", "conv"] = "mlp"  # conv: grouped-conv score heads on image x (head_width = channels)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Score model s_k(x_t, y, t) = −f_k(x_t, h(y), t)/σ_t: a shared condition encoder h and K batched heads f_k.
 
 theory.md §1.3: s_{f,h}(x, y, t) := f(x, h(y), t). The K heads live in stacked weight tensors and run in one
-batched matmul per layer (torch.baddbmm), so a training step never loops over tasks in Python.
+batched matmul per layer (torch.baddbmm; MLP heads) or one grouped convolution per layer (conv heads on image x), so a
+training step never loops over tasks in Python.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import math
 
 import torch
 from torch import nn
+
+from cdmtransfer.errors import ConfigError
 
 
 class TimeFeatures(nn.Module):
@@ -105,22 +108,86 @@ class BatchedHeads(nn.Module):
         return z
 
 
-class ScoreModel(nn.Module):
-    """ε̂_k(x_t, y, t) = f_k([x_t, h(y), τ(t)]); the score is −ε̂/σ_t (diffusion.py)."""
+class ConvHeads(nn.Module):
+    """K convolutional heads f_k(x_t, c) → ε̂ for image-shaped x (model.head = conv); inputs [K, B, ·], c = [w, τ(t)].
 
-    def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int):
+    For a point mass p(x | y) the ideal output is ε̂ = (x_t − α_t x*(y))/σ_t: per pixel, x_t combined with a rendering
+    of x*(y) at a time-dependent scale. So a per-task conditioning MLP on c (a BatchedHeads) renders one H×W map and
+    gives each conv block a FiLM scale and shift; the convs see [x_t, coordinates (CoordConv), map] and are 3×3 with
+    SiLU. The K tasks are stacked on the channel axis of grouped convolutions (groups = K): one call per layer, no loop
+    over tasks, and task k's weights only ever see task k's channels.
+    """
+
+    def __init__(self, K: int, shape: tuple[int, int, int], cond_dim: int, width: int, depth: int):
+        super().__init__()
+        C, H, W = shape
+        self.K, self.shape, self.width, self.depth = K, tuple(shape), width, depth
+        self.cond = BatchedHeads(K, cond_dim, H * W + 2 * width * depth, 4 * width, 1)  # map + FiLM per block
+        chans = [C + 3] + [width] * depth  # x_t, u, v, map → width → … → width
+        self.convs = nn.ModuleList(nn.Conv2d(K * a, K * b, 3, padding=1, groups=K) for a, b in zip(chans, chans[1:]))
+        self.out = nn.Conv2d(K * width, K * C, 3, padding=1, groups=K)
+        v, u = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+        self.register_buffer("coords", torch.stack([u, v]), persistent=False)  # [2, H, W]
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        K, B = x_t.shape[:2]
+        C, H, W = self.shape
+        c = self.cond(cond)  # [K, B, H·W + 2·width·depth]
+        film = c[..., H * W:].reshape(K, B, self.depth, 2, self.width).permute(2, 3, 1, 0, 4)[..., None, None]
+        maps = [x_t.reshape(K, B, C, H, W), self.coords.expand(K, B, 2, H, W), c[..., : H * W].reshape(K, B, 1, H, W)]
+        z = torch.cat(maps, dim=2)
+        z = z.transpose(0, 1).reshape(B, -1, H, W)  # [B, K·(C+3), H, W]: task k owns channel group k
+        for conv, (scale, shift) in zip(self.convs, film):  # scale, shift [B, K, width, 1, 1]
+            z = conv(z).view(B, K, self.width, H, W)
+            z = nn.functional.silu(z * (1 + scale) + shift).view(B, -1, H, W)
+        return self.out(z).view(B, K, C * H * W).transpose(0, 1)
+
+
+def image_channels(d_x: int, image_shape) -> tuple[int, int, int]:
+    """(C, H, W) of a flattened x with d_x = C·H·W values, from the suite's (H, W)."""
+    H, W = image_shape[-2:]
+    if d_x % (H * W):
+        raise ValueError(f"conv head: image shape {tuple(image_shape)} does not divide d_x = {d_x}")
+    return d_x // (H * W), H, W
+
+
+class ScoreModel(nn.Module):
+    """ε̂_k(x_t, y, t) = f_k([x_t, h(y), τ(t)]); the score is −ε̂/σ_t (diffusion.py).
+
+    head = mlp: BatchedHeads on the concatenation; head = conv: ConvHeads on x_t as an image (needs image_shape).
+    """
+
+    def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int,
+                 head: str = "mlp", image_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.encoder = encoder
         self.time = TimeFeatures(time_dim)
-        self.heads = BatchedHeads(K, d_x + encoder.d + time_dim, d_x, head_width, head_depth)
-        self.d_x = d_x
+        if head == "conv":
+            if image_shape is None:
+                raise ValueError("conv head needs the image shape of x")
+            shape = image_channels(d_x, image_shape)
+            self.heads = ConvHeads(K, shape, encoder.d + time_dim, head_width, head_depth)
+        elif head == "mlp":
+            self.heads = BatchedHeads(K, d_x + encoder.d + time_dim, d_x, head_width, head_depth)
+        else:
+            raise ValueError(f"unknown head kind {head!r}")
+        self.d_x, self.head = d_x, head
 
     def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Heads only, for a precomputed code w = h(y). Shapes [K, B, ·] and t [K, B]."""
+        if self.head == "conv":
+            return self.heads(x_t, torch.cat([code, self.time(t)], dim=-1))
         return self.heads(torch.cat([x_t, code, self.time(t)], dim=-1))
 
     def forward(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.eps_from_code(x_t, self.encoder(y), t)
+
+
+def head_options(model_cfg, image_shape) -> dict:
+    """ScoreModel keyword arguments for the recipe's model.head (a conv head needs the suite's image shape)."""
+    if model_cfg.head == "conv" and image_shape is None:
+        raise ConfigError("model.head = conv needs image data x; this suite has none (use model.head=mlp)")
+    return {"head": model_cfg.head, "image_shape": image_shape}
 
 
 def build_encoder(spec: dict) -> nn.Module:
@@ -149,14 +216,18 @@ def encoder_spec(encoder: nn.Module) -> dict:
 
 def model_spec(model: ScoreModel) -> dict:
     """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe)."""
-    return {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
-            "head_width": model.heads.weights[0].shape[2], "head_depth": len(model.heads.weights) - 1,
+    spec = {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
             "time_dim": 2 * model.time.freqs.numel()}
+    if model.head == "conv":
+        return {**spec, "head": "conv", "head_width": model.heads.width, "head_depth": model.heads.depth,
+                "image_shape": list(model.heads.shape)}
+    return {**spec, "head_width": model.heads.weights[0].shape[2], "head_depth": len(model.heads.weights) - 1}
 
 
 def build_model(spec: dict) -> ScoreModel:
+    """Inverse of model_spec; a spec without "head" (older checkpoints) is an MLP head."""
     return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
-                      spec["head_depth"], spec["time_dim"])
+                      spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"))
 
 
 def count_parameters(module: nn.Module) -> int:

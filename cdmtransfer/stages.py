@@ -21,7 +21,8 @@ from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.metrics import evaluate_model
-from cdmtransfer.models import ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, model_spec
+from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, head_options,
+                                model_spec)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
 from cdmtransfer.regularizers import check_regularizers, make_objective, with_reg_metrics
@@ -106,8 +107,8 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     taskset = build_taskset(cfg)
     torch.manual_seed(cfg.seed)
     m = cfg.model
-    model = ScoreModel(new_encoder(cfg, taskset), taskset.K, taskset.d_x,
-                       m.head_width, m.head_depth, m.time_dim).to(device)
+    model = ScoreModel(new_encoder(cfg, taskset), taskset.K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
+                       **head_options(m, taskset.image_shape)).to(device)
     check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
         return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume)
@@ -236,7 +237,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
     torch.manual_seed(cfg.seed + 2)  # the new head starts the same in every mode
     mc = cfg.model
-    model = ScoreModel(enc, 1, taskset.d_x, mc.head_width, mc.head_depth, mc.time_dim).to(device)
+    model = ScoreModel(enc, 1, taskset.d_x, mc.head_width, mc.head_depth, mc.time_dim,
+                       **head_options(mc, taskset.image_shape)).to(device)
     if a.mode in ("frozen", "oracle"):
         model.encoder.requires_grad_(False)
         groups = [{"params": list(model.heads.parameters()), "lr": a.lr}]

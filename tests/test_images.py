@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 import cdmtransfer
 from cdmtransfer import bump_metrics, images
 from cdmtransfer.errors import DataError
-from cdmtransfer.models import ConvEncoder, build_encoder, encoder_spec
+from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, build_encoder, build_model, encoder_spec,
+                                model_spec)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tasks.bumps import lattice, render
 from cdmtransfer.tasks.digits import read_mnist
@@ -89,6 +91,37 @@ def test_conv_encoder_round_trips_through_its_spec():
     again.load_state_dict(enc.state_dict())
     y = torch.randn(3, 5, 128)
     assert again(y).shape == (3, 5, 4) and torch.allclose(again(y), enc(y))
+
+
+def conv_model(K=3, d_x=2 * 6 * 5):
+    return ScoreModel(MLPEncoder(7, 3, 8, 1), K, d_x, 8, 2, 8, head="conv", image_shape=(6, 5))
+
+
+def test_conv_head_shapes_and_round_trip_through_model_spec():
+    model = conv_model()
+    x, y, t = torch.randn(3, 4, 60), torch.randn(3, 4, 7), torch.rand(3, 4) + 0.05
+    spec = model_spec(model)
+    assert spec["head"] == "conv" and spec["image_shape"] == [2, 6, 5]  # C = d_x / (H·W) channels
+    again = build_model(spec)
+    again.load_state_dict(model.state_dict())
+    assert model(x, y, t).shape == (3, 4, 60) and torch.allclose(again(x, y, t), model(x, y, t))
+    old = model_spec(ScoreModel(MLPEncoder(7, 3, 8, 1), 2, 60, 16, 1, 8))
+    assert "head" not in old and build_model(old).head == "mlp"  # checkpoints from before model.head load as MLP
+    with pytest.raises(ValueError):
+        ScoreModel(MLPEncoder(7, 3, 8, 1), 1, 61, 8, 1, 8, head="conv", image_shape=(6, 5))
+
+
+def test_conv_head_tasks_are_independent_in_the_grouped_convolution():
+    model = conv_model()
+    x, code, t = torch.randn(3, 4, 60), torch.randn(3, 4, 3), torch.rand(3, 4) + 0.05
+    base = model.eps_from_code(x, code, t)
+    x2, code2, t2 = x.clone(), code.clone(), t.clone()
+    x2[1], code2[1], t2[1] = torch.randn(4, 60), torch.randn(4, 3), torch.rand(4) + 0.05  # change task 1 only
+    moved = model.eps_from_code(x2, code2, t2)
+    assert torch.equal(moved[0], base[0]) and torch.equal(moved[2], base[2]) and not torch.allclose(moved[1], base[1])
+    model.eps_from_code(x, code, t)[0].sum().backward()  # task 0's loss reaches no other task's weights
+    w = model.heads.convs[0].weight.grad.view(3, -1)
+    assert w[0].abs().sum() > 0 and w[1:].abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,3 +263,22 @@ def test_bumps_end_to_end(store, tmp_path):
     assert 0 <= res.metrics["centre_accuracy_id"] <= 1
     out = cdmtransfer.sample(res.run_id, 2, tmp_path / "s.npz", test=True)
     assert out.paths["grid"].is_file()
+
+
+def test_bumps_end_to_end_with_conv_head(store):
+    sets = FAST + ["suite.name=bumps", "suite.bumps.N=8", "suite.bumps.spacing=1", "suite.bumps.D_y=6",
+                   "suite.bumps.accuracy_conditions=4", "model.head=conv", "model.head_width=4", "model.head_depth=1"]
+    pre = cdmtransfer.pretrain(None, sets)
+    res = cdmtransfer.adapt(None, sets + ["adapt.mode=frozen"], encoder=pre.run_id)
+    assert 0 <= res.metrics["centre_accuracy_id"] <= 1 and "posterior_mean_mse" in res.metrics
+    meta = json.loads((res.paths["model"] / "meta.json").read_text())
+    assert meta["model"]["head"] == "conv" and meta["model"]["K"] == 1
+    scratch = cdmtransfer.adapt(None, sets + ["adapt.mode=scratch"])
+    assert scratch.metrics["trainable_parameters"] > res.metrics["trainable_parameters"]
+    again = cdmtransfer.evaluate(res.run_id)  # rebuilt from the checkpoint's spec
+    assert again.metrics["posterior_mean_mse"] == pytest.approx(res.metrics["posterior_mean_mse"])
+
+
+def test_conv_head_refused_on_a_suite_without_images(store):
+    with pytest.raises(cdmtransfer.errors.ConfigError, match="model.head = conv"):
+        cdmtransfer.adapt(None, ["model.head=conv", "adapt.mode=scratch", "adapt.steps=1"])
