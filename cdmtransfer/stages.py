@@ -285,6 +285,7 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     taskset = build_taskset(cfg)
     taskset.target_subset(a.m, seed=cfg.seed)  # refuse an m the data cannot give before anything is created
     check_regularizers(cfg.regularize, "adapt", taskset)
+    head_options(cfg.model, taskset.image_shape)  # a conv head on non-image x is refused before a run exists
     tracker = open_tracker(cfg, tracking_uri)
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "adapt")

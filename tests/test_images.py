@@ -282,3 +282,9 @@ def test_bumps_end_to_end_with_conv_head(store):
 def test_conv_head_refused_on_a_suite_without_images(store):
     with pytest.raises(cdmtransfer.errors.ConfigError, match="model.head = conv"):
         cdmtransfer.adapt(None, ["model.head=conv", "adapt.mode=scratch", "adapt.steps=1"])
+    with pytest.raises(cdmtransfer.errors.ConfigError, match="model.head = conv"):
+        cdmtransfer.pretrain(None, ["model.head=conv", "pretrain.steps=1"])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # refused before a run
