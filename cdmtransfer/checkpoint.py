@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -38,26 +39,47 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Every checkpoint file goes through here: serialised in memory first, so a full disk surfaces as an OSError
-    with its errno (torch.save and safetensors writing to a path hide it behind their own messages)."""
     with open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def _write_json(path: Path, data: dict) -> None:
-    _write_bytes(path, json.dumps(data, indent=1, sort_keys=True).encode())
+# Every file is serialised in memory first, so a full disk surfaces as an OSError with its errno when the bytes are
+# written (torch.save and safetensors writing to a path hide it behind their own messages).
+
+def _json_bytes(data: dict) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True).encode()
 
 
-def _write_weights(path: Path, state: dict, metadata: dict | None = None) -> None:
-    _write_bytes(path, save(_tensors(state), metadata=metadata))
+def _weights_bytes(state: dict, metadata: dict | None = None) -> bytes:
+    return save(_tensors(state), metadata=metadata)
 
 
-def _write_torch(path: Path, obj) -> None:
+def _torch_bytes(obj) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    _write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _write_directory(final: Path, files: dict[str, bytes], what: str, kept: Callable[[], str]) -> None:
+    """Make `final` hold exactly `files`, atomically: written into a temporary sibling, then renamed into place.
+
+    On failure the partial directory is removed (freeing the space it took) and an OSError becomes a StorageError
+    naming `what` could not be written and what is still intact (`kept()`).
+    """
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        for name, data in files.items():
+            _write_bytes(tmp / name, data)
+        _publish(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _storage_error(exc, what, final.parent, kept()) from None
+        raise
 
 
 def _storage_error(exc: OSError, what: str, directory: Path, kept: str) -> StorageError:
@@ -94,22 +116,18 @@ def save_checkpoint(directory: Path, step: int, model_state: dict, ema_state: di
     for stale in [*directory.glob("step_*.tmp-*"), *directory.glob("step_*.old-*")]:  # left by a killed writer
         shutil.rmtree(stale, ignore_errors=True)  # (one writer per run: rank 0)
     final = directory / f"step_{step:06d}"
-    tmp = directory / f"{final.name}.tmp-{os.getpid()}"
-    try:
-        tmp.mkdir()
-        _write_weights(tmp / "model.safetensors", model_state)
-        _write_weights(tmp / "ema.safetensors", ema_state)
-        _write_torch(tmp / "train_state.pt", train_state)
-        _write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION, "step": step})
-        _publish(tmp, final)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # frees the space the partial write took
-        if isinstance(exc, OSError):
-            previous = list_checkpoints(directory)
-            kept = (f"the last good checkpoint {previous[-1].name} is intact: free space, then rerun with "
-                    f"--resume {directory.parent.name}" if previous else "no earlier checkpoint exists")
-            raise _storage_error(exc, f"checkpoint {final.name}", directory, kept) from None
-        raise
+    files = {"model.safetensors": _weights_bytes(model_state), "ema.safetensors": _weights_bytes(ema_state),
+             "train_state.pt": _torch_bytes(train_state),
+             "meta.json": _json_bytes({**meta, "format_version": FORMAT_VERSION, "step": step})}
+
+    def kept() -> str:
+        previous = list_checkpoints(directory)
+        if not previous:
+            return "no earlier checkpoint exists"
+        return (f"the last good checkpoint {previous[-1].name} is intact: free space, then rerun with "
+                f"--resume {directory.parent.name}")
+
+    _write_directory(final, files, f"checkpoint {final.name}", kept)
     for old in list_checkpoints(directory)[:-keep]:
         _discard(old)
     return final
@@ -171,19 +189,10 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
 def export_model(directory: Path, ema_state: dict, meta: dict) -> Path:
     """The slim inference export: EMA weights + meta.json, written atomically to `directory`."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        _write_weights(tmp / "model.safetensors", ema_state, {"format_version": str(FORMAT_VERSION)})
-        _write_json(tmp / "meta.json", {**meta, "format_version": FORMAT_VERSION})
-        _publish(tmp, directory)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise _storage_error(exc, f"the model export {directory.name}", directory.parent,
-                                 "the training checkpoints are intact") from None
-        raise
+    files = {"model.safetensors": _weights_bytes(ema_state, {"format_version": str(FORMAT_VERSION)}),
+             "meta.json": _json_bytes({**meta, "format_version": FORMAT_VERSION})}
+    _write_directory(directory, files, f"the model export {directory.name}",
+                     lambda: "the training checkpoints are intact")
     return directory
 
 

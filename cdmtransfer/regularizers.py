@@ -257,7 +257,7 @@ class RegularizedObjective:
     def __call__(self, model, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
         r = self.reg
-        K, B, d_x = x_t.shape
+        K, B, _ = x_t.shape
         code = model.encoder(y)
         eps = model.eps_from_code(x_t, code, t)
         loss = dsm_loss(eps, noise)  # theory.md §1.4
