@@ -99,11 +99,12 @@ def _print_summary(summary, json_out: bool, title: str) -> None:
         report.emit_json(summary.to_dict())
         return
     out = report.console()
+    skipped = dict(summary.info.get("skipped") or {})
+    flagged = skipped.pop("flags", None) or {}  # metrics.FLAGS: metrics from diverged samples, marked in the table
     if summary.metrics:
-        out.print(report.metrics_table(title, summary.metrics))
+        out.print(report.metrics_table(title, summary.metrics, flagged))
     for key, path in summary.paths.items():
         out.print(f"{key}: {path}")
-    skipped = summary.info.get("skipped") or {}
     for key, why in skipped.items():
         out.print(f"skipped {key}: {why}")
     if summary.run_id:

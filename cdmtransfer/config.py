@@ -43,6 +43,12 @@ class LangevinSuite:
     D_y: int = field(default=100, metadata=_range(1))
     beta_target: float = field(default=5.5, metadata=_range(0.0, lo_open=True))
     obs_std: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    # the exact reference posterior (LangevinTruth: posterior_mean_mse_floor, sliced_w2) by batched MCMC
+    mcmc_method: Literal["hmc", "mala"] = "hmc"  # hmc: 3 leapfrog steps per iteration
+    mcmc_chains: int = field(default=16, metadata=_range(2))  # chains per condition
+    mcmc_warmup: int = field(default=150, metadata=_range(2))  # iterations adapting the step size (discarded)
+    mcmc_steps: int = field(default=256, metadata=_range(4))  # iterations kept per chain
+    mcmc_cache: bool = True  # cache results under tracking.home/cache/langevin-mcmc
 
 
 @dataclass
@@ -151,7 +157,18 @@ class ModelConfig:
     head_depth: int = field(default=2, metadata=_range(1))  # hidden layers of each score head f_k
     time_dim: int = field(default=16, metadata=_range(2))  # sinusoidal time features (even)
     encoder: Literal["mlp", "conv"] = "mlp"  # conv: a small CNN on image conditions (digits, mnist)
-    head: Literal["mlp", "conv"] = "mlp"  # conv: grouped-conv score heads on image x (head_width = channels)
+    head: Literal["mlp", "conv", "unet"] = "mlp"  # conv: grouped-conv heads on image x (head_width = channels); unet: below
+    # edm: preconditioned heads (unit-variance input and target at every t, EDM loss weight; models.Preconditioning);
+    # eps: the head predicts the noise ε directly with the paper's σ²-weighted loss
+    parametrization: Literal["edm", "eps"] = "edm"
+    edm_weighting: bool = True  # edm: weight ‖ε̂ − ε‖² by w_t (unit-scale F-space loss); false: the paper's weighting
+    # head = unet (U-Net heads, unet.py; head_width = channels of the first level, head_depth = residual blocks per
+    # level): channel multiplier per resolution level; pixel patch p (0: 2 from a 16-pixel side, else 1); a
+    # zero-initialised output layer; head_sees_y: the condition y (an image of x's size) is also an input channel
+    unet_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    unet_patch: int = field(default=0, metadata=_range(0, 4))
+    unet_zero_out: bool = False
+    head_sees_y: bool = False
 
 
 @dataclass
@@ -162,6 +179,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
+    # A cap: training stops earlier when the validation loss stops improving (patience) and keeps the best EMA weights.
     steps: int = field(default=2000, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))  # per task
     lr: float = field(default=2e-3, metadata=_range(0.0, lo_open=True))
@@ -171,6 +189,14 @@ class TrainConfig:
     warmup_steps: int = field(default=50, metadata=_range(0))
     log_every: int = field(default=25, metadata=_range(1))
     checkpoint_every: int = field(default=500, metadata=_range(1))
+    # Validation (train.py): held-out DSM of the EMA weights every val_every steps, with val_draws fixed noise draws per
+    # held-out row; stop after `patience` checks without a relative improvement of min_delta. patience 0: no early stop
+    # (the best checkpoint is still kept).
+    val_every: int = field(default=100, metadata=_range(1))
+    patience: int = field(default=8, metadata=_range(0))
+    min_delta: float = field(default=1e-3, metadata=_range(0.0))
+    val_draws: int = field(default=16, metadata=_range(1))
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))  # pretrain: rows held out per source task
 
 
 @dataclass
@@ -180,6 +206,9 @@ class AdaptConfig(TrainConfig):
     mode: Literal["frozen", "finetune", "scratch", "oracle"] = "frozen"
     m: int = field(default=32, metadata=_range(1))  # target samples
     encoder_lr: float = field(default=2e-4, metadata=_range(0.0, lo_open=True))  # finetune only
+    # Adapt chooses its length by cross-validation on the m samples (stages.py): val_folds fold models train at once,
+    # each validated on its held-out fold, and the final model retrains on all m for the step the folds chose.
+    val_folds: int = field(default=4, metadata=_range(2))
 
 
 @dataclass
@@ -192,6 +221,9 @@ class EvaluateConfig:
     dist_conditions: int = field(default=8, metadata=_range(1))  # conditions for the distribution distance
     dist_samples: int = field(default=256, metadata=_range(2))  # samples per condition for it
     seed: int = 1234  # evaluation noise: the same for every mode, so modes compare on equal terms
+    # samples whose RMS spread about the target data's mean exceeds this multiple of the data's own (or that hold a
+    # non-finite value) mark the model diverged: its sample-based metrics are flagged, not reported as results
+    divergence_ratio: float = field(default=3.0, metadata=_range(1.0, lo_open=True))
 
 
 @dataclass

@@ -10,9 +10,19 @@ in `skipped` with the reason.
   sliced_w2_floor is the same between two independent true sample sets (the finite-sample floor).
 - suite extras (TaskSet.extra_metrics): psnr of the posterior mean (digits, mnist); centre accuracy ID/OOD and
   encoder diagnostics (bumps).
+- ref/linear_pooled_mse, ref/linear_target_mse, ref/oracle_ls_mse: linear reference estimators scored on the same
+  conditions as posterior_mean_mse (references.py): limits every posterior-mean result can be held against.
+- divergence check (issue #10): sample_spread_ratio = RMS of (samples − the target data's per-coordinate mean) over
+  RMS of (data − that mean), over every sample drawn here, the data being the target's x (pool `target_x` and the
+  test split: the distribution the samples should follow; sources may differ in spread); nonfinite_samples
+  counts samples holding a NaN or ±inf. diverged = 1.0 when the ratio exceeds evaluate.divergence_ratio or any sample
+  is non-finite; the sample-based metrics are then listed in skipped["flags"] ({metric: reason}) so callers mark them
+  (`flagged`, `divergence_warning`). The return value stays (metrics, skipped).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,6 +30,7 @@ from cdmtransfer.config import Config
 from cdmtransfer.diagnostics import diagnose
 from cdmtransfer.diffusion import OUProcess, dsm_loss, sample
 from cdmtransfer.models import ScoreModel
+from cdmtransfer.references import reference_metrics
 from cdmtransfer.tasks.base import TaskSet
 
 
@@ -68,8 +79,67 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int, generator: torch.Ge
     return (pa - pb).pow(2).mean(dim=(1, 2)).sqrt()
 
 
-def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config) -> tuple[dict[str, float], dict[str, str]]:
-    """All metrics the suite allows, with the evaluation noise fixed by `cfg.evaluate.seed`."""
+FLAGS = "flags"  # key of `skipped` holding {metric: reason} for metrics computed but not to be taken as results
+SAMPLE_METRICS = ("posterior_mean_mse", "sliced_w2", "psnr", "centre_accuracy_id", "centre_accuracy_ood")
+
+
+class SampleSpread:
+    """Running RMS spread of model samples about the data's per-coordinate mean, and a count of non-finite samples."""
+
+    def __init__(self, data: torch.Tensor):
+        data = data.double()
+        self.mean = data.mean(0)
+        self.data_rms = float((data - self.mean).pow(2).mean().sqrt())
+        self.sq, self.values, self.nonfinite = 0.0, 0, 0
+
+    def add(self, draws: torch.Tensor) -> torch.Tensor:
+        flat = draws.detach().reshape(-1, draws.shape[-1]).double()
+        ok = torch.isfinite(flat).all(1)
+        self.nonfinite += int((~ok).sum())
+        self.sq += float((flat[ok] - self.mean).pow(2).sum())
+        self.values += int(ok.sum()) * flat.shape[1]
+        return draws
+
+    @property
+    def ratio(self) -> float:
+        if self.values == 0:
+            return math.inf
+        return math.sqrt(self.sq / self.values) / max(self.data_rms, 1e-12)
+
+
+def spread_text(metrics: dict, threshold: float | None = None) -> str:
+    """'spread 13.2× the data's, threshold 3[, 5 non-finite samples]' from a diverged run's metrics."""
+    text = f"spread {metrics.get('sample_spread_ratio', math.nan):.3g}× the data's"
+    if threshold is not None:
+        text += f", threshold {threshold:g}"
+    n_bad = int(metrics.get("nonfinite_samples", 0) or 0)
+    return text + (f", {n_bad} non-finite sample{'s' if n_bad != 1 else ''}" if n_bad else "")
+
+
+def flagged(skipped: dict | None) -> dict[str, str]:
+    """{metric: reason} of the metrics evaluate_model computed but flagged (today: from diverged samples)."""
+    return dict((skipped or {}).get(FLAGS) or {})
+
+
+def divergence_warning(label: str, metrics: dict, skipped: dict | None, threshold: float | None = None) -> str | None:
+    """The one stderr line a run with diverged samples prints, or None when its samples did not diverge."""
+    if not metrics.get("diverged"):
+        return None
+    names = list(flagged(skipped))
+    what = (f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not results" if names
+            else "its sample-based metrics are not results")
+    return f"warning: {label}: samples diverged ({spread_text(metrics, threshold)}); {what}"
+
+
+def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
+                   target: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], dict]:
+    """All metrics the suite allows, with the evaluation noise fixed by `cfg.evaluate.seed`.
+
+    Returns (metrics, skipped): skipped maps each metric not computed to the reason, and, when the samples diverged,
+    skipped[FLAGS] maps each sample-based metric to why it is not a result (metrics["diverged"] is then 1.0).
+    `target` = (x_m, y_m), the m samples the model was adapted on, for ref/linear_target_mse and ref/oracle_ls_mse;
+    by default the adapt run's own subset, drawn as train_adapt draws it (taskset.target_subset(adapt.m, seed)).
+    """
     e = cfg.evaluate
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     model = model.eval()
@@ -77,18 +147,25 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config) -> tuple[di
     metrics.update(score_metrics(model, taskset, process, e.t_draws, torch.Generator().manual_seed(e.seed)))
     if "score_error" not in metrics:
         skipped["score_error"] = f"suite '{taskset.name}' has no exact score"
+    # The target's x, pool and held-out split: the distribution the model's samples should follow.
+    spread = SampleSpread(torch.cat([taskset.target_x, taskset.test_x]))
 
     n_cond = min(e.posterior_conditions, taskset.test_x.shape[0])
     gen = torch.Generator().manual_seed(e.seed + 1)
     x_true, y = taskset.test_x[:n_cond], taskset.test_y[:n_cond]
-    draws = conditional_samples(model, y, e.posterior_samples, process, e.sampler_steps, e.sampler, gen)
+    draws = spread.add(conditional_samples(model, y, e.posterior_samples, process, e.sampler_steps, e.sampler, gen))
     metrics["posterior_mean_mse"] = float((draws.mean(1) - x_true).pow(2).mean())
     exact_mean = getattr(taskset.truth, "mean", None)
     if exact_mean is not None:
         metrics["posterior_mean_mse_floor"] = float((exact_mean(0, y) - x_true).pow(2).mean())
+    if target is None and cfg.adapt.m <= taskset.target_x.shape[0]:
+        target = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
+    refs, why = reference_metrics(taskset, x_true, y, *(target or (None, None)))  # same conditions as above
+    metrics.update(refs)
+    skipped.update(why)
     if taskset.extra_metrics is not None:  # image suites: psnr (digits), centre accuracy and h diagnostics (bumps)
         def draw(y_, n_per, generator):
-            return conditional_samples(model, y_, n_per, process, e.sampler_steps, e.sampler, generator)
+            return spread.add(conditional_samples(model, y_, n_per, process, e.sampler_steps, e.sampler, generator))
 
         metrics.update(taskset.extra_metrics(model=model, draw=draw, x_true=x_true, x_mean=draws.mean(1), y=y,
                                              seed=e.seed + 3))
@@ -102,10 +179,18 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config) -> tuple[di
     else:
         reference = reference.view(n_dist, e.dist_samples, -1)
         reference2 = taskset.truth.sample(0, y_dist.repeat_interleave(e.dist_samples, 0), gen).view_as(reference)
-        model_draws = conditional_samples(model, y_dist, e.dist_samples, process, e.sampler_steps, e.sampler, gen)
+        model_draws = spread.add(conditional_samples(model, y_dist, e.dist_samples, process, e.sampler_steps,
+                                                     e.sampler, gen))
         metrics["sliced_w2"] = float(sliced_w2(model_draws, reference, 64, gen).mean())
         metrics["sliced_w2_floor"] = float(sliced_w2(reference2, reference, 64, gen).mean())
     found, why = diagnose(model, taskset, torch.Generator().manual_seed(e.seed + 4))  # regularizers' targets
     metrics.update(found)
     skipped.update(why)
+    metrics["sample_spread_ratio"] = spread.ratio
+    metrics["nonfinite_samples"] = float(spread.nonfinite)
+    diverged = spread.nonfinite > 0 or not spread.ratio <= e.divergence_ratio
+    metrics["diverged"] = float(diverged)
+    if diverged:
+        reason = f"from diverged samples: {spread_text(metrics, e.divergence_ratio)}"
+        skipped[FLAGS] = {k: reason for k in metrics if k in SAMPLE_METRICS}
     return metrics, skipped

@@ -151,15 +151,57 @@ def image_channels(d_x: int, image_shape) -> tuple[int, int, int]:
     return d_x // (H * W), H, W
 
 
+class Preconditioning:
+    """EDM preconditioning (Karras et al. 2022, §5 and Table 1) for the OU process x_t = α_t x_0 + σ_t ε.
+
+    With σ_d² = E‖x_0‖²/d_x (the data's second moment per coordinate), Var(x_t) ≈ v_t = α_t² σ_d² + σ_t². The head F
+    sees c_in x_t (c_in = v_t^{-1/2}: unit variance) and the denoiser is D = c_skip x_t + c_out F with
+        c_skip = α_t σ_d² / v_t,   c_out = σ_t σ_d / √v_t,
+    the choice that makes the regression target F* = (x_0 − c_skip x_t)/c_out unit-variance at every t. In ε-space
+    ε̂ = (x_t − α_t D)/σ_t = c_in (σ_t c_in x_t − α_t σ_d F) (no division by σ_t, stable as t → T0), and the EDM loss
+    ‖F − F*‖² = w_t ‖ε̂ − ε‖² with w_t = v_t / (α_t σ_d)² = 1 + σ_t²/(α_t σ_d)²: unit-scale targets at every t.
+    """
+
+    def __init__(self, sigma_data: float):
+        self.sd = float(sigma_data)
+
+    @staticmethod
+    def _alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.exp(-t)[..., None], torch.sqrt(-torch.expm1(-2 * t))[..., None]
+
+    def c_in(self, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        return torch.rsqrt(alpha**2 * self.sd**2 + sigma**2)
+
+    def eps(self, x_t: torch.Tensor, F: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        c_in = torch.rsqrt(alpha**2 * self.sd**2 + sigma**2)
+        return c_in * (sigma * c_in * x_t - alpha * self.sd * F)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = self._alpha_sigma(t)
+        return (1 + sigma**2 / (alpha * self.sd) ** 2)[..., 0]
+
+
 class ScoreModel(nn.Module):
-    """ε̂_k(x_t, y, t) = f_k([x_t, h(y), τ(t)]); the score is −ε̂/σ_t (diffusion.py).
+    """ε̂_k(x_t, y, t) from heads f_k(x_in, h(y), τ(t)); the score is −ε̂/σ_t (diffusion.py).
 
     head = mlp: BatchedHeads on the concatenation; head = conv: ConvHeads on x_t as an image (needs image_shape).
+    parametrization = eps: the head's output is ε̂ itself. edm: the head F is preconditioned as in Karras et al.
+    (2022), rewritten for the OU process (`Preconditioning`): it sees c_in·x_t (unit variance at every t) and its
+    output is a unit-variance correction to the skip term of the denoiser D = c_skip x_t + c_out F. Either way
+    forward() returns ε̂, so losses, samplers and metrics are the same code for both.
     """
 
     def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int,
-                 head: str = "mlp", image_shape: tuple[int, ...] | None = None):
+                 head: str = "mlp", image_shape: tuple[int, ...] | None = None, parametrization: str = "eps",
+                 sigma_data: float = 1.0, head_config: dict | None = None):
         super().__init__()
+        if parametrization not in ("eps", "edm"):
+            raise ValueError(f"unknown parametrization {parametrization!r}")
+        self.parametrization, self.sigma_data = parametrization, float(sigma_data)
+        self.precond = Preconditioning(self.sigma_data) if parametrization == "edm" else None
+        self.edm_weighting = True  # a training choice (model.edm_weighting), not part of the saved spec
         self.encoder = encoder
         self.time = TimeFeatures(time_dim)
         if head == "conv":
@@ -167,17 +209,43 @@ class ScoreModel(nn.Module):
                 raise ValueError("conv head needs the image shape of x")
             shape = image_channels(d_x, image_shape)
             self.heads = ConvHeads(K, shape, encoder.d + time_dim, head_width, head_depth)
+        elif head == "unet":  # unet.UNetHeads; head_config: mults, patch, zero_out, sees_y (y as input channels)
+            from cdmtransfer.unet import UNetHeads  # noqa: PLC0415 (unet imports this module)
+
+            if image_shape is None:
+                raise ValueError("unet head needs the image shape of x")
+            shape, opts = image_channels(d_x, image_shape), dict(head_config or {})
+            sees_y, side = bool(opts.pop("sees_y", False)), shape[1] * shape[2]
+            if sees_y and encoder.D_y % side:
+                raise ValueError(f"head_sees_y: the condition (D_y = {encoder.D_y}) is not an image of x's size "
+                                 f"{shape[1]}x{shape[2]}")
+            self.heads = UNetHeads(K, shape, encoder.d + time_dim, head_width, head_depth,
+                                   y_channels=encoder.D_y // side if sees_y else 0, **opts)
         elif head == "mlp":
             self.heads = BatchedHeads(K, d_x + encoder.d + time_dim, d_x, head_width, head_depth)
         else:
             raise ValueError(f"unknown head kind {head!r}")
         self.d_x, self.head = d_x, head
 
+    def head_output(self, x_in: torch.Tensor, code: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The heads' raw output for input x_in and code w = h(y). Shapes [K, B, ·] and t [K, B]."""
+        if self.head == "mlp":
+            return self.heads(torch.cat([x_in, code, self.time(t)], dim=-1))
+        return self.heads(x_in, torch.cat([code, self.time(t)], dim=-1))
+
     def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Heads only, for a precomputed code w = h(y). Shapes [K, B, ·] and t [K, B]."""
-        if self.head == "conv":
-            return self.heads(x_t, torch.cat([code, self.time(t)], dim=-1))
-        return self.heads(torch.cat([x_t, code, self.time(t)], dim=-1))
+        """ε̂ for a precomputed code w = h(y) (heads only). Shapes [K, B, ·] and t [K, B]."""
+        if self.precond is None:
+            return self.head_output(x_t, code, t)
+        c_in = self.precond.c_in(t)
+        return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t), t)
+
+    def dsm_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight of ‖ε̂ − ε‖² in the training loss: the EDM weight (Preconditioning) when preconditioned
+        and `edm_weighting` is on; else 1 (the paper's σ²-weighted score loss)."""
+        if self.precond is None or not self.edm_weighting:
+            return torch.ones_like(t)
+        return self.precond.loss_weight(t)
 
     def forward(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self.eps_from_code(x_t, self.encoder(y), t)
@@ -185,8 +253,17 @@ class ScoreModel(nn.Module):
 
 def head_options(model_cfg, image_shape) -> dict:
     """ScoreModel keyword arguments for the recipe's model.head (a conv head needs the suite's image shape)."""
-    if model_cfg.head == "conv" and image_shape is None:
-        raise ConfigError("model.head = conv needs image data x; this suite has none (use model.head=mlp)")
+    if model_cfg.head in ("conv", "unet") and image_shape is None:
+        raise ConfigError(f"model.head = {model_cfg.head} needs image data x; this suite has none (use model.head=mlp)")
+    if getattr(model_cfg, "head_sees_y", False) and model_cfg.head != "unet":
+        raise ConfigError(f"model.head_sees_y needs model.head = unet, not {model_cfg.head}")
+    if model_cfg.head == "unet":
+        if not model_cfg.unet_mults or min(model_cfg.unet_mults) < 1:
+            raise ConfigError(f"model.unet_mults must be a non-empty list of positive integers, got "
+                              f"{model_cfg.unet_mults}")
+        config = {"mults": list(model_cfg.unet_mults), "patch": model_cfg.unet_patch,
+                  "zero_out": model_cfg.unet_zero_out, "sees_y": model_cfg.head_sees_y}
+        return {"head": "unet", "image_shape": image_shape, "head_config": config}
     return {"head": model_cfg.head, "image_shape": image_shape}
 
 
@@ -198,6 +275,10 @@ def build_encoder(spec: dict) -> nn.Module:
         return ConvEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"], tuple(spec["shape"]))
     if spec["kind"] == "fixed":
         return FixedEncoder(torch.zeros(spec["d"], spec["D_y"]), torch.zeros(spec["d"]), spec["activation"])
+    if spec["kind"] == "stacked":
+        from cdmtransfer.validation import StackedEncoder  # noqa: PLC0415 (validation imports this module)
+
+        return StackedEncoder(build_encoder(spec["base"]), spec["copies"])
     raise ValueError(f"unknown encoder kind {spec['kind']!r}")
 
 
@@ -211,23 +292,30 @@ def encoder_spec(encoder: nn.Module) -> dict:
                 "shape": list(encoder.shape)}
     if isinstance(encoder, FixedEncoder):
         return {"kind": "fixed", "D_y": encoder.D_y, "d": encoder.d, "activation": encoder.activation}
+    if hasattr(encoder, "copies"):  # validation.StackedEncoder: adapt's fold models
+        return {"kind": "stacked", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
+                "base": encoder_spec(encoder._base)}
     raise TypeError(f"no spec for encoder {type(encoder).__name__}")
 
 
 def model_spec(model: ScoreModel) -> dict:
     """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe)."""
     spec = {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
-            "time_dim": 2 * model.time.freqs.numel()}
+            "time_dim": 2 * model.time.freqs.numel(), "parametrization": model.parametrization,
+            "sigma_data": model.sigma_data}
     if model.head == "conv":
         return {**spec, "head": "conv", "head_width": model.heads.width, "head_depth": model.heads.depth,
                 "image_shape": list(model.heads.shape)}
+    if model.head == "unet":
+        return {**spec, "head": "unet", "image_shape": list(model.heads.shape), **model.heads.spec()}
     return {**spec, "head_width": model.heads.weights[0].shape[2], "head_depth": len(model.heads.weights) - 1}
 
 
 def build_model(spec: dict) -> ScoreModel:
-    """Inverse of model_spec; a spec without "head" (older checkpoints) is an MLP head."""
+    """Inverse of model_spec; older specs without "head" / "parametrization" are MLP heads predicting ε."""
     return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
-                      spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"))
+                      spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"),
+                      spec.get("parametrization", "eps"), spec.get("sigma_data", 1.0), spec.get("head_config"))
 
 
 def count_parameters(module: nn.Module) -> int:

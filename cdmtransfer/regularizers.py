@@ -260,7 +260,7 @@ class RegularizedObjective:
         K, B, _ = x_t.shape
         code = model.encoder(y)
         eps = model.eps_from_code(x_t, code, t)
-        loss = dsm_loss(eps, noise)  # theory.md §1.4
+        loss = model.dsm_weight(t) * dsm_loss(eps, noise)  # theory.md §1.4 (EDM-weighted when preconditioned)
         self.calls += 1
         self.interval_calls += 1
         self._note("dsm", loss)

@@ -9,7 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 METRIC_ORDER = ("score_error", "score_error_weighted", "posterior_mean_mse", "posterior_mean_mse_floor",
+                "ref/linear_pooled_mse", "ref/linear_target_mse", "ref/oracle_ls_mse",
                 "sliced_w2", "sliced_w2_floor", "test_dsm", "final_loss", "train_seconds")
+DIVERGED_MARK = "!"  # after a value computed from diverged samples (metrics.evaluate_model's divergence check)
+DIVERGED_NOTE = f"{DIVERGED_MARK} from diverged samples: not a result"
+SAMPLE_COLUMNS = ("posterior_mean_mse", "sliced_w2")  # sweep columns computed from samples
 
 
 def console(stderr: bool = False) -> Console:
@@ -28,13 +32,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def metrics_table(title: str, metrics: dict) -> Table:
-    table = Table(title=title, show_header=True)
+def metrics_table(title: str, metrics: dict, flagged=()) -> Table:
+    """Metric and value rows; the metrics named in `flagged` are marked (values from diverged samples)."""
+    table = Table(title=title, show_header=True, caption=DIVERGED_NOTE if flagged else None)
     table.add_column("metric")
     table.add_column("value", justify="right")
     keys = [k for k in METRIC_ORDER if k in metrics] + sorted(k for k in metrics if k not in METRIC_ORDER)
     for key in keys:
-        table.add_row(key, _fmt(metrics[key]))
+        table.add_row(key, _fmt(metrics[key]) + (f" {DIVERGED_MARK}" if key in flagged else ""))
     return table
 
 
@@ -45,7 +50,9 @@ MODE_ORDER = {"frozen": 0, "finetune": 1, "scratch": 2, "oracle": 3}
 
 def sweep_table(summary: list[dict], title: str) -> Table:
     metrics = [k for k in SWEEP_COLUMNS if any(k in row for row in summary)]
-    table = Table(title=title, show_header=True, caption="lower is better; bold: best at each m")
+    diverged = any(row.get("diverged", {}).get("mean", 0) > 0 for row in summary)
+    table = Table(title=title, show_header=True, caption="lower is better; bold: best at each m"
+                  + (f"; {DIVERGED_MARK} some seed's samples diverged: not a result" if diverged else ""))
     for col in ("mode", "m", "seeds", *(SWEEP_COLUMNS[k] for k in metrics)):
         table.add_column(col, justify="left" if col == "mode" else "right")
     best = {(k, m): min(row[k]["mean"] for row in summary if k in row and row["m"] == m)
@@ -58,6 +65,8 @@ def sweep_table(summary: list[dict], title: str) -> Table:
                 continue
             mean, std = row[k]["mean"], row[k]["std"]
             text = f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 else "")
+            if k in SAMPLE_COLUMNS and row.get("diverged", {}).get("mean", 0) > 0:
+                text += f" {DIVERGED_MARK}"
             cells.append(f"[bold]{text}[/bold]" if mean == best[(k, row["m"])] else text)
         table.add_row(row["mode"], str(row["m"]), str(row["seeds"]), *cells)
     return table

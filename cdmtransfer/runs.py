@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from cdmtransfer.checkpoint import load_export
 from cdmtransfer.config import Config, TrackingConfig, apply_override, check_consistency, from_dict
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.errors import ConfigError, DataError
-from cdmtransfer.metrics import conditional_samples, evaluate_model
+from cdmtransfer.metrics import conditional_samples, divergence_warning, evaluate_model
 from cdmtransfer.models import ScoreModel, build_model
 from cdmtransfer.tasks import build_taskset
-from cdmtransfer.tracking import Run, RunSummary, Tracker, find_model_dir, resolve_store
+from cdmtransfer.tracking import TAG, Run, RunSummary, Tracker, find_model_dir, resolve_store
 
 
 def load_run(source: str, *, tracking_uri: str | None = None, overrides: list[str] = (),
@@ -40,20 +41,30 @@ def load_run(source: str, *, tracking_uri: str | None = None, overrides: list[st
 
 
 def evaluate_run(source: str, *, tracking_uri: str | None = None, overrides: list[str] = (),
-                 home: str | None = None) -> RunSummary:
-    """Recompute the target metrics of an adapt run (evaluation settings can be changed with overrides)."""
+                 home: str | None = None, quiet: bool = False) -> RunSummary:
+    """Recompute the target metrics of an adapt run (evaluation settings can be changed with overrides).
+
+    Diverged samples: the run gets the tag cdmtransfer.diverged = "true" and, unless `quiet`, one warning line on
+    stderr, as adapt does. The reference estimators use the run's own m target samples (adapt.m and seed of its
+    config).
+    """
     model, cfg, meta, tracker = load_run(source, tracking_uri=tracking_uri, overrides=overrides, home=home)
     if meta.get("stage") != "adapt":
         raise ConfigError(f"{source}: evaluate takes an adapt run; a {meta.get('stage')} run has no target head")
     taskset = build_taskset(cfg)
     metrics, skipped = evaluate_model(model, taskset, cfg)
     run_id = meta.get("run_id", "")
+    warning = divergence_warning(f"evaluate {run_id or source}", metrics, skipped, cfg.evaluate.divergence_ratio)
     if run_id:
         run = tracker.get_run(run_id)
         step = int(run.data.metrics.get("eval/count", 0)) + 1
         live = Run(tracker, run_id)
         live.log_metrics({f"eval/{k}": v for k, v in metrics.items()} | {"eval/count": step}, step=step)
         live.flush()
+        if warning:
+            live.set_tags({TAG + "diverged": "true"})
+    if warning and not quiet:
+        print(warning, file=sys.stderr, flush=True)
     return RunSummary(run_id, "evaluate", metrics, {}, {"mode": meta.get("mode"), "skipped": skipped},
                       tracker.store.uri)
 

@@ -9,6 +9,7 @@ Both run the one loop in train.py and end with an exported EMA model and metrics
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
                                   resolve_store, tracked_run)
 from cdmtransfer.train import train
+from cdmtransfer.validation import (Prefixed, StackedEncoder, convergence_metrics, dsm_validation, fold_split,
+                                    holdout_split)
 
 
 def setup_torch(cfg: Config) -> torch.device:
@@ -65,9 +68,22 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
             x0, yb, t, noise = x0[:, part], yb[:, part], t[:, part], noise[:, part]
         if regularizer is not None:
             return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
-        return dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
+        weight = getattr(model, "module", model).dsm_weight(t)  # 1, or the EDM weight (models.Preconditioning)
+        return weight * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
 
     return loss_fn
+
+
+def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet, x_train: torch.Tensor) -> ScoreModel:
+    """A ScoreModel with the recipe's heads and parametrisation; σ_d² is the per-coordinate second moment of the
+    stage's own training x (models.Preconditioning)."""
+    m = cfg.model
+    sigma_data = float(x_train.pow(2).mean().sqrt().clamp_min(1e-3))
+    model = ScoreModel(encoder, K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
+                       **head_options(m, taskset.image_shape), parametrization=m.parametrization,
+                       sigma_data=sigma_data)
+    model.edm_weighting = m.edm_weighting
+    return model
 
 
 def _progress(cfg_steps: int, label: str, quiet: bool) -> Progress:
@@ -75,7 +91,7 @@ def _progress(cfg_steps: int, label: str, quiet: bool) -> Progress:
 
 
 def _check_resume(run_dir: Path, cfg: Config, stage: str) -> None:
-    found = list_checkpoints(run_dir / "checkpoints")
+    found = list_checkpoints(run_dir / "checkpoints") or list_checkpoints(run_dir / "checkpoints-cv")
     if not found:
         raise ConfigError(f"--resume: run has no checkpoint under {run_dir / 'checkpoints'}")
     meta = read_meta(found[-1])
@@ -106,12 +122,12 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     device = distributed.init(dist, setup_torch(cfg))
     taskset = build_taskset(cfg)
     torch.manual_seed(cfg.seed)
-    m = cfg.model
-    model = ScoreModel(new_encoder(cfg, taskset), taskset.K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
-                       **head_options(m, taskset.image_shape)).to(device)
+    train_rows, val_rows = holdout_split(taskset.source_n, cfg.pretrain.val_fraction, cfg.suite.seed)
+    x_real = taskset.source_x[train_rows.mask]  # the training rows, for σ_d
+    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, x_real).to(device)
     check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
-        return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume)
+        return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume, train_rows, val_rows)
     tracker = open_tracker(cfg, tracking_uri)
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "pretrain")
@@ -127,22 +143,18 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         meta = {"stage": "pretrain", "model": model_spec(model), "config": cfg.to_dict(), "run_id": run.run_id,
                 "taskset": taskset.summary()}
         process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-        reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
-        loss_fn = dsm_objective(taskset.source_x.to(device), taskset.source_y.to(device),
-                                taskset.source_n.to(device), process, cfg.pretrain.batch_size, regularizer=reg,
-                                shard=dist)
-        result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
-                       ckpt_dir=run.work_dir / "checkpoints", meta=meta, metrics=with_reg_metrics(run, reg),
-                       progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
-                       label="pretrain", device=device, dist=dist)
+        result, reg = _pretrain_loop(cfg, taskset, model, process, train_rows, val_rows, dist, device, resume,
+                                     run.work_dir / "checkpoints", meta, run, quiet)
         model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
         metrics = {"final_loss": result.final_loss, "train_seconds": result.seconds,
-                   "parameters": count_parameters(model), "encoder_parameters": count_parameters(model.encoder)}
+                   "parameters": count_parameters(model), "encoder_parameters": count_parameters(model.encoder),
+                   **convergence_metrics(result)}
         if reg is not None:
             metrics.update(reg.summary())  # mean of each regulariser term over the steps run
         if dist.active:
             metrics["world_size"] = dist.world
-        run.log_metrics(metrics, step=cfg.pretrain.steps)
+        run.log_metrics(metrics, step=result.steps_run)
+        run.set_tags({TAG + "converged": str(bool(result.converged)).lower(), TAG + "best_step": result.step})
         model_id = _finish(run, model_dir, cfg, "pretrain")
     distributed.finish(dist)
     return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
@@ -150,17 +162,34 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
                       tracker.store.uri)
 
 
-def _pretrain_rank(cfg: Config, taskset: TaskSet, model: ScoreModel, dist: Dist, device, tracking_uri, resume):
+def _pretrain_loop(cfg: Config, taskset: TaskSet, model: ScoreModel, process: OUProcess, train_rows, val_rows,
+                   dist: Dist, device, resume, ckpt_dir: Path, meta: dict, metrics, quiet: bool):
+    """Joint DSM on the sources' training rows, validated on their held-out rows (early stopping, best EMA kept)."""
+    reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
+    x, y, n = train_rows.gather(taskset.source_x, taskset.source_y)
+    loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, cfg.pretrain.batch_size,
+                            regularizer=reg, shard=dist)
+    validate = None
+    if val_rows is not None:
+        xv, yv, nv = val_rows.gather(taskset.source_x, taskset.source_y)
+        validate = dsm_validation(xv.to(device), yv.to(device), nv.to(device), process, cfg.pretrain.val_draws,
+                                  seed=cfg.seed + 17)
+    result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
+                   ckpt_dir=ckpt_dir, meta=meta, metrics=with_reg_metrics(metrics, reg),
+                   progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
+                   label="pretrain" if dist.is_main else f"pretrain-rank{dist.rank}", device=device, dist=dist,
+                   validate=validate)
+    return result, reg
+
+
+def _pretrain_rank(cfg: Config, taskset: TaskSet, model: ScoreModel, dist: Dist, device, tracking_uri, resume,
+                   train_rows, val_rows):
     """A torchrun rank other than 0: the same steps on its slice of each batch; no tracking, no files written."""
     store = resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home)
     ckpt_dir = store.work_dir(resume) / "checkpoints" if resume else store.home / "work" / "none"
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-    reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
-    loss_fn = dsm_objective(taskset.source_x.to(device), taskset.source_y.to(device), taskset.source_n.to(device),
-                            process, cfg.pretrain.batch_size, regularizer=reg, shard=dist)
-    result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
-                   ckpt_dir=ckpt_dir, meta={}, resume=bool(resume), label=f"pretrain-rank{dist.rank}",
-                   device=device, dist=dist)
+    result, _ = _pretrain_loop(cfg, taskset, model, process, train_rows, val_rows, dist, device, resume, ckpt_dir,
+                               {}, None, True)
     distributed.finish(dist)
     return RunSummary("", "pretrain", {"final_loss": result.final_loss}, {}, {"rank": dist.rank}, store.uri)
 
@@ -230,47 +259,91 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 metrics, *, quiet: bool = True, resume: bool = False, device=None) -> tuple[dict, dict, Path]:
     """Train the target head (and encoder, per mode) on m target samples, export the EMA model, evaluate it.
 
-    `metrics` receives the training curve (an MLflow Run, or a recorder in a sweep worker). Returns
-    (metrics, skipped metrics with reasons, exported model directory).
+    The length is chosen by cross-validation on the m samples: `val_folds` fold models (each trained on the other
+    folds, validated on its own; all in one batched model) stop together when their mean held-out DSM stops
+    improving at step s*; the final model then trains on all m samples for s*·F/(F − 1) steps, the same number
+    of passes over each sample. `metrics` receives the training curves (an MLflow Run, or a recorder in a sweep
+    worker; the folds' under cv/). Returns (metrics, skipped metrics with reasons, exported model directory).
     """
     a = cfg.adapt
     x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
-    torch.manual_seed(cfg.seed + 2)  # the new head starts the same in every mode
-    mc = cfg.model
-    model = ScoreModel(enc, 1, taskset.d_x, mc.head_width, mc.head_depth, mc.time_dim,
-                       **head_options(mc, taskset.image_shape)).to(device)
-    if a.mode in ("frozen", "oracle"):
-        model.encoder.requires_grad_(False)
-        groups = [{"params": list(model.heads.parameters()), "lr": a.lr}]
-    elif a.mode == "finetune":
-        groups = [{"params": list(model.heads.parameters()), "lr": a.lr},
-                  {"params": list(model.encoder.parameters()), "lr": a.encoder_lr}]
-    else:
-        groups = [{"params": list(model.parameters()), "lr": a.lr}]
-    meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
-            "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     reg = make_objective(cfg.regularize, "adapt", process, taskset.truth)
-    loss_fn = dsm_objective(x_m[None].to(device), y_m[None].to(device), torch.tensor([a.m], device=device),
-                            process, a.batch_size, regularizer=reg)
-    result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=work_dir / "checkpoints", meta=meta,
-                   metrics=with_reg_metrics(metrics, reg), progress=_progress(a.steps, f"adapt {a.mode}", quiet),
-                   resume=resume, label=f"adapt-{a.mode}", device=device)
+    folds = fold_split(a.m, a.val_folds)
+
+    def run_stage(encoder, K, x, y, n, ckpt: Path, label: str, sink, **kw):
+        torch.manual_seed(cfg.seed + 2)  # the new heads start the same in every mode
+        model = score_model(cfg, encoder, K, taskset, x_m).to(device)
+        groups = _adapt_groups(model, a)
+        meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
+                "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
+        loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, a.batch_size, regularizer=reg)
+        result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=ckpt, meta=meta,
+                       metrics=with_reg_metrics(sink, reg), progress=_progress(a.steps, label, quiet),
+                       resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, **kw)
+        return model, groups, meta, result
+
+    cv_result = None
+    if folds is not None:  # choose the length on the folds
+        (xt, yt, nt), (xv, yv, nv) = folds.gather(x_m, y_m)
+        fold_enc = StackedEncoder(enc, folds.count) if a.mode in ("finetune", "scratch") else enc
+        validate = dsm_validation(xv.to(device), yv.to(device), nv.to(device), process, a.val_draws,
+                                  seed=cfg.seed + 17)
+        _, _, _, cv_result = run_stage(fold_enc, folds.count, xt, yt, nt, work_dir / "checkpoints-cv",
+                                       f"adapt {a.mode} (cv)", Prefixed(metrics, "cv/"), validate=validate)
+        refit_steps = min(a.steps, math.ceil(cv_result.step * folds.count / (folds.count - 1)))
+    else:
+        refit_steps = a.steps
+    model, groups, meta, result = run_stage(enc, 1, x_m[None], y_m[None], torch.tensor([a.m]),
+                                            work_dir / "checkpoints", f"adapt {a.mode}", metrics,
+                                            stop_at=refit_steps)
     model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
     values, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
     adapt_samples_figure(result.ema, taskset, cfg, work_dir / "plots" / "samples.png")
-    values.update(final_loss=result.final_loss, train_seconds=result.seconds,
-                  trainable_parameters=sum(p.numel() for g in groups for p in g["params"]))
+    values.update(final_loss=result.final_loss, train_seconds=result.seconds + (cv_result.seconds if cv_result else 0),
+                  trainable_parameters=sum(p.numel() for g in groups for p in g["params"]), steps=result.steps_run)
+    if cv_result is not None:
+        values.update(convergence_metrics(cv_result, prefix="cv_"))
+        values["converged"] = values.pop("cv_converged")
+    else:
+        skipped["converged"] = f"m = {a.m} is too small to hold out a validation fold"
     if reg is not None:
         values.update(reg.summary())  # mean of each regulariser term over the steps run
     return values, skipped, model_dir
 
 
-def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path) -> str | None:
-    """Log an adapt run's final metrics, skipped-metric reasons and model; returns the LoggedModel id."""
-    run.log_metrics(values, step=cfg.adapt.steps)
+def _adapt_groups(model: ScoreModel, a) -> list[dict]:
+    """Parameter groups by mode: frozen/oracle train the head only; finetune the encoder too at its own rate."""
+    if a.mode in ("frozen", "oracle"):
+        model.encoder.requires_grad_(False)
+        return [{"params": list(model.heads.parameters()), "lr": a.lr}]
+    if a.mode == "finetune":
+        return [{"params": list(model.heads.parameters()), "lr": a.lr},
+                {"params": list(model.encoder.parameters()), "lr": a.encoder_lr}]
+    return [{"params": list(model.parameters()), "lr": a.lr}]
+
+
+def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path, *, quiet: bool = False) -> str | None:
+    """Log an adapt run's final metrics, skipped-metric reasons and model; returns the LoggedModel id.
+
+    Diverged samples (metrics.evaluate_model's check): tag cdmtransfer.diverged = "true" and, unless `quiet`, one
+    warning line on stderr naming the metrics that are not results.
+    """
+    import sys
+
+    from cdmtransfer.metrics import divergence_warning
+
+    run.log_metrics(values, step=int(values.get("steps", cfg.adapt.steps)))
+    if "converged" in values:
+        run.set_tags({TAG + "converged": str(bool(values["converged"])).lower()})
     if skipped:
         run.log_dict(skipped, "skipped_metrics.json")
+    warning = divergence_warning(f"adapt {cfg.adapt.mode} m={cfg.adapt.m} seed={cfg.seed}", values, skipped,
+                                 cfg.evaluate.divergence_ratio)
+    if warning:
+        run.set_tags({TAG + "diverged": "true"})
+        if not quiet:
+            print(warning, file=sys.stderr, flush=True)
     plots = model_dir.parent / "plots"
     if cfg.tracking.log_artifacts and plots.is_dir():
         run.log_artifacts(plots, "plots")

@@ -1,9 +1,12 @@
 """The one training loop every stage uses: AdamW, warm-up + cosine learning rate, gradient clipping, EMA,
-atomic checkpoints, exact resume, batched metric logging and progress.
+validation with early stopping, atomic checkpoints, exact resume, batched metric logging and progress.
 
-A stage supplies the model, its parameter groups and a `loss_fn(model, generator) -> per-sample losses`; the loop
-owns everything else. All randomness after the model's initialisation flows through one torch.Generator whose
-state is checkpointed, so a resumed run continues exactly as an uninterrupted one would.
+A stage supplies the model, its parameter groups, a `loss_fn(model, generator) -> per-sample losses` and, to train to
+convergence, a `validate(ema_model) -> loss` on held-out data; the loop owns everything else. `cfg.steps` is a cap:
+every `cfg.val_every` steps the EMA weights are validated, the best are kept, and after `cfg.patience` checks
+without improvement the run stops and reports that it converged. All randomness after the model's initialisation
+flows through one torch.Generator whose state is checkpointed (with the validation state), so a resumed run
+continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -26,16 +29,52 @@ from cdmtransfer.errors import DataError, TrainingError
 from cdmtransfer.progress import Progress
 
 LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
+ValFn = Callable[[nn.Module], torch.Tensor]  # EMA model -> scalar held-out loss (deterministic given the weights)
 
 
 @dataclass
 class TrainResult:
     model: nn.Module
-    ema: nn.Module
-    step: int
+    ema: nn.Module  # with validation: the best EMA weights (those of `step`), else the last
+    step: int  # the step whose EMA weights `ema` holds
     final_loss: float
     seconds: float
     checkpoint: Path | None
+    steps_run: int = 0
+    val_loss: float | None = None  # the best validation loss (None without validation)
+    converged: bool | None = None  # stopped because validation stopped improving (False: hit the step cap first)
+
+
+@dataclass
+class Validation:
+    """Early-stopping state; lives in the checkpoint so a resumed run stops where an uninterrupted one would."""
+
+    best: float = math.inf
+    best_step: int = 0
+    bad: int = 0  # checks since the last improvement
+    stopped: bool = False
+    best_state: dict | None = None  # EMA weights at best_step
+
+    def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig) -> None:
+        """Record one check: a relative improvement over min_delta keeps these EMA weights as the best."""
+        if math.isfinite(value) and value < self.best - cfg.min_delta * abs(self.best if math.isfinite(self.best)
+                                                                            else value):
+            self.best, self.best_step, self.bad = value, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        else:
+            self.bad += 1
+        self.stopped = cfg.patience > 0 and self.bad >= cfg.patience
+
+    def to_state(self) -> dict:
+        return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
+                "best_state": self.best_state or {}}
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "Validation":
+        if not state:
+            return cls()
+        return cls(float(state["best"]), int(state["best_step"]), int(state["bad"]), bool(state["stopped"]),
+                   state["best_state"] or None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -57,28 +96,35 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 
 def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: TrainConfig, *, seed: int,
           ckpt_dir: Path, meta: dict, metrics=None, progress: Progress | None = None, resume: bool = False,
-          label: str = "train", device: torch.device | None = None, dist: Dist = Dist()) -> TrainResult:
-    """Run `cfg.steps` optimisation steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`).
+          label: str = "train", device: torch.device | None = None, dist: Dist = Dist(),
+          validate: ValFn | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train for at most `cfg.steps` steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`).
 
+    With `validate`, stop early by validation and return the best EMA weights. `stop_at` ends the run at that step
+    with the learning-rate schedule of the full `cfg.steps` (a refit to a length chosen elsewhere).
     Under torchrun (`dist.active`) gradients are averaged by DistributedDataParallel and only rank 0 logs,
-    shows progress and writes checkpoints.
+    shows progress and writes checkpoints; every rank validates the same EMA weights, so all stop together.
     """
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ema = copy.deepcopy(model).requires_grad_(False)
-    start = 0
+    last = min(cfg.steps, stop_at or cfg.steps)
+    start, val = 0, Validation()
     if resume:
-        start = _restore(ckpt_dir, model, ema, optimizer, generator)
+        start, val = _restore(ckpt_dir, model, ema, optimizer, generator)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     net = nn.parallel.DistributedDataParallel(model) if dist.active else model
     if not dist.is_main:
         metrics, progress = None, None
-    progress = progress or Progress(total=cfg.steps, label=label, enabled=False)
+    progress = progress or Progress(total=last, label=label, enabled=False)
     progress.start(start)
     t0, last_path, loss_value = time.perf_counter(), None, float("nan")
     running = torch.zeros((), device=device)
-    for step in range(start, cfg.steps):
+    done = start
+    for step in range(start, last):
+        if val.stopped:
+            break
         scale = lr_at(step, cfg)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * scale
@@ -90,7 +136,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
                      else torch.zeros(()))
         running += loss.detach()
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or done == last:
             count = done % cfg.log_every or cfg.log_every
             loss_value = float(distributed.mean(running, dist)) / count  # one host sync per logging interval
             running.zero_()
@@ -102,18 +148,29 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
             progress.update(done, loss_value)
         optimizer.step()
         ema_update(ema, model, step, cfg.ema_decay)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if validate is not None and (done % cfg.val_every == 0 or done == last):
+            with torch.no_grad():
+                value = float(validate(ema))
+            val.update(value, done, ema, cfg)
+            if metrics is not None:
+                metrics.log_metrics({"val_loss": value}, step=done)
+        end = done == last or val.stopped
+        if done % cfg.checkpoint_every == 0 or end:
             if not math.isfinite(float(distributed.mean(running, dist))):  # never checkpoint diverged weights
                 raise _non_finite(label, done, ckpt_dir)
-        if dist.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if dist.is_main and (done % cfg.checkpoint_every == 0 or end):
             last_path = save_checkpoint(ckpt_dir, done, model.state_dict(), ema.state_dict(),
-                                        _train_state(optimizer, generator, done), meta)
+                                        _train_state(optimizer, generator, done, val), meta)
             if metrics is not None:
                 metrics.flush()
     progress.finish()
-    if start >= cfg.steps:
+    if last_path is None:  # nothing left to run after a resume
         last_path = _newest(ckpt_dir)
-    return TrainResult(model, ema, cfg.steps, loss_value, time.perf_counter() - t0, last_path)
+    result = TrainResult(model, ema, done, loss_value, time.perf_counter() - t0, last_path, steps_run=done)
+    if validate is not None and val.best_state is not None:
+        ema.load_state_dict(val.best_state)
+        result.step, result.val_loss, result.converged = val.best_step, val.best, val.stopped
+    return result
 
 
 def _non_finite(label: str, step: int, ckpt_dir: Path) -> TrainingError:
@@ -122,8 +179,9 @@ def _non_finite(label: str, step: int, ckpt_dir: Path) -> TrainingError:
                          f"last good checkpoint: {last or 'none'}")
 
 
-def _train_state(optimizer, generator, step: int) -> dict:
-    return {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step}
+def _train_state(optimizer, generator, step: int, val: Validation) -> dict:
+    return {"optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step,
+            "validation": val.to_state()}
 
 
 def _newest(ckpt_dir: Path) -> Path | None:
@@ -131,7 +189,7 @@ def _newest(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _restore(ckpt_dir: Path, model, ema, optimizer, generator) -> int:
+def _restore(ckpt_dir: Path, model, ema, optimizer, generator) -> tuple[int, Validation]:
     path = _newest(ckpt_dir)
     if path is None:
         raise DataError(f"{ckpt_dir}: no checkpoint to resume from")
@@ -141,6 +199,7 @@ def _restore(ckpt_dir: Path, model, ema, optimizer, generator) -> int:
         ema.load_state_dict(ema_state)
         optimizer.load_state_dict(train_state["optimizer"])
         generator.set_state(train_state["generator"])
+        val = Validation.from_state(train_state.get("validation"))
     except (RuntimeError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: checkpoint does not fit this model ({str(exc).splitlines()[0]})") from None
-    return int(train_state["step"])
+    return int(train_state["step"]), val

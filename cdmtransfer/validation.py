@@ -1,0 +1,146 @@
+"""Held-out data for training to convergence: which rows validate, the validation loss, and fold models.
+
+pretrain holds out `val_fraction` of each source task's rows; adapt splits its m samples into F folds and trains F
+fold models at once (heads stacked like the K source heads, encoders stacked with torch.func where they train).
+The validation loss is the held-out DSM of theory.md §1.3 in ε-space, ‖ε̂ − ε‖² averaged over t ~ Unif[T0, T],
+with noise drawn once, so it is a deterministic function of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from cdmtransfer.diffusion import OUProcess, dsm_loss
+
+MAX_VAL_ROWS = 256  # per source task: enough for a stable mean, cheap to evaluate every val_every steps
+
+
+@dataclass
+class RowSplit:
+    """A subset of the rows of [K, n_max, ·] task arrays: mask [K, n_max]."""
+
+    mask: torch.Tensor
+
+    def gather(self, x: torch.Tensor, y: torch.Tensor):
+        """The selected rows packed to the front of each task: ([K, n', d_x], [K, n', D_y], counts [K])."""
+        counts = self.mask.sum(1)
+        order = torch.argsort((~self.mask).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+        pick = lambda a: torch.gather(a, 1, order[..., None].expand(-1, -1, a.shape[-1]))  # noqa: E731
+        return pick(x), pick(y), counts
+
+
+def holdout_split(counts: torch.Tensor, fraction: float, seed: int) -> tuple[RowSplit, RowSplit | None]:
+    """Hold out round(fraction · n_k) rows of each task (at most MAX_VAL_ROWS, at least one training row left).
+
+    The rows are drawn by a permutation fixed by `seed`; fraction 0 validates nothing (None).
+    """
+    K, n_max = len(counts), int(counts.max())
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.rand(K, n_max, generator=g)
+    valid = torch.arange(n_max)[None] < counts[:, None]
+    rank = torch.argsort(torch.argsort(keys.masked_fill(~valid, 2.0), dim=1), dim=1)  # random rank of each row
+    held = torch.clamp((fraction * counts).round().long(), max=MAX_VAL_ROWS).minimum(counts - 1).clamp_min(0)
+    val = valid & (rank < held[:, None])
+    if fraction <= 0 or not bool(held.all()):
+        return RowSplit(valid), None
+    return RowSplit(valid & ~val), RowSplit(val)
+
+
+@dataclass
+class Folds:
+    """m samples in F interleaved folds: fold f validates on rows f, f + F, … and trains on the rest."""
+
+    m: int
+    count: int
+
+    def gather(self, x: torch.Tensor, y: torch.Tensor):
+        """((x, y, n) training, (x, y, n) held out), each stacked over folds as [F, rows, ·] task arrays."""
+        fold = torch.arange(self.m) % self.count
+        held = fold[None] == torch.arange(self.count)[:, None]  # [F, m]
+        xs, ys = x.expand(self.count, *x.shape), y.expand(self.count, *y.shape)
+        return RowSplit(~held).gather(xs, ys), RowSplit(held).gather(xs, ys)
+
+
+def fold_split(m: int, folds: int) -> Folds | None:
+    """F = min(folds, m) folds of the m samples; None when m < 2 leaves nothing to hold out."""
+    return Folds(m, min(folds, m)) if m >= 2 else None
+
+
+def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, draws: int,
+                   seed: int, chunk_rows: int = 8192):
+    """validate(model) → mean over tasks of the held-out ε-space DSM, E_t ‖ε̂_k(x_t, y, t) − ε‖² (theory.md §1.3).
+
+    x [K, n, d_x], y [K, n, D_y], counts [K] (rows past counts[k] are padding). `draws` (t, ε) pairs per row are
+    drawn once here, so the value depends on the weights alone; evaluated in chunks of draws to bound memory.
+    """
+    K, n, _ = x.shape
+    g = torch.Generator().manual_seed(seed)
+    t = process.sample_t((draws, K, n), g).to(x.device)
+    noise = torch.randn((draws, *x.shape), generator=g).to(x.device)
+    x_t = process.perturb(x, t, noise)
+    mask = (torch.arange(n, device=x.device)[None] < counts[:, None]).float()  # [K, n]
+    per_chunk = max(1, chunk_rows // max(1, K * n))
+
+    @torch.no_grad()
+    def validate(model: nn.Module) -> torch.Tensor:
+        total = torch.zeros(K, device=x.device)
+        for i in range(0, draws, per_chunk):  # a loop over chunks of noise draws, each batched over tasks and rows
+            j = min(draws, i + per_chunk)
+            r = j - i
+            eps = model(x_t[i:j].transpose(0, 1).reshape(K, r * n, -1), y.repeat(1, r, 1),
+                        t[i:j].transpose(0, 1).reshape(K, r * n))
+            loss = dsm_loss(eps, noise[i:j].transpose(0, 1).reshape(K, r * n, -1)).view(K, r, n)
+            total += (loss * mask[:, None]).sum(dim=(1, 2))
+        return (total / (draws * mask.sum(1))).mean()
+
+    return validate
+
+
+class StackedEncoder(nn.Module):
+    """F independent copies of an encoder, each applied to its own slice of a [F, B, D_y] batch in one vmapped call
+    (torch.func.functional_call over stacked parameters): fold models that train their encoders never share one."""
+
+    def __init__(self, encoder: nn.Module, copies: int):
+        super().__init__()
+        params = dict(encoder.named_parameters())
+        self.names = list(params)
+        self.stacked = nn.ParameterList(
+            nn.Parameter(p.detach().clone().expand(copies, *p.shape).clone()) for p in params.values())
+        self.__dict__["_base"] = copy.deepcopy(encoder).requires_grad_(False)  # the function; not a submodule
+        self.d, self.D_y, self.copies = encoder.d, encoder.D_y, copies
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        def one(params, rows):
+            return functional_call(self._base, dict(zip(self.names, params)), (rows,))
+
+        return vmap(one)(tuple(self.stacked), y)
+
+
+class Prefixed:
+    """A metrics sink that prefixes every name (the fold models' curves go under cv/)."""
+
+    def __init__(self, sink, prefix: str):
+        self.sink, self.prefix = sink, prefix
+
+    def log_metrics(self, values: dict, step: int) -> None:
+        if self.sink is not None:
+            self.sink.log_metrics({self.prefix + k: v for k, v in values.items()}, step=step)
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+
+def convergence_metrics(result, prefix: str = "") -> dict[str, float]:
+    """What a run reports about its length: the step it kept, whether validation stopped it, the best loss."""
+    if result.val_loss is None:
+        return {f"{prefix}steps_run": float(result.steps_run)}
+    return {f"{prefix}best_step": float(result.step), f"{prefix}steps_run": float(result.steps_run),
+            f"{prefix}val_loss": result.val_loss if math.isfinite(result.val_loss) else float("nan"),
+            f"{prefix}converged": float(bool(result.converged))}

@@ -1,0 +1,124 @@
+"""Linear reference estimators (references.py): pooled-source linear posterior mean, GCV ridge, oracle least squares."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cdmtransfer.config import Config
+from cdmtransfer.references import ORACLE, POOLED, TARGET, pooled_linear, reference_metrics, ridge_gcv
+from cdmtransfer.tasks import build_taskset
+from cdmtransfer.tasks.base import TaskSet, stack_sources
+from cdmtransfer.typed import from_dict
+
+D_Y, D_X, NOISE = 6, 3, 0.3
+
+
+def linear_world(seed: int = 0):
+    """x = A y + b + N(0, NOISE² I): one map A, b for every task; the tasks' y differ in mean and covariance."""
+    g = torch.Generator().manual_seed(seed)
+    A, b = torch.randn(D_X, D_Y, generator=g), torch.randn(D_X, generator=g)
+
+    def draw(n: int, shift: float, scale: float):
+        y = shift + scale * torch.randn(n, D_Y, generator=g) @ torch.randn(D_Y, D_Y, generator=g) / D_Y**0.5
+        return y @ A.T + b + NOISE * torch.randn(n, D_X, generator=g), y
+
+    return A, b, draw
+
+
+def sources(draw, sizes=(1500, 700, 2500, 1200)):
+    xs, ys = zip(*(draw(n, shift=0.5 * k, scale=1 + 0.3 * k) for k, n in enumerate(sizes)))
+    return stack_sources(list(xs), list(ys))
+
+
+def test_pooled_estimator_reaches_the_noise_variance():
+    A, b, draw = linear_world()
+    X, Y, n = sources(draw)
+    fit = pooled_linear(X, Y, n)
+    x_test, y_test = draw(20000, shift=0.2, scale=1.1)  # a target with its own y distribution, same map
+    mse = float((fit.predict(y_test) - x_test.double()).pow(2).mean())
+    N = int(n.sum())
+    expected = NOISE**2 * (1 + (D_Y + 1) / N)  # the noise, plus the estimation error of D_Y + 1 coefficients
+    sampling = NOISE**2 * math.sqrt(2 / x_test.numel())  # sd of a mean of x_test.numel() squared N(0, NOISE²)
+    assert abs(mse - expected) < 5 * sampling
+    assert torch.allclose(fit.coef.T, A.double(), atol=0.02)
+    assert torch.allclose(fit.intercept, b.double(), atol=0.03)
+
+    taskset = TaskSet("linear", X, Y, n, x_test[:10], y_test[:10], x_test, y_test)
+    out, skipped = reference_metrics(taskset, x_test, y_test)
+    assert out[POOLED] == pytest.approx(mse, rel=1e-12)
+    assert set(skipped) == {TARGET, ORACLE}  # no target samples given
+
+
+def test_padding_rows_are_ignored():
+    _, _, draw = linear_world(1)
+    X, Y, n = sources(draw, sizes=(300, 50, 800))
+    x_test, y_test = draw(64, shift=0.0, scale=1.0)
+    X2, Y2 = X.clone(), Y.clone()
+    for k, n_k in enumerate(n.tolist()):
+        X2[k, n_k:] = 1e6 * torch.randn_like(X2[k, n_k:])  # garbage where the rows are padding
+        Y2[k, n_k:] = float("nan")
+    a, b = pooled_linear(X, Y, n), pooled_linear(X2, Y2, n)
+    assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, b.intercept)
+    first = reference_metrics(TaskSet("a", X, Y, n, x_test, y_test, x_test, y_test), x_test, y_test)[0][POOLED]
+    second = reference_metrics(TaskSet("b", X2, Y2, n, x_test, y_test, x_test, y_test), x_test, y_test)[0][POOLED]
+    assert first == second
+
+
+def _explicit_gcv(F, X, lam):
+    """GCV from the hat matrix written out: H = 11ᵀ/n + F_c (F_cᵀF_c + λI)⁻¹ F_cᵀ."""
+    F, X = F.double(), X.double()
+    n = F.shape[0]
+    Fc = F - F.mean(0)
+    H = torch.full((n, n), 1 / n, dtype=torch.float64) + Fc @ torch.linalg.solve(
+        Fc.T @ Fc + lam * torch.eye(F.shape[1], dtype=torch.float64), Fc.T)
+    resid = X - H @ X
+    return float(resid.pow(2).sum() / n / (1 - torch.trace(H) / n) ** 2)
+
+
+def test_gcv_ridge_recovers_a_known_coefficient():
+    g = torch.Generator().manual_seed(2)
+    beta, intercept = torch.tensor([[1.5], [-2.0], [0.5], [0.0], [3.0]]), 0.7
+    F = torch.randn(400, 5, generator=g)
+    x = F @ beta + intercept + 0.1 * torch.randn(400, 1, generator=g)
+    fit = ridge_gcv(F, x)
+    assert torch.allclose(fit.coef, beta.double(), atol=0.02)
+    assert fit.intercept.item() == pytest.approx(intercept, abs=0.02)
+    assert fit.lam < 1.0  # clean signal: hardly any shrinkage
+
+    noise_only = torch.randn(400, 1, generator=g)  # nothing to fit: GCV shrinks hard
+    assert ridge_gcv(F, noise_only).coef.norm() < 0.1 * ridge_gcv(F, noise_only * 0 + F @ beta).coef.norm()
+
+
+@pytest.mark.parametrize("n", [12, 60])  # fewer rows than features, and more
+def test_gcv_closed_form_matches_the_hat_matrix(n):
+    g = torch.Generator().manual_seed(n)
+    F = torch.randn(n, 20, generator=g)
+    x = F[:, :3] @ torch.randn(3, 2, generator=g) + 0.5 * torch.randn(n, 2, generator=g)
+    fit = ridge_gcv(F, x)
+    best = _explicit_gcv(F, x, fit.lam)
+    for factor in (0.1, 0.3, 3.0, 10.0):  # GCV's minimum over the grid is no worse than its neighbours
+        assert best <= _explicit_gcv(F, x, fit.lam * factor) * (1 + 1e-9)
+    Fc = (F - F.mean(0)).double()  # and the coefficients are the ridge solution at that λ
+    coef = torch.linalg.solve(Fc.T @ Fc + fit.lam * torch.eye(20, dtype=torch.float64),
+                              Fc.T @ (x - x.mean(0)).double())
+    assert torch.allclose(fit.coef, coef, atol=1e-8)
+
+
+def test_target_and_oracle_least_squares_approach_the_exact_posterior_mean():
+    """Linear h*: with the whole target pool, ridge on y and least squares on h*(y) reach the exact posterior mean's
+    MSE (the floor), the oracle faster; with few samples both are worse and the oracle stays ahead."""
+    cfg = from_dict(Config, {"suite": {"name": "gaussian", "K": 4, "n": 256, "n_target_pool": 4000, "n_test": 400,
+                                       "gaussian": {"d_x": 3, "D_y": 16, "d": 2}}}, "test")
+    taskset = build_taskset(cfg)
+    x, y = taskset.test_x, taskset.test_y
+    floor = float((taskset.truth.mean(0, y) - x).pow(2).mean())
+    many, _ = reference_metrics(taskset, x, y, taskset.target_x, taskset.target_y)
+    few, _ = reference_metrics(taskset, x, y, *taskset.target_subset(12, seed=0))
+    assert many[ORACLE] == pytest.approx(floor, rel=0.03)
+    assert many[TARGET] == pytest.approx(floor, rel=0.05)
+    assert few[ORACLE] < few[TARGET]
+    assert few[TARGET] > many[TARGET]
+    assert many[POOLED] == few[POOLED] > 2 * floor  # the sources' maps differ from the target's: pooling misses it

@@ -1,0 +1,161 @@
+"""Training to convergence: held-out splits, the validation loss, early stopping with the best weights kept, stacked
+fold encoders, and the EDM preconditioning's implied score."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cdmtransfer.config import TrainConfig
+from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.models import MLPEncoder, Preconditioning, ScoreModel
+from cdmtransfer.train import train
+from cdmtransfer.validation import StackedEncoder, dsm_validation, fold_split, holdout_split
+
+
+def test_holdout_split_is_disjoint_capped_and_ignores_padding():
+    counts = torch.tensor([10, 40, 3000])
+    train_rows, val_rows = holdout_split(counts, 0.2, seed=0)
+    assert not (train_rows.mask & val_rows.mask).any()
+    assert (train_rows.mask | val_rows.mask).sum(1).tolist() == counts.tolist()  # padding rows in neither
+    assert val_rows.mask.sum(1).tolist() == [2, 8, 256]  # 20%, capped at MAX_VAL_ROWS
+    x = torch.arange(3 * 3000, dtype=torch.float).view(3, 3000, 1)
+    xv, yv, nv = val_rows.gather(x, x)
+    assert nv.tolist() == [2, 8, 256]
+    picked = set(xv[1, :8, 0].tolist())
+    assert picked == set(x[1][val_rows.mask[1]][:, 0].tolist())
+    assert holdout_split(counts, 0.0, seed=0)[1] is None
+
+
+def test_folds_hold_out_each_sample_exactly_once():
+    folds = fold_split(10, 4)
+    x = torch.arange(10, dtype=torch.float)[:, None]
+    (xt, _, nt), (xv, _, nv) = folds.gather(x, x)
+    assert nt.tolist() == [7, 7, 8, 8] and nv.tolist() == [3, 3, 2, 2]
+    held = sorted(v for f in range(4) for v in xv[f, : nv[f], 0].tolist())
+    assert held == list(range(10))
+    for f in range(4):
+        assert not set(xv[f, : nv[f], 0].tolist()) & set(xt[f, : nt[f], 0].tolist())
+    assert fold_split(1, 4) is None and fold_split(3, 4).count == 3
+
+
+def test_stacked_encoder_copies_are_independent_and_match_the_single_encoder():
+    torch.manual_seed(0)
+    enc = MLPEncoder(6, 3, 16, 2)
+    stacked = StackedEncoder(enc, 3)
+    y = torch.randn(3, 5, 6)
+    out = stacked(y)
+    for f in range(3):
+        torch.testing.assert_close(out[f], enc(y[f]))
+    loss = out[0].pow(2).sum()
+    loss.backward()
+    for p in stacked.stacked:
+        assert p.grad[0].abs().sum() > 0 and p.grad[1:].abs().sum() == 0  # copy 0's loss reaches copy 0 only
+    with torch.no_grad():
+        stacked.stacked[0][1].add_(1.0)  # change copy 1
+    out2 = stacked(y)
+    assert torch.equal(out2[0], out[0]) and torch.equal(out2[2], out[2]) and not torch.equal(out2[1], out[1])
+
+
+def test_preconditioned_model_fed_the_exact_denoiser_gives_the_exact_score():
+    # x_0 ~ N(μ, s² I): E[x_0 | x_t] is linear in x_t, so the exact score is known in closed form.
+    mu, s2, sd = 0.7, 0.4, 0.9
+    pre = Preconditioning(sd)
+    t = torch.tensor([0.01, 0.1, 0.5, 1.0, 3.0, 4.0])
+    x_t = torch.randn(6, 5)
+    alpha, sigma2 = torch.exp(-t)[:, None], -torch.expm1(-2 * t)[:, None]
+    var = alpha**2 * s2 + sigma2
+    score = -(x_t - alpha * mu) / var
+    denoiser = mu + alpha * s2 / var * (x_t - alpha * mu)  # E[x_0 | x_t]
+    v = alpha**2 * sd**2 + sigma2
+    c_skip, c_out = alpha * sd**2 / v, torch.sqrt(sigma2) * sd / v.sqrt()
+    F = (denoiser - c_skip * x_t) / c_out  # what an exact network would output
+    eps = pre.eps(x_t, F, t)
+    torch.testing.assert_close(-eps / torch.sqrt(sigma2), score, rtol=1e-4, atol=1e-4)
+    # and the EDM weight turns the ε-loss into the F-space loss: w ‖ε̂ − ε‖² = ‖F − F*‖²
+    F_other = F + torch.randn_like(F)
+    lhs = pre.loss_weight(t) * (pre.eps(x_t, F_other, t) - eps).pow(2).sum(-1)
+    torch.testing.assert_close(lhs, (F_other - F).pow(2).sum(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_edm_model_returns_the_same_eps_interface():
+    torch.manual_seed(0)
+    model = ScoreModel(MLPEncoder(4, 2, 8, 1), 2, 3, 16, 1, 4, parametrization="edm", sigma_data=0.5)
+    x, y, t = torch.randn(2, 7, 3), torch.randn(2, 7, 4), torch.rand(2, 7) + 0.01
+    assert model(x, y, t).shape == (2, 7, 3)
+    assert torch.all(model.dsm_weight(t) >= 1)
+
+
+class _Quadratic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+
+def _run(tmp_path, cfg, validate, name="a", **kw):
+    model = _Quadratic()
+
+    def loss_fn(m, gen):  # pulls w towards 10 with noise
+        return (m.w - 10.0 + 0.01 * torch.randn((), generator=gen)).pow(2)[None]
+
+    return train(model, [{"params": list(model.parameters())}], loss_fn, cfg, seed=0, ckpt_dir=tmp_path / name,
+                 meta={}, validate=validate, **kw)
+
+
+def test_early_stopping_keeps_the_best_ema_weights_and_says_it_converged(tmp_path):
+    cfg = TrainConfig(steps=2000, lr=0.05, warmup_steps=1, val_every=10, patience=5, ema_decay=0.9,
+                      checkpoint_every=10_000)
+    seen = {}
+
+    def validate(ema):  # best where w is closest to 3: training overshoots towards 10, so validation turns up
+        value = (ema.w - 3.0).abs()
+        seen[float(ema.w)] = float(value)
+        return value
+
+    result = _run(tmp_path, cfg, validate)
+    assert result.converged is True and result.steps_run < 2000
+    assert result.steps_run == result.step + 5 * 10  # stopped `patience` checks after the best
+    assert abs(float(result.ema.w) - 3.0) == pytest.approx(min(seen.values()))
+    assert result.val_loss == pytest.approx(min(seen.values()))
+
+
+def test_a_run_still_improving_at_the_cap_is_not_converged(tmp_path):
+    cfg = TrainConfig(steps=60, lr=0.01, warmup_steps=1, val_every=10, patience=5, checkpoint_every=10_000)
+    result = _run(tmp_path, cfg, lambda ema: (ema.w - 10.0).abs())
+    assert result.converged is False and result.step == 60 and result.steps_run == 60
+
+
+def test_resumed_run_stops_where_an_uninterrupted_one_does(tmp_path):
+    cfg = TrainConfig(steps=2000, lr=0.05, warmup_steps=1, val_every=10, patience=5, ema_decay=0.9,
+                      checkpoint_every=30)
+    full = _run(tmp_path, cfg, lambda ema: (ema.w - 3.0).abs(), name="full")
+    _run(tmp_path, cfg, lambda ema: (ema.w - 3.0).abs(), name="part", stop_at=40)
+    resumed = _run(tmp_path, cfg, lambda ema: (ema.w - 3.0).abs(), name="part", resume=True)
+    assert (resumed.step, resumed.steps_run) == (full.step, full.steps_run)
+    assert float(resumed.ema.w) == float(full.ema.w)
+
+
+def test_dsm_validation_is_deterministic_ignores_padding_and_is_lowest_for_the_true_noise_predictor():
+    process = OUProcess(0.01, 4.0)
+    x = torch.randn(2, 6, 3) * 0.1  # nearly a point mass at 0: the ideal ε̂ is x_t / σ_t
+    counts = torch.tensor([6, 4])
+    y = torch.zeros(2, 6, 1)
+    validate = dsm_validation(x, y, counts, process, draws=8, seed=0)
+
+    class Ideal(nn.Module):
+        def forward(self, x_t, y, t):
+            return x_t / process.sigma(t)[..., None]
+
+    class Zero(nn.Module):
+        def forward(self, x_t, y, t):
+            return torch.zeros_like(x_t)
+
+    assert float(validate(Ideal())) == float(validate(Ideal()))
+    assert float(validate(Ideal())) < 0.1 * float(validate(Zero()))
+    x2 = x.clone()
+    x2[1, 4:] = 1e6  # padding rows of task 1
+    assert math.isclose(float(dsm_validation(x2, y, counts, process, 8, 0)(Ideal())), float(validate(Ideal())),
+                        rel_tol=1e-6)
+    assert float(validate(Zero())) == pytest.approx(3.0, rel=0.3)  # E‖ε‖² = d_x
+    assert dsm_loss(torch.zeros(1, 3), torch.ones(1, 3)).item() == 3.0
