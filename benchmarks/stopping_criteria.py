@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import tempfile
+from pathlib import Path
 import time
 
 import torch
@@ -114,7 +115,7 @@ def main() -> None:
 
     t0 = time.time()
     train(model, _adapt_groups(model, a), dsm_objective(xt, yt, nt, process, a.batch_size), a, seed=cfg.seed,
-          ckpt_dir=os.path.join("/tmp", f"stopping-{os.getpid()}"), meta={}, validate=validate)
+          ckpt_dir=Path(tempfile.mkdtemp(prefix="stopping-")), meta={}, validate=validate)
     steps = [args.every * (i + 1) for i in range(len(rows))]
     targets = [k for k in ("score_error", "posterior_mean_mse", "test_dsm") if k in rows[0]]
     print(f"{args.recipe} mode={args.mode} m={args.m} parametrization={cfg.model.parametrization} "

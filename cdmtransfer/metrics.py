@@ -80,7 +80,8 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int, generator: torch.Ge
 
 
 FLAGS = "flags"  # key of `skipped` holding {metric: reason} for metrics computed but not to be taken as results
-SAMPLE_METRICS = ("posterior_mean_mse", "sliced_w2", "psnr", "centre_accuracy_id", "centre_accuracy_ood")
+SAMPLE_METRICS = ("posterior_mean_mse", "posterior_mean_mse_excess", "sliced_w2", "psnr", "centre_accuracy_id",
+                  "centre_accuracy_ood")
 
 
 class SampleSpread:
@@ -183,6 +184,11 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
                                                      e.sampler, gen))
         metrics["sliced_w2"] = float(sliced_w2(model_draws, reference, 64, gen).mean())
         metrics["sliced_w2_floor"] = float(sliced_w2(reference2, reference, 64, gen).mean())
+    reference_diagnostics = getattr(taskset.truth, "reference_diagnostics", None)  # MCMC references (Langevin)
+    if reference_diagnostics is not None:
+        metrics.update(reference_diagnostics())
+    if "posterior_mean_mse_floor" in metrics:
+        metrics["posterior_mean_mse_excess"] = metrics["posterior_mean_mse"] - metrics["posterior_mean_mse_floor"]
     found, why = diagnose(model, taskset, torch.Generator().manual_seed(e.seed + 4))  # regularizers' targets
     metrics.update(found)
     skipped.update(why)

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -79,7 +79,8 @@ class LangevinTruth(GroundTruth):
     `mean(task, y)` and `sample(task, y, generator)` run batched HMC (cdmtransfer/mcmc.py) on all distinct rows of y
     at once, started from draws of the β = 0 (linear-Gaussian) posterior and preconditioned by its covariance. Each
     result is cached per (suite settings, chain settings, task, rows of y) in memory and, when `cache_dir` is set, as
-    a `.pt` file of plain tensors there. `reference_diagnostics()` gives the worst R̂ and ESS over all runs served.
+    a `.pt` file of plain tensors there (`runs` counts the chain runs this object made). `reference_diagnostics()`
+    gives the worst R̂ and ESS over all results served; `diagnostics` adds `mcmc_converged` (R̂ ≤ 1.05, ESS ≥ 100).
     """
 
     RHAT_MAX, ESS_MIN = 1.05, 100.0  # convergence: every coordinate of every condition within these
@@ -170,21 +171,25 @@ class LangevinTruth(GroundTruth):
         if path is None or not path.is_file():
             return None
         try:
-            return torch.load(path, weights_only=True)
+            entry = torch.load(path, weights_only=True)  # plain tensors only: no pickled code runs
         except Exception:  # a damaged or foreign file: recompute (and overwrite it)
             return None
+        return entry if isinstance(entry, dict) and {"mean", "rhat", "ess"} <= entry.keys() else None
 
     def _save(self, key: str, entry: dict[str, torch.Tensor]) -> None:
         if self.cache_dir is None:
             return
+        tmp = None
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
+            tmp = self.cache_dir / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # unique per writer
+            with open(tmp, "xb") as fh:  # the umask's permissions, like any other file of the store
                 torch.save(entry, fh)
             os.replace(tmp, self.cache_dir / f"{key}.pt")  # atomic: readers see the old file or the whole new one
         except OSError as exc:  # a read-only or full disk only costs a rerun next time
             logging.getLogger("cdmtransfer").warning("could not cache the Langevin reference posterior: %s", exc)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def build(cfg: Config) -> TaskSet:
