@@ -95,7 +95,7 @@ def main() -> None:
     setup_torch(cfg)
     taskset = build_taskset(cfg)
     tracker = open_tracker(cfg, None) if args.encoder else None
-    enc, _ = prepare_encoder(cfg, taskset, tracker, args.encoder)
+    enc, _, _ = prepare_encoder(cfg, taskset, tracker, args.encoder)
     a = cfg.adapt
     x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
     folds = fold_split(a.m, a.val_folds)

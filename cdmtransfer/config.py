@@ -161,7 +161,7 @@ class ModelConfig:
     # edm: preconditioned heads (unit-variance input and target at every t, EDM loss weight; models.Preconditioning);
     # eps: the head predicts the noise ε directly with the paper's σ²-weighted loss
     parametrization: Literal["edm", "eps"] = "edm"
-    edm_weighting: bool = True  # edm: weight ‖ε̂ − ε‖² by w_t (unit-scale F-space loss); false: the paper's weighting
+    edm_weighting: bool = False  # edm: weight ‖ε̂ − ε‖² by w_t (unit-scale F-space loss); false: the paper's weighting
     # head = unet (U-Net heads, unet.py; head_width = channels of the first level, head_depth = residual blocks per
     # level): channel multiplier per resolution level; pixel patch p (0: 2 from a 16-pixel side, else 1); a
     # zero-initialised output layer; head_sees_y: the condition y (an image of x's size) is also an input channel
@@ -180,7 +180,7 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     # A cap: training stops earlier when the validation loss stops improving (patience) and keeps the best EMA weights.
-    steps: int = field(default=2000, metadata=_range(1))
+    steps: int = field(default=10000, metadata=_range(1))
     batch_size: int = field(default=128, metadata=_range(1))  # per task
     lr: float = field(default=2e-3, metadata=_range(0.0, lo_open=True))
     weight_decay: float = field(default=0.0, metadata=_range(0.0))
@@ -201,7 +201,8 @@ class TrainConfig:
 
 @dataclass
 class AdaptConfig(TrainConfig):
-    steps: int = field(default=1500, metadata=_range(1))
+    steps: int = field(default=6000, metadata=_range(1))  # a cap; cross-validation chooses the length
+    val_every: int = field(default=25, metadata=_range(1))  # small m overfits within a few hundred steps
     batch_size: int = field(default=64, metadata=_range(1))  # draws per step from the m samples (with replacement)
     mode: Literal["frozen", "finetune", "scratch", "oracle"] = "frozen"
     m: int = field(default=32, metadata=_range(1))  # target samples
@@ -209,6 +210,9 @@ class AdaptConfig(TrainConfig):
     # Adapt chooses its length by cross-validation on the m samples (stages.py): val_folds fold models train at once,
     # each validated on its held-out fold, and the final model retrains on all m for the step the folds chose.
     val_folds: int = field(default=4, metadata=_range(2))
+    # frozen/finetune: start the new head from the source head with the lowest DSM on the m samples (source), or
+    # from a random initialisation (random)
+    head_init: Literal["source", "random"] = "source"
 
 
 @dataclass

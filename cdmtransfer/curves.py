@@ -94,10 +94,10 @@ def run_cell(cfg_dict: dict, encoder_dir: str | None, lineage: dict, run_id: str
     cfg = from_dict(Config, cfg_dict, "sweep cell")
     device = setup_torch(cfg)
     taskset = build_taskset(cfg)
-    enc, _ = prepare_encoder(cfg, taskset, None, encoder_dir)
+    enc, _, source_heads = prepare_encoder(cfg, taskset, None, encoder_dir)
     recorder = MetricRecorder()
     metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run_id, Path(work_dir), recorder,
-                                              device=device)
+                                              device=device, source_heads=source_heads)
     return {"metrics": metrics, "skipped": skipped, "model_dir": str(model_dir), "history": recorder.records}
 
 
@@ -184,7 +184,7 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
             if not encoder:
                 encoder = pre_id = _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet)
             model_dir, _ = find_model_dir(tracker, encoder, Path(tmp))
-            _, lineage = load_encoder(tracker, encoder, taskset, cfg)  # checks it fits before any cell starts
+            _, lineage, _ = load_encoder(tracker, encoder, taskset, cfg)  # checks it fits before any cell starts
             encoder_dir = str(model_dir)
             parent.set_tags({TAG + "encoder_source": encoder})
         todo = [c for c in cells if _cell_key(c.adapt.mode, c.adapt.m, c.seed) not in done]

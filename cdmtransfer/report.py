@@ -53,7 +53,9 @@ def sweep_table(summary: list[dict], title: str) -> Table:
     diverged = any(row.get("diverged", {}).get("mean", 0) > 0 for row in summary)
     table = Table(title=title, show_header=True, caption="lower is better; bold: best at each m"
                   + (f"; {DIVERGED_MARK} some seed's samples diverged: not a result" if diverged else ""))
-    for col in ("mode", "m", "seeds", *(SWEEP_COLUMNS[k] for k in metrics)):
+    lengths = any("steps" in row for row in summary)
+    for col in ("mode", "m", "seeds", *(SWEEP_COLUMNS[k] for k in metrics), *(("steps", "converged") if lengths
+                                                                             else ())):
         table.add_column(col, justify="left" if col == "mode" else "right")
     best = {(k, m): min(row[k]["mean"] for row in summary if k in row and row["m"] == m)
             for k in metrics for m in {row["m"] for row in summary}}
@@ -68,6 +70,10 @@ def sweep_table(summary: list[dict], title: str) -> Table:
             if k in SAMPLE_COLUMNS and row.get("diverged", {}).get("mean", 0) > 0:
                 text += f" {DIVERGED_MARK}"
             cells.append(f"[bold]{text}[/bold]" if mean == best[(k, row["m"])] else text)
+        if lengths:  # the chosen training length and how many seeds' validation stopped it (train.py)
+            cells.append(f"{row['steps']['mean']:.0f}" if "steps" in row else "–")
+            conv = row.get("converged", {}).get("mean")
+            cells.append("–" if conv is None else f"{round(conv * row['seeds'])}/{row['seeds']}")
         table.add_row(row["mode"], str(row["m"]), str(row["seeds"]), *cells)
     return table
 

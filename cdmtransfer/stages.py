@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +23,8 @@ from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.metrics import evaluate_model
-from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, build_encoder, count_parameters, head_options,
+from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, build_encoder, build_model, count_parameters,
+                                head_options,
                                 model_spec)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
@@ -74,11 +76,13 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
     return loss_fn
 
 
-def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet, x_train: torch.Tensor) -> ScoreModel:
+def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet, x_train: torch.Tensor,
+                sigma_data: float | None = None) -> ScoreModel:
     """A ScoreModel with the recipe's heads and parametrisation; σ_d² is the per-coordinate second moment of the
-    stage's own training x (models.Preconditioning)."""
+    stage's own training x (models.Preconditioning) unless given."""
     m = cfg.model
-    sigma_data = float(x_train.pow(2).mean().sqrt().clamp_min(1e-3))
+    if sigma_data is None:
+        sigma_data = float(x_train.pow(2).mean().sqrt().clamp_min(1e-3))
     model = ScoreModel(encoder, K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
                        **head_options(m, taskset.image_shape), parametrization=m.parametrization,
                        sigma_data=sigma_data)
@@ -194,8 +198,18 @@ def _pretrain_rank(cfg: Config, taskset: TaskSet, model: ScoreModel, dist: Dist,
     return RunSummary("", "pretrain", {"final_loss": result.final_loss}, {}, {"rank": dist.rank}, store.uri)
 
 
-def load_encoder(tracker: Tracker, source: str, taskset: TaskSet, cfg: Config) -> tuple[torch.nn.Module, dict]:
-    """The pretrained encoder ĥ from a run id, an MLflow URI or a local path, checked against the recipe."""
+@dataclass
+class SourceHeads:
+    """The pretrained model's spec and EMA weights: its K source heads can start the target head (head_init)."""
+
+    spec: dict
+    weights: dict
+
+
+def load_encoder(tracker: Tracker, source: str, taskset: TaskSet,
+                 cfg: Config) -> tuple[torch.nn.Module, dict, SourceHeads]:
+    """The pretrained encoder ĥ from a run id, an MLflow URI or a local path, checked against the recipe; with
+    its lineage and the source heads."""
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp:
         model_dir, run_id = find_model_dir(tracker, source, Path(tmp))
         weights, meta = load_export(model_dir)
@@ -215,7 +229,7 @@ def load_encoder(tracker: Tracker, source: str, taskset: TaskSet, cfg: Config) -
     except RuntimeError as exc:
         raise ConfigError(f"{source}: encoder weights do not fit ({str(exc).splitlines()[0]})") from None
     lineage = {"encoder_source": source, "pretrain_run_id": run_id or meta.get("run_id", "")}
-    return encoder, lineage
+    return encoder, lineage, SourceHeads(meta["model"], weights)
 
 
 def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
@@ -230,8 +244,9 @@ def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
 
 
 def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
-                    encoder: str | None) -> tuple[torch.nn.Module, dict]:
-    """The encoder adapt starts from, by mode, and its lineage (empty unless it came from a pretrain run)."""
+                    encoder: str | None) -> tuple[torch.nn.Module, dict, SourceHeads | None]:
+    """The encoder adapt starts from, by mode, its lineage (empty unless it came from a pretrain run) and the
+    pretrained source heads (None unless it did)."""
     mode = cfg.adapt.mode
     torch.manual_seed(cfg.seed + 1)
     if mode in ("frozen", "finetune"):
@@ -239,11 +254,11 @@ def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
             raise ConfigError(f"--mode {mode} needs --encoder (a pretrain run id, MLflow model URI or path)")
         return load_encoder(tracker, encoder, taskset, cfg)
     if mode == "scratch":
-        return new_encoder(cfg, taskset), {}
+        return new_encoder(cfg, taskset), {}, None
     enc = taskset.truth.encoder()
     if enc is None:
         raise ConfigError(f"--mode oracle: suite '{taskset.name}' has no true representation h*")
-    return enc, {}
+    return enc, {}, None
 
 
 def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str | None) -> dict:
@@ -256,7 +271,8 @@ def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str 
 
 
 def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: dict, run_id: str, work_dir: Path,
-                metrics, *, quiet: bool = True, resume: bool = False, device=None) -> tuple[dict, dict, Path]:
+                metrics, *, quiet: bool = True, resume: bool = False, device=None,
+                source_heads: SourceHeads | None = None) -> tuple[dict, dict, Path]:
     """Train the target head (and encoder, per mode) on m target samples, export the EMA model, evaluate it.
 
     The length is chosen by cross-validation on the m samples: `val_folds` fold models (each trained on the other
@@ -270,10 +286,14 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     reg = make_objective(cfg.regularize, "adapt", process, taskset.truth)
     folds = fold_split(a.m, a.val_folds)
+    start = pick_source_head(source_heads, x_m, y_m, process, a) if a.head_init == "source" else None
 
     def run_stage(encoder, K, x, y, n, ckpt: Path, label: str, sink, **kw):
         torch.manual_seed(cfg.seed + 2)  # the new heads start the same in every mode
-        model = score_model(cfg, encoder, K, taskset, x_m).to(device)
+        sigma_data = source_heads.spec.get("sigma_data") if start is not None else None  # the head's own scale
+        model = score_model(cfg, encoder, K, taskset, x_m, sigma_data).to(device)
+        if start is not None:
+            load_head(model, source_heads, start)
         groups = _adapt_groups(model, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
@@ -307,9 +327,46 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
         values["converged"] = values.pop("cv_converged")
     else:
         skipped["converged"] = f"m = {a.m} is too small to hold out a validation fold"
+    if start is not None:
+        values["source_head"] = float(start)
     if reg is not None:
         values.update(reg.summary())  # mean of each regulariser term over the steps run
     return values, skipped, model_dir
+
+
+def pick_source_head(source: SourceHeads | None, x_m: torch.Tensor, y_m: torch.Tensor, process: OUProcess,
+                     a) -> int | None:
+    """The source head (task index 1..K) with the lowest DSM on the m target samples; None without source heads.
+
+    Every pretrained head scores the same rows and noise (dsm_validation on K copies of the m samples).
+    """
+    if source is None:
+        return None
+    pretrained = build_model(source.spec)
+    pretrained.load_state_dict(source.weights)
+    K = pretrained.heads.K
+    losses = dsm_validation(x_m.expand(K, *x_m.shape), y_m.expand(K, *y_m.shape), torch.full((K,), len(x_m)),
+                            process, a.val_draws, seed=0, per_task=True)(pretrained.eval())
+    return int(losses.argmin()) + 1
+
+
+def load_head(model: ScoreModel, source: SourceHeads, task: int) -> None:
+    """Copy source head `task` (1..K) into every head of `model`: each stacked head tensor is K blocks along dim 0."""
+    K_src = source.spec["K"]
+    heads = {k[len("heads."):]: v for k, v in source.weights.items() if k.startswith("heads.")}
+    own = model.heads.state_dict()
+    if source.spec.get("parametrization", "eps") != model.parametrization or set(heads) != set(own):
+        raise ConfigError("adapt.head_init = source: the pretrained heads differ from the recipe's (head kind, "
+                          "sizes or model.parametrization); use adapt.head_init=random")
+    out = {}
+    for name, tensor in heads.items():
+        block = tensor.reshape(K_src, -1, *tensor.shape[1:])[task - 1]
+        target = own[name]
+        if block.numel() * model.heads.K != target.numel():
+            raise ConfigError(f"adapt.head_init = source: head tensor {name} has another shape in the pretrained "
+                              f"model; use adapt.head_init=random")
+        out[name] = block.expand(model.heads.K, *block.shape).reshape(target.shape).clone()
+    model.heads.load_state_dict(out)
 
 
 def _adapt_groups(model: ScoreModel, a) -> list[dict]:
@@ -362,7 +419,7 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     tracker = open_tracker(cfg, tracking_uri)
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "adapt")
-    enc, lineage = prepare_encoder(cfg, taskset, tracker, encoder)
+    enc, lineage, source_heads = prepare_encoder(cfg, taskset, tracker, encoder)
     tags = adapt_tags(cfg, taskset, lineage, parent_run_id)
     with tracked_run(tracker, f"{cfg.name}-adapt-{a.mode}-m{a.m}", tags, resume_run_id=resume) as run:
         check_writable(run.work_dir)
@@ -370,6 +427,7 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
             run.log_params(flatten(cfg.to_dict()))
             run.log_dict(cfg.to_dict(), "config.json")
         metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run.run_id, run.work_dir, run,
+                                                  source_heads=source_heads,
                                                   quiet=quiet, resume=bool(resume), device=device)
         model_id = record_adapt(run, cfg, metrics, skipped, model_dir)
     return RunSummary(run.run_id, "adapt", metrics, {"model": model_dir},

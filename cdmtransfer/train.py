@@ -63,7 +63,8 @@ class Validation:
             self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         else:
             self.bad += 1
-        self.stopped = cfg.patience > 0 and self.bad >= cfg.patience
+        # Patience in checks, and never before 1.5× the best step: a long run is not cut on a short plateau.
+        self.stopped = cfg.patience > 0 and self.bad >= cfg.patience and step >= 1.5 * self.best_step
 
     def to_state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,

@@ -73,8 +73,9 @@ def fold_split(m: int, folds: int) -> Folds | None:
 
 
 def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, draws: int,
-                   seed: int, chunk_rows: int = 8192):
-    """validate(model) → mean over tasks of the held-out ε-space DSM, E_t ‖ε̂_k(x_t, y, t) − ε‖² (theory.md §1.3).
+                   seed: int, chunk_rows: int = 8192, per_task: bool = False):
+    """validate(model) → mean over tasks of the held-out ε-space DSM, E_t ‖ε̂_k(x_t, y, t) − ε‖² (theory.md §1.3)
+    (`per_task`: the [K] values instead).
 
     x [K, n, d_x], y [K, n, D_y], counts [K] (rows past counts[k] are padding). `draws` (t, ε) pairs per row are
     drawn once here, so the value depends on the weights alone; evaluated in chunks of draws to bound memory.
@@ -97,7 +98,8 @@ def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proce
                         t[i:j].transpose(0, 1).reshape(K, r * n))
             loss = dsm_loss(eps, noise[i:j].transpose(0, 1).reshape(K, r * n, -1)).view(K, r, n)
             total += (loss * mask[:, None]).sum(dim=(1, 2))
-        return (total / (draws * mask.sum(1))).mean()
+        per = total / (draws * mask.sum(1))
+        return per if per_task else per.mean()
 
     return validate
 
