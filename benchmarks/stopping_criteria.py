@@ -68,6 +68,8 @@ def truth_fn(taskset, process, cfg, folds: int):
         if true_score is not None:
             sigma = process.sigma(t)[:, None]
             out["score_error"] = float(((eps + sigma * true_score).pow(2).sum(-1) / sigma[:, 0] ** 2).mean())
+        if isinstance(model.encoder, StackedEncoder):  # fold encoders: the sampler takes one encoder
+            return out
         pm = []
         for head in range(folds):
             draws = conditional_samples(model, taskset.test_y[:n_cond], 16, process, 50, cfg.evaluate.sampler,

@@ -220,7 +220,7 @@ class ScoreModel(nn.Module):
                 raise ValueError(f"head_sees_y: the condition (D_y = {encoder.D_y}) is not an image of x's size "
                                  f"{shape[1]}x{shape[2]}")
             self.heads = UNetHeads(K, shape, encoder.d + time_dim, head_width, head_depth,
-                                   y_channels=encoder.D_y // side if sees_y else 0, **opts)
+                                   y_channels=encoder.D_y // side if sees_y else 0, code_dim=encoder.d, **opts)
         elif head == "mlp":
             self.heads = BatchedHeads(K, d_x + encoder.d + time_dim, d_x, head_width, head_depth)
         else:

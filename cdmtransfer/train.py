@@ -110,10 +110,13 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ema = copy.deepcopy(model).requires_grad_(False)
-    last = min(cfg.steps, stop_at or cfg.steps)
+    last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     start, val = 0, Validation()
     if resume:
         start, val = _restore(ckpt_dir, model, ema, optimizer, generator)
+    elif validate is not None:  # the starting point competes too (a head started from a source head may be best)
+        with torch.no_grad():
+            val.update(float(validate(ema)), 0, ema, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     net = nn.parallel.DistributedDataParallel(model) if dist.active else model
     if not dist.is_main:

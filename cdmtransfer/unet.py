@@ -89,7 +89,8 @@ class UNetHeads(nn.Module):
 
     def __init__(self, K: int, shape: tuple[int, int, int], cond_dim: int, width: int, depth: int,
                  mults: tuple[int, ...] = (1, 2, 2), y_channels: int = 0, zero_out: bool = False,
-                 patch: int = 0, cond_hidden: int | None = None):
+                 patch: int = 0, cond_hidden: int | None = None, code_dim: int = 0, code_map: bool = True,
+                 render: bool = False, coords: bool = False):
         super().__init__()
         C, H, W = shape
         if depth < 1 or width < 1 or not mults:
@@ -105,8 +106,11 @@ class UNetHeads(nn.Module):
         self.sides = level_sides(Hp, Wp, levels)
         chans = [width * int(m) for m in self.mults[:levels]]
         self.chans = chans
-
-        self.stem = TaskConv(K, (C + y_channels + 2) * p * p, chans[0])
+        self.code_dim = code_dim if code_map else 0
+        self.code_side = int(-(-code_dim**0.5 // 1)) if self.code_dim else 0
+        self.render, self.use_coords = render, coords
+        extra = (1 if self.code_dim else 0) + (2 if coords else 0)
+        self.stem = TaskConv(K, (C + y_channels + extra) * p * p, chans[0])
         self.down = nn.ModuleList()  # per level: `depth` blocks
         self.downsample = nn.ModuleList()
         ch = chans[0]
@@ -140,7 +144,7 @@ class UNetHeads(nn.Module):
         self._film = [b.b for b in blocks]  # channels of each block's (scale, shift)
         h_low, w_low = self.sides[-1]
         self._render = (chans[-1], h_low, w_low)
-        n_out = 2 * sum(self._film) + chans[-1] * h_low * w_low
+        n_out = 2 * sum(self._film) + (chans[-1] * h_low * w_low if render else 0)
         self.cond = BatchedHeads(K, cond_dim, n_out, cond_hidden or 4 * max(chans), 1)
         v, u = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
         self.register_buffer("coords", torch.stack([u, v]), persistent=False)  # [2, H, W]
@@ -159,7 +163,7 @@ class UNetHeads(nn.Module):
             sb = c[..., at: at + 2 * ch].reshape(K, B, 2, ch).permute(2, 1, 0, 3).reshape(2, B, K * ch, 1, 1)
             films.append(sb)
             at += 2 * ch
-        rendered = self._task_channels(c[..., at:], *self._render)
+        rendered = self._task_channels(c[..., at:], *self._render) if self.render else 0
         films = iter(films)
 
         parts = [x_in.reshape(K, B, C, H, W)]
@@ -167,7 +171,12 @@ class UNetHeads(nn.Module):
             if cond_image is None:
                 raise ValueError("this unet head was built to see the condition image (head_sees_y); none was given")
             parts.append(cond_image.reshape(K, B, self.y_channels, H, W))
-        parts.append(self.coords.expand(K, B, 2, H, W))
+        if self.code_dim:  # the code h(y) laid out as an s×s image (zero-padded to s²), resized to H×W
+            s_ = self.code_side
+            code = F.pad(cond[..., : self.code_dim], (0, s_ * s_ - self.code_dim)).reshape(K * B, 1, s_, s_)
+            parts.append(F.interpolate(code, size=(H, W), mode="bilinear", align_corners=False).view(K, B, 1, H, W))
+        if self.use_coords:
+            parts.append(self.coords.expand(K, B, 2, H, W))
         z = torch.cat(parts, dim=2).transpose(0, 1).reshape(B, -1, H, W)  # [B, K·(C + C_y + 2), H, W]
         p = self.patch
         if p > 1:  # space-to-depth: p×p pixel patches become channels (padded to a multiple of p)
@@ -204,4 +213,5 @@ class UNetHeads(nn.Module):
         """model_spec entries that rebuild these heads (ScoreModel's head_width, head_depth and head_config)."""
         return {"head_width": self.width, "head_depth": self.depth,
                 "head_config": {"mults": list(self.mults), "patch": self.patch, "zero_out": self.zero_out,
-                                "sees_y": self.y_channels > 0}}
+                                "sees_y": self.y_channels > 0, "code_map": self.code_dim > 0, "render": self.render,
+                                "coords": self.use_coords}}

@@ -10,8 +10,8 @@ def test_defaults_load():
     cfg = load_config(None)
     assert isinstance(cfg, Config)
     assert cfg.suite.name == "gaussian" and cfg.adapt.mode == "frozen"
-    assert cfg.adapt.m == 32 and cfg.adapt.steps == 1500 and cfg.adapt.batch_size == 64
-    assert cfg.pretrain.steps == 2000 and cfg.pretrain.batch_size == 128
+    assert cfg.adapt.m == 32 and cfg.adapt.steps == 6000 and cfg.adapt.batch_size == 64
+    assert cfg.pretrain.steps == 10000 and cfg.pretrain.batch_size == 128
     assert 0 < cfg.diffusion.T0 < cfg.diffusion.T
     assert cfg.model.time_dim % 2 == 0
     assert cfg.tracking.uri is None
@@ -40,10 +40,10 @@ def test_overrides_apply_with_types():
 
 def test_setting_one_adapt_key_keeps_other_adapt_defaults():
     default = load_config(None).adapt
-    assert (default.steps, default.batch_size) == (1500, 64)
+    assert (default.steps, default.batch_size, default.val_every) == (6000, 64, 25)
     cfg = load_config(None, ["adapt.m=16"])
     assert cfg.adapt.m == 16
-    assert (cfg.adapt.steps, cfg.adapt.batch_size) == (1500, 64)
+    assert (cfg.adapt.steps, cfg.adapt.batch_size) == (6000, 64)
 
 
 def test_apply_override_builds_nested_dict():

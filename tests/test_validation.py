@@ -159,3 +159,43 @@ def test_dsm_validation_is_deterministic_ignores_padding_and_is_lowest_for_the_t
                         rel_tol=1e-6)
     assert float(validate(Zero())) == pytest.approx(3.0, rel=0.3)  # E‖ε‖² = d_x
     assert dsm_loss(torch.zeros(1, 3), torch.ones(1, 3)).item() == 3.0
+
+
+def test_head_init_copies_the_chosen_source_head_into_every_fold_head():
+    from cdmtransfer.models import model_spec
+    from cdmtransfer.stages import SourceHeads, load_head, pick_source_head
+
+    torch.manual_seed(0)
+    pretrained = ScoreModel(MLPEncoder(5, 2, 8, 1), 3, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7)
+    source = SourceHeads(model_spec(pretrained), pretrained.state_dict())
+    target = ScoreModel(pretrained.encoder, 4, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7)
+    load_head(target, source, task=2)
+    x, y, t = torch.randn(1, 6, 4), torch.randn(1, 6, 5), torch.rand(1, 6) + 0.1
+    want = pretrained(x.expand(3, -1, -1), y.expand(3, -1, -1), t.expand(3, -1))[1]  # source task 2 = head index 1
+    got = target(x.expand(4, -1, -1), y.expand(4, -1, -1), t.expand(4, -1))
+    for k in range(4):
+        torch.testing.assert_close(got[k], want)
+    # the head that generated the data scores best on it: make task 3's head exact for a point mass at 0 ...
+    process = OUProcess(0.01, 4.0)
+
+    class Exact(nn.Module):  # ε̂ = x_t/σ_t for head 2 (task 3), noise for the others
+        def __init__(self):
+            super().__init__()
+            self.heads = nn.Module()
+            self.heads.K = 3
+
+        def forward(self, x_t, y, t):
+            eps = x_t / process.sigma(t)[..., None]
+            return eps + torch.tensor([1.0, -0.5, 0.0])[:, None, None]
+
+    import cdmtransfer.stages as stages
+
+    real = stages.build_model
+    stages.build_model = lambda spec: Exact()
+    Exact.load_state_dict = lambda self, w: None
+    try:
+        from cdmtransfer.config import AdaptConfig
+        choice = pick_source_head(source, torch.zeros(8, 4), torch.zeros(8, 5), process, AdaptConfig())
+    finally:
+        stages.build_model = real
+    assert choice == 3
