@@ -21,7 +21,8 @@ import torch
 from cdmtransfer.config import load_config
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.metrics import conditional_samples
-from cdmtransfer.stages import _adapt_groups, dsm_objective, prepare_encoder, score_model, setup_torch
+from cdmtransfer.stages import (_adapt_groups, dsm_objective, load_head, pick_source_head, prepare_encoder,
+                                score_model, setup_torch)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import open_tracker
 from cdmtransfer.train import train
@@ -97,15 +98,18 @@ def main() -> None:
     setup_torch(cfg)
     taskset = build_taskset(cfg)
     tracker = open_tracker(cfg, None) if args.encoder else None
-    enc, _, _ = prepare_encoder(cfg, taskset, tracker, args.encoder)
+    enc, _, source_heads = prepare_encoder(cfg, taskset, tracker, args.encoder)
     a = cfg.adapt
     x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
     folds = fold_split(a.m, a.val_folds)
     (xt, yt, nt), (xv, yv, nv) = folds.gather(x_m, y_m)
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     torch.manual_seed(cfg.seed + 2)
+    start = pick_source_head(source_heads, x_m, y_m, process, a) if a.head_init == "source" else None
     model = score_model(cfg, StackedEncoder(enc, folds.count) if a.mode in ("finetune", "scratch") else enc,
-                        folds.count, taskset, x_m)
+                        folds.count, taskset, x_m, source_heads.spec.get("sigma_data") if start else None)
+    if start is not None:
+        load_head(model, source_heads, start)
     crit, truth = criteria_fn(xv, yv, nv, process, a.val_draws, cfg.seed + 17), truth_fn(taskset, process, cfg,
                                                                                        folds.count)
     rows = []
@@ -118,9 +122,10 @@ def main() -> None:
     t0 = time.time()
     train(model, _adapt_groups(model, a), dsm_objective(xt, yt, nt, process, a.batch_size), a, seed=cfg.seed,
           ckpt_dir=Path(tempfile.mkdtemp(prefix="stopping-")), meta={}, validate=validate)
-    steps = [args.every * (i + 1) for i in range(len(rows))]
+    steps = [args.every * i for i in range(len(rows))]  # the first check scores the starting weights
     targets = [k for k in ("score_error", "posterior_mean_mse", "test_dsm") if k in rows[0]]
     print(f"{args.recipe} mode={args.mode} m={args.m} parametrization={cfg.model.parametrization} "
+          f"head_init={a.head_init if source_heads else 'random'} lr={a.lr} "
           f"({time.time() - t0:.0f} s)")
     best = {k: min(r[k] for r in rows) for k in targets}
     for c in ("val_dsm", "val_dsm_small_t", "val_edm"):

@@ -90,7 +90,7 @@ class UNetHeads(nn.Module):
     def __init__(self, K: int, shape: tuple[int, int, int], cond_dim: int, width: int, depth: int,
                  mults: tuple[int, ...] = (1, 2, 2), y_channels: int = 0, zero_out: bool = False,
                  patch: int = 0, cond_hidden: int | None = None, code_dim: int = 0, code_map: bool = True,
-                 render: bool = False, coords: bool = False):
+                 render: bool = False, coords: bool = False, film_code: bool = True):
         super().__init__()
         C, H, W = shape
         if depth < 1 or width < 1 or not mults:
@@ -145,7 +145,9 @@ class UNetHeads(nn.Module):
         h_low, w_low = self.sides[-1]
         self._render = (chans[-1], h_low, w_low)
         n_out = 2 * sum(self._film) + (chans[-1] * h_low * w_low if render else 0)
-        self.cond = BatchedHeads(K, cond_dim, n_out, cond_hidden or 4 * max(chans), 1)
+        self.film_code = film_code or not self.code_dim
+        self._film_from = 0 if self.film_code else self.code_dim  # FiLM from [code, τ(t)], or from τ(t) alone
+        self.cond = BatchedHeads(K, cond_dim - self._film_from, n_out, cond_hidden or 4 * max(chans), 1)
         v, u = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
         self.register_buffer("coords", torch.stack([u, v]), persistent=False)  # [2, H, W]
 
@@ -157,7 +159,7 @@ class UNetHeads(nn.Module):
     def forward(self, x_in: torch.Tensor, cond: torch.Tensor, cond_image: torch.Tensor | None = None) -> torch.Tensor:
         K, B = x_in.shape[:2]
         C, H, W = self.shape
-        c = self.cond(cond)  # [K, B, n_out]: (scale, shift) of every block, then the rendered bottleneck map
+        c = self.cond(cond[..., self._film_from:])  # [K, B, n_out]: (scale, shift) of every block, then the rendered bottleneck map
         films, at = [], 0
         for ch in self._film:
             sb = c[..., at: at + 2 * ch].reshape(K, B, 2, ch).permute(2, 1, 0, 3).reshape(2, B, K * ch, 1, 1)
@@ -214,4 +216,4 @@ class UNetHeads(nn.Module):
         return {"head_width": self.width, "head_depth": self.depth,
                 "head_config": {"mults": list(self.mults), "patch": self.patch, "zero_out": self.zero_out,
                                 "sees_y": self.y_channels > 0, "code_map": self.code_dim > 0, "render": self.render,
-                                "coords": self.use_coords}}
+                                "coords": self.use_coords, "film_code": self.film_code}}

@@ -168,15 +168,19 @@ def test_sweep_parent_with_children(recipe, store):
 
 
 def test_transfer_beats_scratch_on_gaussian_suite(store):
-    """The paper's claim at small m: a frozen pretrained encoder beats training from scratch (score error)."""
+    """The paper's claim at small m: a frozen pretrained encoder beats training from scratch.
+
+    Measured on the posterior mean, which needs the condition: at m = 8 an early-stopped scratch model stays close
+    to its preconditioned starting point (the score of N(0, σ_d² I)), whose score error is low at small t although it
+    ignores y."""
     overrides = ["suite.K=6", "suite.n=256", "suite.gaussian.d_x=4", "suite.gaussian.D_y=24", "suite.gaussian.d=2",
                  "model.d=2", "model.encoder_width=64", "model.encoder_depth=2", "model.head_width=64",
                  "pretrain.steps=600", "pretrain.batch_size=64", "adapt.steps=300", "adapt.m=8",
-                 "evaluate.posterior_conditions=16", "evaluate.sampler_steps=16", "evaluate.dist_samples=32"]
+                 "evaluate.posterior_conditions=64", "evaluate.sampler_steps=16", "evaluate.dist_samples=32"]
     pre = cdmtransfer.pretrain(None, overrides)
     frozen = cdmtransfer.adapt(None, overrides + ["adapt.mode=frozen"], encoder=pre.run_id)
     scratch = cdmtransfer.adapt(None, overrides + ["adapt.mode=scratch"])
-    assert frozen.metrics["score_error"] < 0.7 * scratch.metrics["score_error"]
+    assert frozen.metrics["posterior_mean_mse"] < 0.7 * scratch.metrics["posterior_mean_mse"]
     assert frozen.metrics["test_dsm"] < scratch.metrics["test_dsm"]
 
 
