@@ -74,12 +74,13 @@ def test_blown_up_model_is_flagged(taskset):
     metrics, skipped = evaluate_model(blown_up(taskset, 10.0), taskset, make_cfg())
     assert metrics["diverged"] == 1.0
     assert metrics["sample_spread_ratio"] > 3
-    assert set(flagged(skipped)) == {"posterior_mean_mse", "sliced_w2"}  # the sample-based metrics, no others
+    assert set(flagged(skipped)) == {"posterior_mean_mse", "posterior_mean_mse_excess", "sliced_w2"}  # from samples only
     assert all("diverged" in why for why in flagged(skipped).values())
     assert "score_error" in metrics and "score_error" not in flagged(skipped)  # not from samples: not flagged
     line = divergence_warning("adapt scratch m=8 seed=0", metrics, skipped, 3.0)
     assert line.startswith("warning: adapt scratch m=8 seed=0: samples diverged (spread ")
-    assert "threshold 3" in line and line.endswith("posterior_mean_mse, sliced_w2 are not results")
+    assert "threshold 3" in line
+    assert line.endswith("posterior_mean_mse, sliced_w2, posterior_mean_mse_excess are not results")
     assert "\n" not in line
 
 

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from cdmtransfer.checkpoint import list_checkpoints, load_checkpoint
 from test_pipeline import TINY
 
-LONG = ["--set", "pretrain.steps=1500", "--set", "pretrain.checkpoint_every=100",
-        "--set", "adapt.steps=1500", "--set", "adapt.checkpoint_every=100"]
+# patience 0: validation still runs and picks the weights kept, but never stops a run before the cap, so a run is
+# long enough to be killed mid-way (adapt is killed in its cross-validation phase, whose checkpoints are checkpoints-cv)
+LONG = ["--set", "pretrain.steps=1500", "--set", "pretrain.checkpoint_every=100", "--set", "pretrain.patience=0",
+        "--set", "adapt.steps=1500", "--set", "adapt.checkpoint_every=100", "--set", "adapt.patience=0"]
 
 
 def cli(store, *args, **kwargs):
@@ -31,7 +33,8 @@ def wait_for_checkpoint(store, before: set, timeout=120) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         for run_dir in (store / "work").glob("*") if (store / "work").exists() else []:
-            if run_dir.name not in before and len(list((run_dir / "checkpoints").glob("step_*"))) >= 2:
+            found = [*(run_dir / "checkpoints").glob("step_*"), *(run_dir / "checkpoints-cv").glob("step_*")]
+            if run_dir.name not in before and len(found) >= 2:
                 return run_dir.name
         time.sleep(0.05)
     raise AssertionError("no checkpoint appeared")
@@ -57,8 +60,9 @@ def test_kill_9_then_resume_matches_uninterrupted(stage, tmp_path, store):
     victim.wait()
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     assert client.get_run(run_id).info.status == "RUNNING"  # kill -9 leaves no chance to say otherwise
-    for path in list_checkpoints(store / "work" / run_id / "checkpoints"):  # every visible checkpoint is whole
-        load_checkpoint(path)
+    for folder in ("checkpoints", "checkpoints-cv"):  # every visible checkpoint is whole
+        for path in list_checkpoints(store / "work" / run_id / folder):
+            load_checkpoint(path)
 
     resumed = cli(store, *args, "--resume", run_id)
     out, err = resumed.communicate(timeout=300)
@@ -68,7 +72,7 @@ def test_kill_9_then_resume_matches_uninterrupted(stage, tmp_path, store):
     assert run.info.status == "FINISHED" and "cdmtransfer.resumed_at" in run.data.tags
     a, b = weights(store, full_id), weights(store, run_id)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
-    history = [m.step for m in client.get_metric_history(run_id, "loss")]
+    history = [m.step for m in client.get_metric_history(run_id, "loss" if stage == "pretrain" else "cv/loss")]
     assert history[-1] == 1500
 
 
@@ -123,7 +127,7 @@ def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypa
     recipe.write_text(TINY)
     home = tmp_path / "fresh-home"
     procs = [cli(home, "adapt", recipe, "--mode", "scratch", "--seed", seed, "--set", "adapt.steps=200",
-                 "--set", "adapt.log_every=10", "--quiet", "--json") for seed in range(4)]
+                 "--set", "adapt.log_every=10", "--set", "adapt.patience=0", "--quiet", "--json") for seed in range(4)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outs]
     ids = {json.loads(out)["run_id"] for out, _ in outs}
@@ -131,7 +135,7 @@ def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypa
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert {r.info.run_id for r in runs} == ids and {r.info.status for r in runs} == {"FINISHED"}
     for run_id in ids:
-        assert len(client.get_metric_history(run_id, "loss")) == 20
+        assert len(client.get_metric_history(run_id, "cv/loss")) == 20  # the folds' curve, to the cap
 
 
 def test_kill_9_during_a_sweep_then_resume_completes_it(tmp_path, store):
