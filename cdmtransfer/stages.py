@@ -10,6 +10,7 @@ Both run the one loop in train.py and end with an exported EMA model and metrics
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from cdmtransfer.config import Config, flatten
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError
-from cdmtransfer.metrics import evaluate_model
+from cdmtransfer.metrics import divergence_warning, evaluate_model
 from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, build_encoder, build_model, count_parameters,
                                 head_options,
                                 model_spec)
@@ -380,16 +381,13 @@ def _adapt_groups(model: ScoreModel, a) -> list[dict]:
     return [{"params": list(model.parameters()), "lr": a.lr}]
 
 
-def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path, *, quiet: bool = False) -> str | None:
+def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path, *,
+                 quiet: bool = False) -> str | None:
     """Log an adapt run's final metrics, skipped-metric reasons and model; returns the LoggedModel id.
 
     Diverged samples (metrics.evaluate_model's check): tag cdmtransfer.diverged = "true" and, unless `quiet`, one
     warning line on stderr naming the metrics that are not results.
     """
-    import sys
-
-    from cdmtransfer.metrics import divergence_warning
-
     run.log_metrics(values, step=int(values.get("steps", cfg.adapt.steps)))
     if "converged" in values:
         run.set_tags({TAG + "converged": str(bool(values["converged"])).lower()})
@@ -429,7 +427,7 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run.run_id, run.work_dir, run,
                                                   source_heads=source_heads,
                                                   quiet=quiet, resume=bool(resume), device=device)
-        model_id = record_adapt(run, cfg, metrics, skipped, model_dir)
+        model_id = record_adapt(run, cfg, metrics, skipped, model_dir)  # warnings reach stderr even with --json
     return RunSummary(run.run_id, "adapt", metrics, {"model": model_dir},
                       {"mode": a.mode, "m": a.m, "seed": cfg.seed, "skipped": skipped, "model_id": model_id,
                        "logging_seconds": run.logging_seconds, **lineage}, tracker.store.uri)
