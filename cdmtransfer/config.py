@@ -157,14 +157,15 @@ class ModelConfig:
     head_depth: int = field(default=2, metadata=_range(1))  # hidden layers of each score head f_k
     time_dim: int = field(default=16, metadata=_range(2))  # sinusoidal time features (even)
     encoder: Literal["mlp", "conv"] = "mlp"  # conv: a small CNN on image conditions (digits, mnist)
-    head: Literal["mlp", "conv", "unet"] = "mlp"  # conv: grouped-conv heads on image x (head_width = channels); unet: below
+    head: Literal["mlp", "conv", "unet"] = "mlp"  # conv: grouped-conv heads on image x (head_width = channels)
     # edm: preconditioned heads (unit-variance input and target at every t, EDM loss weight; models.Preconditioning);
     # eps: the head predicts the noise ε directly with the paper's σ²-weighted loss
     parametrization: Literal["edm", "eps"] = "edm"
     edm_weighting: bool = False  # edm: weight ‖ε̂ − ε‖² by w_t (unit-scale F-space loss); false: the paper's weighting
-    # head = unet (U-Net heads, unet.py; head_width = channels of the first level, head_depth = residual blocks per
-    # level): channel multiplier per resolution level; pixel patch p (0: 2 from a 16-pixel side, else 1); a
-    # zero-initialised output layer; head_sees_y: the condition y (an image of x's size) is also an input channel
+    # head = unet: U-Net heads (unet.py; head_width = channels of the first level, head_depth = residual blocks per
+    # level) with a channel multiplier per resolution level, pixel patch p (0: 2 when both sides are >= 16, else 1),
+    # optionally a zero-initialised output layer; head_sees_y: the condition y (an image of x's size, e.g. the noisy
+    # digit) is also an input channel of the head, not only the encoder's
     unet_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
     unet_patch: int = field(default=0, metadata=_range(0, 4))
     unet_zero_out: bool = False
@@ -209,7 +210,8 @@ class AdaptConfig(TrainConfig):
     encoder_lr: float = field(default=2e-4, metadata=_range(0.0, lo_open=True))  # finetune only
     # Adapt chooses its length by cross-validation on the m samples (stages.py): val_folds fold models train at once,
     # each validated on its held-out fold, and the final model retrains on all m for the step the folds chose.
-    val_folds: int = field(default=4, metadata=_range(2))
+    # 1: no cross-validation, the final model trains to the cap (reported as not converged).
+    val_folds: int = field(default=4, metadata=_range(1))
     # frozen/finetune: start the new head from the source head with the lowest DSM on the m samples (source), or
     # from a random initialisation (random)
     head_init: Literal["source", "random"] = "source"

@@ -327,7 +327,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
         values.update(convergence_metrics(cv_result, prefix="cv_"))
         values["converged"] = values.pop("cv_converged")
     else:
-        skipped["converged"] = f"m = {a.m} is too small to hold out a validation fold"
+        skipped["converged"] = (f"m = {a.m} is too small to hold out a validation fold" if a.m < 2 else
+                                "adapt.val_folds = 1: no cross-validation, trained to the step cap")
     if start is not None:
         values["source_head"] = float(start)
     if reg is not None:

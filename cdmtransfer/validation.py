@@ -68,8 +68,8 @@ class Folds:
 
 
 def fold_split(m: int, folds: int) -> Folds | None:
-    """F = min(folds, m) folds of the m samples; None when m < 2 leaves nothing to hold out."""
-    return Folds(m, min(folds, m)) if m >= 2 else None
+    """F = min(folds, m) folds of the m samples; None when m < 2 leaves nothing to hold out, or folds = 1 (off)."""
+    return Folds(m, min(folds, m)) if m >= 2 and folds >= 2 else None
 
 
 def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, draws: int,

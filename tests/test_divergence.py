@@ -98,7 +98,8 @@ def test_threshold_is_evaluate_divergence_ratio(taskset):
     assert 10 < loose["sample_spread_ratio"] < 1000
     assert loose["sample_spread_ratio"] == strict["sample_spread_ratio"]  # the same evaluation noise
     assert loose["diverged"] == 0.0 and FLAGS not in loose_skipped
-    assert strict["diverged"] == 1.0 and set(flagged(strict_skipped)) == {"posterior_mean_mse", "sliced_w2"}
+    assert strict["diverged"] == 1.0
+    assert set(flagged(strict_skipped)) == {"posterior_mean_mse", "posterior_mean_mse_excess", "sliced_w2"}
 
 
 def test_sample_spread_exact_values():
@@ -120,7 +121,8 @@ suite:
   n_test: 64
   gaussian: {d_x: 3, D_y: 8, d: 2}
 model: {d: 2, encoder_width: 32, encoder_depth: 1, head_width: 32, head_depth: 1, time_dim: 8}
-adapt: {steps: 20, batch_size: 16, m: 8, lr: 1.0, grad_clip: 0, log_every: 5, checkpoint_every: 20, warmup_steps: 0}
+adapt: {steps: 20, batch_size: 16, m: 8, lr: 1.0, grad_clip: 0, log_every: 5, checkpoint_every: 20, warmup_steps: 0,
+        val_folds: 1}  # no cross-validation: it would keep the untrained start, which does not diverge
 evaluate: {t_draws: 2, posterior_samples: 8, posterior_conditions: 16, sampler_steps: 16, dist_conditions: 4,
            dist_samples: 32}
 """
@@ -137,7 +139,7 @@ def test_diverged_adapt_run_is_tagged_and_warned(store, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, result.stderr
     assert warnings[0].startswith("warning: adapt scratch m=8 seed=0: samples diverged (spread ")
-    assert warnings[0].endswith("posterior_mean_mse, sliced_w2 are not results")
+    assert warnings[0].endswith("posterior_mean_mse, sliced_w2, posterior_mean_mse_excess are not results")
     table = {line.split("│")[1].strip(): line.split("│")[2].strip()
              for line in result.stdout.splitlines() if line.count("│") >= 3}
     assert table["posterior_mean_mse"].endswith(" !") and table["sliced_w2"].endswith(" !")
@@ -157,6 +159,6 @@ def test_diverged_adapt_run_is_tagged_and_warned(store, tmp_path):
     ev_warnings = [line for line in ev.stderr.splitlines() if line.startswith("warning:")]
     assert len(ev_warnings) == 1 and f"evaluate {run_id}: samples diverged" in ev_warnings[0]
     out = json.loads(ev.stdout)
-    assert set(out["info"]["skipped"][FLAGS]) == {"posterior_mean_mse", "sliced_w2"}
+    assert set(out["info"]["skipped"][FLAGS]) == {"posterior_mean_mse", "sliced_w2", "posterior_mean_mse_excess"}
     run = client.get_run(run_id)
     assert run.data.tags[TAG + "diverged"] == "true" and run.data.metrics["eval/diverged"] == 1.0

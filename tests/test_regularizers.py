@@ -298,6 +298,9 @@ class DecoderModel(torch.nn.Module):
         self.encoder, self.truth = encoder, truth
         self.styles = 3 * torch.randn(K, truth.B.shape[2], generator=torch.Generator().manual_seed(8))
 
+    def dsm_weight(self, t):  # the paper's weighting, as ScoreModel's default
+        return torch.ones_like(t)
+
     def eps_from_code(self, x_t, code, t):
         tr, K = self.truth, x_t.shape[0]
         style = torch.einsum("kdm,km->kd", tr.B[1:K + 1], self.styles[:K])[:, None]

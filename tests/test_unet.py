@@ -1,4 +1,4 @@
-"""U-Net score heads (unet.py, model.head = unet): per-task isolation, shapes, spec round trip, a real short training."""
+"""U-Net score heads (unet.py, model.head = unet): task isolation, shapes, spec round trip, a short real training."""
 
 import json
 from pathlib import Path
@@ -41,6 +41,18 @@ def test_tasks_are_independent_and_gradients_stay_in_their_task(shape):
         g = p.grad.reshape(K, -1)  # every parameter has the task on its leading axis (grouped channels or [K, ...])
         assert g[1:].abs().sum() == 0, name
         assert g[0].abs().sum() > 0, name
+
+
+def test_task_k_block_of_every_tensor_is_a_whole_single_task_head():
+    """Each head tensor is K equal blocks along dim 0 (what adapt.head_init = source copies): block k loaded into a
+    one-task model reproduces head k exactly."""
+    torch.manual_seed(1)
+    many, one = unet_model(3, (28, 28), sees_y=True).heads, unet_model(1, (28, 28), sees_y=True).heads
+    state = {name: t.reshape(3, -1, *t.shape[1:])[2].reshape(one.state_dict()[name].shape)
+             for name, t in many.state_dict().items()}
+    one.load_state_dict(state)
+    x, cond, y = torch.randn(3, 2, 784), torch.randn(3, 2, 11), torch.randn(3, 2, 784)
+    assert torch.allclose(one(x[2:], cond[2:], y[2:])[0], many(x, cond, y)[2], atol=1e-5)
 
 
 def test_groupnorm_groups_never_straddle_tasks():
@@ -108,8 +120,8 @@ def test_short_pretrain_on_digits_decreases_the_dsm_loss(store):
             "suite.n=64", "pretrain.steps=40", "pretrain.batch_size=16", "pretrain.log_every=10",
             "pretrain.warmup_steps=5", "pretrain.lr=2e-3"]
     pre = cdmtransfer.pretrain(str(RECIPES / "digits-denoise.yaml"), sets)
-    losses = [m.value for m in sorted(MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(pre.run_id, "loss"),
-                                      key=lambda m: m.step)]
+    history = MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(pre.run_id, "loss")
+    losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 4 and losses[-1] < 0.7 * losses[0]
     meta = json.loads((pre.paths["model"] / "meta.json").read_text())
     assert meta["model"]["head"] == "unet" and meta["model"]["K"] == 9
