@@ -30,7 +30,9 @@ bench: $(STAMP)
 # The paper's experiments at CPU scale. Conditioned diffusion (theory.md §4.1, recipes/langevin.yaml): one pretrain,
 # then frozen (the paper's fine-tuning) / finetune / scratch for m in {10,...,100}, 2 seeds, at the in-domain
 # target β0 = 5.5 and the out-of-domain β0 = 15; then the digits-restoration analogue of §4.2 (digits-denoise.yaml).
-# Measured on 2 shared cores: pretrain 139 s, each Langevin sweep ≈ 8.5 min, digits ≈ 7 min (about 26 min in all).
+# Every run trains to convergence by validation. Measured on 2 cores shared with other jobs: pretrain 748 s (hits its
+# 10,000-step cap), the β0 = 5.5 sweep with 4 modes × m ∈ {10, 20, 50, 100} × 2 seeds 2,485 s; the digits sweep was
+# last timed with fixed steps (≈ 7 min). Expect about 1.5 h in all on such a machine.
 PAPER_M ?= 10,20,30,40,50,100
 PAPER_SEEDS ?= 2
 PAPER_ENCODER = $(BIN)/python -c "import json; print(json.load(open('cdmtransfer-runs/paper-pretrain.json'))['run_id'])"
