@@ -23,6 +23,7 @@ from cdmtransfer.models import FixedEncoder, MLPEncoder, ScoreModel
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG
 from cdmtransfer.typed import from_dict
+from test_pipeline import TINY as PIPELINE_TINY
 
 SUITE = {"name": "gaussian", "K": 3, "n": 128, "n_target_pool": 64, "n_test": 64,
          "gaussian": {"d_x": 3, "D_y": 8, "d": 2}}
@@ -111,21 +112,12 @@ def test_sample_spread_exact_values():
     assert SampleSpread(data).ratio == math.inf  # no finite sample at all
 
 
-TINY = """
-name: tiny
-suite:
-  name: gaussian
-  K: 3
-  n: 128
-  n_target_pool: 64
-  n_test: 64
-  gaussian: {d_x: 3, D_y: 8, d: 2}
-model: {d: 2, encoder_width: 32, encoder_depth: 1, head_width: 32, head_depth: 1, time_dim: 8}
-adapt: {steps: 20, batch_size: 16, m: 8, lr: 1.0, grad_clip: 0, log_every: 5, checkpoint_every: 20, warmup_steps: 0,
-        val_folds: 1}  # no cross-validation: it would keep the untrained start, which does not diverge
-evaluate: {t_draws: 2, posterior_samples: 8, posterior_conditions: 16, sampler_steps: 16, dist_conditions: 4,
-           dist_samples: 32}
-"""
+# The pipeline tests' tiny recipe with an adapt stage that blows up: learning rate 1, no clipping, and no
+# cross-validation (it would keep the untrained start, which does not diverge).
+TINY = PIPELINE_TINY.replace(
+    "adapt: {steps: 80, batch_size: 16, m: 8, log_every: 20, checkpoint_every: 40, warmup_steps: 10}",
+    "adapt: {steps: 20, batch_size: 16, m: 8, lr: 1.0, grad_clip: 0, log_every: 5, checkpoint_every: 20, "
+    "warmup_steps: 0, val_folds: 1}")
 
 
 def test_diverged_adapt_run_is_tagged_and_warned(store, tmp_path):
