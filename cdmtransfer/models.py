@@ -255,8 +255,9 @@ def head_options(model_cfg, image_shape) -> dict:
     """ScoreModel keyword arguments for the recipe's model.head (a conv head needs the suite's image shape)."""
     if model_cfg.head in ("conv", "unet") and image_shape is None:
         raise ConfigError(f"model.head = {model_cfg.head} needs image data x; this suite has none (use model.head=mlp)")
-    if getattr(model_cfg, "head_sees_y", False) and model_cfg.head != "unet":
-        raise ConfigError(f"model.head_sees_y needs model.head = unet, not {model_cfg.head}")
+    if getattr(model_cfg, "head_sees_y", False):  # refused before any run: ScoreModel does not pass y to heads yet
+        raise ConfigError("model.head_sees_y is not supported yet (the score model does not pass y to its heads); "
+                          "use model.head_sees_y=false")
     if model_cfg.head == "unet":
         if not model_cfg.unet_mults or min(model_cfg.unet_mults) < 1:
             raise ConfigError(f"model.unet_mults must be a non-empty list of positive integers, got "
