@@ -57,8 +57,8 @@ class Validation:
 
     def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig) -> None:
         """Record one check: a relative improvement over min_delta keeps these EMA weights as the best."""
-        if math.isfinite(value) and value < self.best - cfg.min_delta * abs(self.best if math.isfinite(self.best)
-                                                                            else value):
+        first = not math.isfinite(self.best)
+        if math.isfinite(value) and (first or value < self.best - cfg.min_delta * abs(self.best)):
             self.best, self.best_step, self.bad = value, step, 0
             self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         else:
