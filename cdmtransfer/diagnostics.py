@@ -38,7 +38,7 @@ def consistency_gap(model, x0: torch.Tensor, y: torch.Tensor, t: float, generato
 
     def eps_fn(x, tt):
         reps = x.shape[0] // n
-        return model.eps_from_code(x[None], code.repeat(reps, 1)[None], tt[None])[0]
+        return model.eps_from_code(x[None], code.repeat(reps, 1)[None], tt[None], y.repeat(reps, 1)[None])[0]
 
     tt = torch.full((n,), t)
     x_t = OUProcess(1e-3, 10.0).perturb(x0, tt, torch.randn(x0.shape, generator=generator))

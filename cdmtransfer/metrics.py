@@ -39,12 +39,14 @@ def conditional_samples(model: ScoreModel, y: torch.Tensor, n_per: int, process:
     """n_per samples of x | y for every row of y, all in one batched sampler run: [C, n_per, d_x]."""
     with torch.no_grad():
         code = model.encoder(y).repeat_interleave(n_per, dim=0)  # h(y) once per condition
+        y_rep = y.repeat_interleave(n_per, dim=0) if model.head_sees_y else None
         heads = model.heads.K
 
         def score(x, t):
             # Evaluate all heads on the batch and keep `head` (K is 1 for adapted models).
             eps = model.eps_from_code(x.expand(heads, *x.shape), code.expand(heads, *code.shape),
-                                      t.expand(heads, *t.shape))[head]
+                                      t.expand(heads, *t.shape),
+                                      None if y_rep is None else y_rep.expand(heads, *y_rep.shape))[head]
             return -eps / process.sigma(t)[:, None]
 
         x = sample(score, code.shape[0], model.d_x, process, steps, method, generator)

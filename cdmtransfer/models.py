@@ -227,18 +227,27 @@ class ScoreModel(nn.Module):
             raise ValueError(f"unknown head kind {head!r}")
         self.d_x, self.head = d_x, head
 
-    def head_output(self, x_in: torch.Tensor, code: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The heads' raw output for input x_in and code w = h(y). Shapes [K, B, ·] and t [K, B]."""
+    @property
+    def head_sees_y(self) -> bool:
+        """True when the heads also take the condition y itself (model.head_sees_y; U-Net heads on restoration)."""
+        return bool(getattr(self.heads, "y_channels", 0))
+
+    def head_output(self, x_in: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
+                    y: torch.Tensor | None = None) -> torch.Tensor:
+        """The heads' raw output for input x_in and code w = h(y); y itself only reaches heads that see it.
+        Shapes [K, B, ·] and t [K, B]."""
         if self.head == "mlp":
             return self.heads(torch.cat([x_in, code, self.time(t)], dim=-1))
-        return self.heads(x_in, torch.cat([code, self.time(t)], dim=-1))
+        extra = (y,) if self.head_sees_y else ()
+        return self.heads(x_in, torch.cat([code, self.time(t)], dim=-1), *extra)
 
-    def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε̂ for a precomputed code w = h(y) (heads only). Shapes [K, B, ·] and t [K, B]."""
+    def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
+                      y: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ for a precomputed code w = h(y) (heads only); pass y too when `head_sees_y`. Shapes [K, B, ·], t [K, B]."""
         if self.precond is None:
-            return self.head_output(x_t, code, t)
+            return self.head_output(x_t, code, t, y)
         c_in = self.precond.c_in(t)
-        return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t), t)
+        return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t, y), t)
 
     def dsm_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight of ‖ε̂ − ε‖² in the training loss: the EDM weight (Preconditioning) when preconditioned
@@ -248,16 +257,15 @@ class ScoreModel(nn.Module):
         return self.precond.loss_weight(t)
 
     def forward(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.eps_from_code(x_t, self.encoder(y), t)
+        return self.eps_from_code(x_t, self.encoder(y), t, y)
 
 
 def head_options(model_cfg, image_shape) -> dict:
     """ScoreModel keyword arguments for the recipe's model.head (a conv head needs the suite's image shape)."""
     if model_cfg.head in ("conv", "unet") and image_shape is None:
         raise ConfigError(f"model.head = {model_cfg.head} needs image data x; this suite has none (use model.head=mlp)")
-    if getattr(model_cfg, "head_sees_y", False):  # refused before any run: ScoreModel does not pass y to heads yet
-        raise ConfigError("model.head_sees_y is not supported yet (the score model does not pass y to its heads); "
-                          "use model.head_sees_y=false")
+    if model_cfg.head_sees_y and model_cfg.head != "unet":
+        raise ConfigError(f"model.head_sees_y needs model.head = unet (got {model_cfg.head})")
     if model_cfg.head == "unet":
         if not model_cfg.unet_mults or min(model_cfg.unet_mults) < 1:
             raise ConfigError(f"model.unet_mults must be a non-empty list of positive integers, got "

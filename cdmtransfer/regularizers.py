@@ -191,7 +191,7 @@ def info_gap(eps_matched: torch.Tensor, eps_shuffled: torch.Tensor, noise: torch
 
 
 def swapped_heads_eps(model, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
-                      shift: torch.Tensor) -> torch.Tensor:
+                      shift: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """ε̂ of head k + shift (mod K) at task k's rows, for every k in one batched call; shapes [K, B, ·].
 
     `shift` is a 0-dim integer tensor (no host sync): rows of task k are placed in slice k + shift, whose head runs
@@ -200,7 +200,7 @@ def swapped_heads_eps(model, x_t: torch.Tensor, code: torch.Tensor, t: torch.Ten
     K = x_t.shape[0]
     ar = torch.arange(K, device=x_t.device)
     src, back = (ar - shift) % K, (ar + shift) % K  # slice j holds task j − shift; task k's answer is in k + shift
-    return model.eps_from_code(x_t[src], code[src], t[src])[back]
+    return model.eps_from_code(x_t[src], code[src], t[src], None if y is None else y[src])[back]
 
 
 def mixmatch_penalty(encoder, x_hat: torch.Tensor, code: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -259,7 +259,7 @@ class RegularizedObjective:
         r = self.reg
         K, B, _ = x_t.shape
         code = model.encoder(y)
-        eps = model.eps_from_code(x_t, code, t)
+        eps = model.eps_from_code(x_t, code, t, y)
         loss = model.dsm_weight(t) * dsm_loss(eps, noise)  # theory.md §1.4 (EDM-weighted when preconditioned)
         self.calls += 1
         self.interval_calls += 1
@@ -268,14 +268,14 @@ class RegularizedObjective:
         c = r.consistency
         if c.weight > 0:
             rows = max(1, math.ceil(c.fraction * B))
-            xs, ts, cs = x_t[:, :rows], t[:, :rows], code[:, :rows]  # chains run without gradient
+            xs, ts, cs, ys = x_t[:, :rows], t[:, :rows], code[:, :rows], y[:, :rows]  # chains run without gradient
             hop = c.hop_max * torch.rand(ts.shape, generator=generator, device=ts.device)
             t_to = torch.clamp(ts - hop, min=self.process.T0)  # t' = max(t − hop, T0), §D.2 step 3
             b = x0_prediction(xs, eps[:, :rows], ts)
 
             def eps_fn(x, tt):
                 reps = x.shape[1] // rows
-                return model.eps_from_code(x, cs.repeat(1, reps, 1), tt)
+                return model.eps_from_code(x, cs.repeat(1, reps, 1), tt, ys.repeat(1, reps, 1))
 
             lc = consistency_loss(eps_fn, xs, ts, b, t_to, c.steps, generator)
             if c.weighting == "alpha2":  # α_t² L_C: the gap of α_t x̂₀ = x_t − σ_t ε̂, bounded as t → T (1/α_t is not)
@@ -289,7 +289,7 @@ class RegularizedObjective:
             loss = loss + r.mmd.weight * m
         if r.info.weight > 0:
             shuffled = code.roll(1, dims=1)  # every row gets another row's code, same task
-            gap = info_gap(eps, model.eps_from_code(x_t, shuffled, t), noise).mean()
+            gap = info_gap(eps, model.eps_from_code(x_t, shuffled, t, y), noise).mean()
             self._note("info_gap", gap)
             loss = loss + r.info.weight * torch.relu(r.info.margin - gap)
         if r.hsic.weight > 0 and encoder_trains:
@@ -303,7 +303,7 @@ class RegularizedObjective:
             if not mm.swap:  # ablation: own head (drawn anyway, so both variants see the same random stream)
                 shift = torch.zeros_like(shift)
             with torch.set_grad_enabled(mm.through_generation and torch.is_grad_enabled()):
-                eps_sw = swapped_heads_eps(model, x_t, code, t, shift)
+                eps_sw = swapped_heads_eps(model, x_t, code, t, shift, y)
                 x_hat = x0_prediction(x_t, eps_sw, t)
             pen = mixmatch_penalty(model.encoder, x_hat, code, mm.normalize)
             if mm.t_max is not None:

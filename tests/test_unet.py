@@ -109,10 +109,33 @@ def test_head_options_from_the_recipe():
                                                              "sees_y": False}
     with pytest.raises(ConfigError, match="needs image data"):
         head_options(cfg.model, None)
-    with pytest.raises(ConfigError, match="head_sees_y is not supported yet"):  # the score model cannot pass y yet
-        head_options(load_config(None, ["model.head=unet", "model.head_sees_y=true"]).model, (8, 8))
+    seeing = head_options(load_config(None, ["model.head=unet", "model.head_sees_y=true"]).model, (8, 8))
+    assert seeing["head_config"]["sees_y"] is True
+    with pytest.raises(ConfigError, match="head_sees_y needs model.head = unet"):
+        head_options(load_config(None, ["model.head=conv", "model.head_sees_y=true"]).model, (8, 8))
     with pytest.raises(ConfigError, match="unet_mults"):
         head_options(load_config(None, ["model.head=unet", "model.unet_mults=[]"]).model, (8, 8))
+
+
+def test_a_head_that_sees_y_gets_y_itself_in_training_and_sampling():
+    """With head_sees_y, ε̂ depends on y beyond the code h(y): a constant encoder leaves y as the only route, and the
+    sampler (metrics.conditional_samples) must pass it too."""
+    from cdmtransfer.diffusion import OUProcess
+    from cdmtransfer.metrics import conditional_samples
+
+    torch.manual_seed(2)
+    model = unet_model(1, sees_y=True)
+    for p in model.encoder.parameters():
+        torch.nn.init.zeros_(p)  # h(y) = 0 for every y
+    x, t = torch.randn(1, 3, 64), torch.rand(1, 3) + 0.05
+    y1, y2 = torch.randn(1, 3, 64), torch.randn(1, 3, 64)
+    assert not torch.allclose(model(x, y1, t), model(x, y2, t))  # forward passes y to the heads
+    code = model.encoder(y1)
+    assert torch.equal(model.eps_from_code(x, code, t, y1), model(x, y1, t))
+    gen = torch.Generator().manual_seed(0)
+    a = conditional_samples(model, y1[0], 1, OUProcess(1e-3, 5.0), 4, "sde", torch.Generator().manual_seed(0))
+    b = conditional_samples(model, y2[0], 1, OUProcess(1e-3, 5.0), 4, "sde", gen)
+    assert a.shape == (3, 1, 64) and not torch.allclose(a, b)  # same noise, different y: different samples
 
 
 def test_short_pretrain_on_digits_decreases_the_dsm_loss(store):
