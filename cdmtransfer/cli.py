@@ -233,35 +233,78 @@ def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:
     _print_summary(summary, json_out, "sample")
 
 
-@app.command(epilog="Example: cdmtransfer estimate recipes/quickstart.yaml --epsilon 0.5 --calibrate SWEEP_RUN_ID")
+SOURCES = "Source calibration"
+THEORY = "Theory"
+
+
+@app.command(epilog="Examples: cdmtransfer estimate recipes/quickstart.yaml --epsilon 0.4  |  --epsilon 10% "
+                    "--error test_dsm  |  --epsilon 0.4 --calibrate SWEEP_RUN_ID (a sweep at m = 8, 16)")
 @handled
 def estimate(recipe: RecipeArg,
-             epsilon: Annotated[float, typer.Option(help="Target error ε (> 0).")],
-             delta: Annotated[float, typer.Option(help="Failure probability δ in (0, 1).")] = 0.1,
-             mode: Annotated[str, typer.Option(metavar="transfer|meta|scratch,..",
+             epsilon: Annotated[str, typer.Option(
+                 metavar="E|P%", help="Target error: a value of --error (0.4), or a percentage over its fitted floor "
+                                      "(10%: within 10% of the floor).")],
+             error: Annotated[str, typer.Option(
+                 metavar="posterior_mean_mse|test_dsm|score_error",
+                 help="The error ε is stated in (score_error: suites with exact scores).")] = "posterior_mean_mse",
+             over_floor: Annotated[bool, typer.Option("--over-floor",
+                                                      help="ε is an excess over the fitted floor.")] = False,
+             level: Annotated[float, typer.Option(min=0.5, max=0.99, help="Interval level.")] = 0.8,
+             holdout: Annotated[Optional[int], typer.Option(
+                 "--holdout", min=0, metavar="L", rich_help_panel=SOURCES,
+                 help="Source tasks held out in turn as stand-in targets (default min(3, K − 1); 0: none, theory "
+                      "and target-only fits).")] = None,
+             holdout_steps: Annotated[int, typer.Option(min=1, rich_help_panel=SOURCES,
+                                                        help="Step cap of the held-out pretrains.")] = 1000,
+             ladder: Annotated[str, typer.Option(metavar="M1,M2,..", rich_help_panel=SOURCES,
+                                                 help="Target sizes of the held-out sweeps.")] = "8,16,32,64",
+             seeds: Annotated[int, typer.Option(min=1, rich_help_panel=SOURCES,
+                                                help="Seeds per held-out (mode, m).")] = 1,
+             finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=SOURCES,
+                                                    help="Predict finetune too (frozen and scratch always).")] = False,
+             jobs: Annotated[int, typer.Option(min=0, rich_help_panel=SOURCES,
+                                               help="Worker processes (0: one per spare core).")] = 0,
+             calibrate: Annotated[Optional[str], typer.Option(
+                 metavar="SWEEP_RUN", help="The target's own sweep (e.g. m = 8, 16): updates the prediction; with "
+                                           "--holdout 0, a fit to it alone.")] = None,
+             theory_table: Annotated[bool, typer.Option("--theory", rich_help_panel=THEORY,
+                                                        help="Also print the uncalibrated bounds (always with "
+                                                             "--holdout 0).")] = False,
+             delta: Annotated[float, typer.Option(help="Failure probability δ in (0, 1).", rich_help_panel=THEORY)] = 0.1,
+             mode: Annotated[str, typer.Option(metavar="transfer|meta|scratch,..", rich_help_panel=THEORY,
                                                help="Bounds to invert.")] = "transfer,scratch",
-             metric: Annotated[str, typer.Option(metavar="score|tv", help="Score error or TV distance.")] = "score",
-             nu: Annotated[Optional[float], typer.Option(help="Task diversity ν (Def 3.1).", rich_help_panel="Theory")] = None,
+             metric: Annotated[str, typer.Option(metavar="score|tv", help="Score error or TV distance.",
+                                                 rich_help_panel=THEORY)] = "score",
+             nu: Annotated[Optional[float], typer.Option(help="Task diversity ν (Def 3.1).", rich_help_panel=THEORY)] = None,
              diversity_delta: Annotated[Optional[float], typer.Option(help="Task diversity Δ (Def 3.1).",
-                                                                      rich_help_panel="Theory")] = None,
+                                                                      rich_help_panel=THEORY)] = None,
              eps_approx: Annotated[Optional[float], typer.Option(help="Misspecification ε_approx.",
-                                                                 rich_help_panel="Theory")] = None,
+                                                                 rich_help_panel=THEORY)] = None,
              constant: Annotated[Optional[float], typer.Option("--constant", help="Universal constant C (default 1).",
-                                                               rich_help_panel="Theory")] = None,
+                                                               rich_help_panel=THEORY)] = None,
              log_factor: Annotated[Optional[float], typer.Option(
-                 help="Use this constant for every log factor ι (default 1: bare rates).", rich_help_panel="Theory")] = 1.0,
+                 help="Use this constant for every log factor ι (default 1: bare rates).", rich_help_panel=THEORY)] = 1.0,
              paper_logs: Annotated[bool, typer.Option("--paper-logs", help="Use the paper's log factors instead.",
-                                                      rich_help_panel="Theory")] = False,
-             calibrate: Annotated[Optional[str], typer.Option(metavar="SWEEP_RUN",
-                                                              help="Fit the rates to a sweep's measured curves.")] = None,
-             calibrate_metric: Annotated[str, typer.Option(help="Measured metric to fit.")] = "score_error",
+                                                      rich_help_panel=THEORY)] = False,
              set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
-             verbose: VerboseOpt = False):
-    """How many target samples for error ε: the theory's bounds inverted, and (with --calibrate) measured curves."""
+             quiet: QuietOpt = False, verbose: VerboseOpt = False):
+    """How many target samples for error ε: predicted from source tasks held out as stand-in targets (no target
+    data needed), updated with a small target sweep (--calibrate), and the theory's bounds (orders of magnitude)."""
+    from cdmtransfer.curve_fit import Epsilon
+    from cdmtransfer.estimate import ERRORS
     from cdmtransfer.estimate import estimate as run_estimate
     from cdmtransfer.theory import METRICS, MODES
 
     cfg = _config(recipe, set_)
+    try:
+        eps = Epsilon.parse(epsilon, over_floor)
+        m_ladder = sorted({int(v) for v in ladder.split(",") if v.strip()})
+    except ValueError as exc:
+        raise ConfigError(f"--epsilon/--ladder: {exc}") from None
+    if error not in ERRORS:
+        raise ConfigError(f"--error {error!r} is not one of {', '.join(ERRORS)}")
+    if len(m_ladder) < 2 or m_ladder[0] < 1:
+        raise ConfigError(f"--ladder {ladder}: needs at least two sizes >= 1")
     modes = [m.strip() for m in mode.split(",") if m.strip()]
     for name in modes:
         if name not in MODES:
@@ -270,50 +313,56 @@ def estimate(recipe: RecipeArg,
         raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     overrides = {"nu": nu, "Delta": diversity_delta, "eps_approx": eps_approx, "C": constant,
                  "iota": None if paper_logs else log_factor}
+    results = _sweep_results(cfg, tracking_uri, calibrate) if calibrate else None
+    if holdout is None:
+        from cdmtransfer.estimate import suite_dims
+        from cdmtransfer.source_calibration import default_holdouts
+
+        holdout = default_holdouts(suite_dims(cfg)["K"])
+    theory_eps = eps.value if eps.kind == "absolute" else None
     curves = None
-    if calibrate:
+    if results is not None and holdout == 0 and theory_eps:
         from cdmtransfer.estimate import sweep_curves
-        from cdmtransfer.tracking import open_tracker
 
-        tracker = open_tracker(cfg, tracking_uri)
-        curves = sweep_curves(_sweep_results(tracker, calibrate), calibrate_metric)
-    report = run_estimate(cfg, epsilon, delta=delta, modes=modes, metric=metric, overrides=overrides,
-                          calibration=curves)
+        curves = sweep_curves(results, error)
+    report = run_estimate(cfg, theory_eps, delta=delta, modes=modes, metric=metric, overrides=overrides,
+                          calibration=curves, theory_table=theory_table or holdout == 0)
+    report.error, report.epsilon_text = error, eps.text()
+    if holdout > 0:
+        from cdmtransfer.source_calibration import source_estimate
+
+        report.predicted, report.evidence = source_estimate(
+            cfg, eps, error, holdouts=holdout, ladder=m_ladder,
+            modes=("frozen", "finetune", "scratch") if finetune else ("frozen", "scratch"), seeds=seeds,
+            steps=holdout_steps, level=level, target_rows=results["rows"] if results else None,
+            tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs)
+    elif eps.kind != "absolute":
+        report.notes.append(f"ε = {eps.text()} needs a fitted floor: use --holdout or --calibrate")
     from cdmtransfer import report as rep
+    from cdmtransfer.estimate import log_estimate
 
+    run_id = log_estimate(cfg, report, recipe, calibrate, tracking_uri)
     if json_out:
-        rep.emit_json(report.to_dict())
+        rep.emit_json({**report.to_dict(), "run_id": run_id})
     else:
-        rep.estimate_tables(rep.console(), report)
-    _log_estimate(cfg, report, recipe, calibrate, tracking_uri)
+        rep.estimate_tables(rep.console(), report, quiet=quiet)
+        if not quiet:
+            rep.console().print(f"estimate run id: {run_id}")
 
 
-def _sweep_results(tracker, run_id: str) -> dict:
+def _sweep_results(cfg, tracking_uri: str | None, run_id: str) -> dict:
     import json
     import tempfile
 
+    from cdmtransfer.tracking import open_tracker
+
+    tracker = open_tracker(cfg, tracking_uri)
     run = tracker.get_run(run_id)
     if run.data.tags.get("cdmtransfer.stage") != "sweep":
         raise ConfigError(f"--calibrate {run_id}: not a sweep run")
     with tempfile.TemporaryDirectory() as tmp:
         path = tracker.client.download_artifacts(run_id, "results.json", tmp)
         return json.loads(open(path).read())
-
-
-def _log_estimate(cfg, report, recipe: str, sweep_run: str | None, tracking_uri: str | None) -> None:
-    from cdmtransfer.config import flatten
-    from cdmtransfer.tracking import TAG, open_tracker, tracked_run
-
-    tracker = open_tracker(cfg, tracking_uri)
-    tags = {TAG + "stage": "estimate", TAG + "recipe": cfg.name, TAG + "recipe_path": recipe}
-    if sweep_run:
-        tags[TAG + "sweep_run_id"] = sweep_run
-    with tracked_run(tracker, f"{cfg.name}-estimate", tags) as run:
-        run.log_params(flatten({"inputs": report.inputs, "metric": report.metric}))
-        values = {f"m_{mode}": r["m"] for mode, r in report.theory.items() if r["m"] is not None}
-        values |= {f"calibrated_m_{mode}": r["m"] for mode, r in report.calibrated.items() if r.get("m")}
-        run.log_metrics(values, step=0)
-        run.log_dict(report.to_dict(), "estimate.json")
 
 
 def _terminate(signum, frame):

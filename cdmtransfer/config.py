@@ -139,6 +139,9 @@ class SuiteConfig:
     n: int = field(default=512, metadata=_range(1))  # samples per source task (synthetic suites)
     n_target_pool: int = field(default=2048, metadata=_range(1))  # target rows m is drawn from (synthetic)
     n_test: int = field(default=256, metadata=_range(1))  # held-out target pairs (synthetic suites)
+    # k >= 1: source task k is the target and the other K − 1 are the sources (estimate's pseudo-targets,
+    # tasks/holdout.py); 0: the suite's own target
+    holdout: int = field(default=0, metadata=_range(0))
     gaussian: GaussianSuite = field(default_factory=GaussianSuite)
     langevin: LangevinSuite = field(default_factory=LangevinSuite)
     file: FileSuite = field(default_factory=FileSuite)

@@ -153,8 +153,10 @@ def _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet) -> str:
 
 
 def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
-          jobs: int = 0, resume: str | None = None) -> SweepResult:
-    """Learning curves over sweep.modes × sweep.m × sweep.seeds; `resume` continues an interrupted sweep run."""
+          jobs: int = 0, resume: str | None = None, tags: dict | None = None) -> SweepResult:
+    """Learning curves over sweep.modes × sweep.m × sweep.seeds; `resume` continues an interrupted sweep run.
+
+    `tags` are added to the sweep run (estimate finds its pseudo-target sweeps by them)."""
     s = cfg.sweep
     setup_torch(cfg)
     taskset = build_taskset(cfg)
@@ -174,7 +176,8 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     if resume and not encoder:
         parent_tags = tracker.get_run(resume).data.tags
         encoder = parent_tags.get(TAG + "encoder_source") if not pretrains else None
-    tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs}
+    tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs,
+            **(tags or {})}
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, \
             tracked_run(tracker, f"{cfg.name}-sweep", tags, resume_run_id=resume) as parent:
         if not resume:
@@ -199,7 +202,7 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped}, "results.json")
         parent.client.log_text(parent.run_id, to_csv(rows), "results.csv")
         plots = {}
-        if len(s.m) > 1:
+        if len(s.m) > 1 and cfg.tracking.log_artifacts:
             for metric in HEADLINE:
                 png = learning_curves(summary, metric, Path(tmp) / f"curve_{metric}.png",
                                       f"{cfg.name}: {metric} vs m")

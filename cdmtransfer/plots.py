@@ -88,3 +88,41 @@ def adapt_samples_figure(model, taskset, cfg, path: Path, n_cond: int = 3, n_per
     truth = None if truth is None else truth.view(n_cond, n_per, -1)
     return conditional_scatter(draws.numpy(), None if truth is None else truth.numpy(), x_true.numpy(), path,
                                f"{cfg.name}: adapt {cfg.adapt.mode}, m = {cfg.adapt.m}")
+
+
+def estimate_band(predicted: dict, error: str, eps_text: str, path: Path) -> Path | None:
+    """The predicted learning-curve band per mode (estimate): held-out tasks' points, the pooled band for a new
+    task and, after --calibrate, the target's points and the updated band."""
+    if not predicted:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(predicted), figsize=(5 * len(predicted), 4), dpi=110, squeeze=False)
+    for ax, (mode, r) in zip(axes[0], predicted.items()):
+        band = r["band"]
+        ax.fill_between(band["m"], band["lo"], band["hi"], color="C0", alpha=0.2, label="new task (sources)")
+        ax.plot(band["m"], band["mid"], color="C0")
+        for t in r["tasks"]:
+            pts = list(zip(*t["points"]))
+            ax.plot(pts[0], pts[1], "o", ms=4, alpha=0.7, label=f"held-out source {t['task']}")
+        if "updated" in r:
+            u = r["updated"]
+            ax.fill_between(u["band"]["m"], u["band"]["lo"], u["band"]["hi"], color="C3", alpha=0.25,
+                            label="target (updated)")
+            pts = list(zip(*u["target_points"]))
+            ax.plot(pts[0], pts[1], "k*", ms=9, label="target points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("target samples m")
+        ax.set_ylabel(error.replace("_", " "))
+        ax.set_title(f"{mode}: ε = {eps_text}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

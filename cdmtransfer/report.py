@@ -90,9 +90,100 @@ def _m_text(m) -> str:
     return f"{m:,.0f}" if m < 1e7 else f"{m:.2e}"
 
 
-def estimate_tables(out: Console, report) -> None:
-    """The theory's required m per mode, the saving, and (if calibrated) the fitted answer with intervals."""
-    table = Table(title=f"Target samples for {report.metric} error ≤ {report.epsilon:g}: theory (theory.md §3.1)")
+EXTRAPOLATE = 4  # a predicted m beyond this multiple of the largest measured m is marked as an extrapolation
+
+
+def _m_mark(m, reach) -> str:
+    return "never" if m is None else _m_text(m) + ("*" if m > reach else "")
+
+
+def _interval_text(interval) -> str:
+    lo, hi = interval
+    return f"[{_m_text(lo)}, {_m_text(hi) if hi is not None else 'never'}]"
+
+
+def predicted_tables(out: Console, report, quiet: bool = False) -> None:
+    """The source-calibrated answer per mode, its update with the target's points, and (unless quiet) the fits."""
+    ev, pct = report.evidence, None
+    for mode, r in report.predicted.items():
+        pct = round(100 * r["level"])
+    tasks = ", ".join(str(k) for k in ev.get("holdout_tasks", []))
+    reach = EXTRAPOLATE * max(ev.get("ladder") or [1])
+    table = Table(title=f"Target samples for {report.error} ≤ {report.epsilon_text}: predicted from held-out source "
+                        f"tasks {tasks} ({pct}% intervals; no target data)",
+                  caption=f"* beyond {EXTRAPOLATE}× the largest measured m ({reach // EXTRAPOLATE}): an extrapolation "
+                          f"of the fitted curve; never: ε at or below the floor")
+    for col in ("mode", "m(ε)", "interval", "never", "curve", "evidence (leave-one-task-out)"):
+        table.add_column(col, justify="left" if col in ("mode", "curve", "evidence (leave-one-task-out)") else "right")
+    for mode, r in report.predicted.items():
+        loto = r["loto_summary"]
+        med = loto["median_abs_log2"]
+        evidence = (f"{len(r['tasks'])} tasks × {len(ev.get('ladder', []))} m × {ev.get('seeds')} seed"
+                    + ("s" if ev.get("seeds", 1) > 1 else ""))
+        if loto["cases"]:
+            evidence += (f"; {loto['covered']}/{loto['cases']} held in interval"
+                         + (f", median error ×{2 ** med:.2g}" if med is not None else ""))
+        table.add_row(mode, _m_mark(r["m"], reach), _interval_text(r["interval"]),
+                      f"{100 * r['p_unreachable']:.0f}%", r["shape"], evidence)
+    out.print(table)
+    updated = {mode: r["updated"] for mode, r in report.predicted.items() if "updated" in r}
+    if updated:
+        up = Table(title=f"Updated with the target's own points ({pct}% intervals)")
+        for col in ("mode", "target points", "m(ε)", "interval", "interval width vs sources", "weight: target",
+                    "collect"):
+            up.add_column(col, justify="left" if col in ("mode", "target points", "collect") else "right")
+        for mode, u in updated.items():
+            pts = ", ".join(f"m={m:g}" for m, _, _ in u["target_points"])
+            before = report.predicted[mode]["interval"]
+            narrow = (f"{u['narrowing']:.2f}×" if u["narrowing"] is not None else
+                      "bounded now" if before[1] is None and u["interval"][1] is not None else "–")
+            if u["collect_more"] is None:
+                collect = "more data may not reach ε"
+            elif u["collect_more"] == 0:
+                collect = f"none: m = {u['have']} already reaches ε"
+            else:
+                hi = u["collect_more_hi"]
+                collect = f"about {u['collect_more']} more" + (f" ({hi} for the upper end)" if hi else "")
+            up.add_row(mode, pts, _m_mark(u["m"], reach), _interval_text(u["interval"]),
+                       narrow, f"{100 * u['weights']['target']:.0f}%", collect)
+        out.print(up)
+    if quiet:
+        return
+    fits = Table(title=f"Fitted curves of the held-out tasks: {report.error} ≈ floor + A·m^-p (mean; task-to-task "
+                       f"sd; fit-noise sd)")
+    for col in ("mode", "floor", "A", "p", "leave-one-point-out rms log error (p=1 | free p)", "per task: m(ε)"):
+        fits.add_column(col, justify="left" if col in ("mode", "per task: m(ε)") else "right")
+    for mode, r in report.predicted.items():
+        f, a = r["floor"], r["A"]
+        lopo = " | ".join("–" if v != v else f"{v:.3f}" for v in r["lopo_rms_log"].values())
+        own = ", ".join(f"{t['task']}: {_m_text(t['m_own']) if t['m_own'] is not None else 'never'}"
+                        for t in r["tasks"])
+        fits.add_row(mode, f"{f['mean']:.4g} ({f['task_sd']:.2g}; {f['noise_sd']:.2g})",
+                     f"{a['mean']:.4g} ({a['task_sd']:.2g}; {a['noise_sd']:.2g})", f"{r['p']:.2f}", lopo, own)
+    out.print(fits)
+    secs = ev.get("seconds", {})
+    reused = sum(r["reused"] for r in ev.get("runs", []))
+    out.print(f"held-out runs: {len(ev.get('runs', []))} sweeps ({reused} reused), pretrains capped at "
+              f"{ev.get('pretrain_steps_cap')} steps; training {secs.get('training', 0):.0f} s, statistics "
+              f"{secs.get('statistics', 0):.1f} s")
+
+
+def estimate_tables(out: Console, report, quiet: bool = False) -> None:
+    """The source-calibrated answer, the theory's required m per mode (orders of magnitude) and the target-only fit."""
+    if report.predicted:
+        predicted_tables(out, report, quiet)
+    if report.theory and not (quiet and report.predicted):
+        theory_table(out, report)
+    for note in report.notes:
+        if not quiet:
+            out.print(f"note: {note}")
+    if report.calibrated:
+        calibrated_table(out, report)
+
+
+def theory_table(out: Console, report) -> None:
+    table = Table(title=f"Target samples for {report.metric} error ≤ {report.epsilon:g}: uncalibrated theory "
+                        f"(theory.md §3.1), orders of magnitude only")
     for col in ("mode", "required m", "dominant term", "note"):
         table.add_column(col, justify="right" if col == "required m" else "left")
     for mode, r in report.theory.items():
@@ -101,11 +192,10 @@ def estimate_tables(out: Console, report) -> None:
     out.print(table)
     if report.saving is not None:
         out.print(f"transfer needs {report.saving:.3g}× fewer target samples than scratch (theory)")
-    for note in report.notes:
-        out.print(f"note: {note}")
-    if not report.calibrated:
-        return
-    cal = Table(title="Calibrated on measured curves (95% bootstrap intervals over seeds)")
+
+
+def calibrated_table(out: Console, report) -> None:
+    cal = Table(title="Fitted to the target sweep alone (95% bootstrap intervals over seeds)")
     for col in ("mode", "m for ε: floor + A/m", "interval", "m for ε: floor + A/m^p", "interval", "floor",
                 "p (measured)", "p (theory)", "consistent"):
         cal.add_column(col, justify="left" if col == "mode" else "right")

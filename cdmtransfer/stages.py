@@ -320,7 +320,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                                             stop_at=refit_steps)
     model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
     values, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
-    adapt_samples_figure(result.ema, taskset, cfg, work_dir / "plots" / "samples.png")
+    if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
+        adapt_samples_figure(result.ema, taskset, cfg, work_dir / "plots" / "samples.png")
     values.update(final_loss=result.final_loss, train_seconds=result.seconds + (cv_result.seconds if cv_result else 0),
                   trainable_parameters=sum(p.numel() for g in groups for p in g["params"]), steps=result.steps_run)
     if cv_result is not None:

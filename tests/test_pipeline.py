@@ -219,7 +219,7 @@ def test_api_functions_are_not_shadowed_by_submodules():
 
 
 def test_estimate_from_theory_and_calibrated_on_a_sweep(recipe, store):
-    theory_only = ok_json("estimate", recipe, "--epsilon", 50.0)
+    theory_only = ok_json("estimate", recipe, "--epsilon", 50.0, "--holdout", 0)  # no held-out sources: theory only
     assert set(theory_only["theory"]) == {"transfer", "scratch"}
     for mode in ("transfer", "scratch"):
         r = theory_only["theory"][mode]
@@ -231,7 +231,8 @@ def test_estimate_from_theory_and_calibrated_on_a_sweep(recipe, store):
     errors = {(r["mode"], r["m"]): r["score_error"]["mean"] for r in res["summary"]}
     assert errors[("frozen", 16)] < errors[("frozen", 4)]  # a learning curve, not noise
     eps = errors[("frozen", 8)]  # a level the frozen curve reaches inside the measured range
-    est = ok_json("estimate", recipe, "--epsilon", eps, "--calibrate", res["run_id"])
+    est = ok_json("estimate", recipe, "--epsilon", eps, "--calibrate", res["run_id"], "--holdout", 0,
+                  "--error", "score_error")
     frozen = est["calibrated"]["frozen"]
     assert frozen["reachable"] and 2 <= frozen["m"] <= 32
     lo, hi = frozen["m_interval"]
@@ -241,5 +242,5 @@ def test_estimate_from_theory_and_calibrated_on_a_sweep(recipe, store):
                          filter_string="tags.`cdmtransfer.stage` = 'estimate'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert any(r.data.tags.get(TAG + "sweep_run_id") == res["run_id"] for r in runs)
-    bad = cli("estimate", recipe, "--epsilon", 1.0, "--calibrate", runs[0].info.run_id)
+    bad = cli("estimate", recipe, "--epsilon", 1.0, "--calibrate", runs[0].info.run_id, "--holdout", 0)
     assert bad.exit_code == 2 and "not a sweep run" in bad.stderr

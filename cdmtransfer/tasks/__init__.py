@@ -5,6 +5,16 @@ from cdmtransfer.tasks.base import GroundTruth, TaskSet
 
 
 def build_taskset(cfg: Config) -> TaskSet:
+    """The recipe's task set; with suite.holdout = k, source k as the target (tasks/holdout.py)."""
+    taskset = _build(cfg)
+    if cfg.suite.holdout:
+        from cdmtransfer.tasks.holdout import hold_out
+
+        taskset = hold_out(taskset, cfg.suite.holdout, cfg.suite.n_test, cfg.suite.seed)
+    return taskset
+
+
+def _build(cfg: Config) -> TaskSet:
     if cfg.suite.name == "lsgmm":
         from cdmtransfer.tasks import lsgmm
 
