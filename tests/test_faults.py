@@ -18,8 +18,8 @@ from test_pipeline import TINY
 
 # patience 0: validation still runs and picks the weights kept, but never stops a run before the cap, so a run is
 # long enough to be killed mid-way (adapt is killed in its cross-validation phase, whose checkpoints are checkpoints-cv)
-LONG = ["--set", "pretrain.steps=1500", "--set", "pretrain.checkpoint_every=100", "--set", "pretrain.patience=0",
-        "--set", "adapt.steps=1500", "--set", "adapt.checkpoint_every=100", "--set", "adapt.patience=0"]
+LONG = ["--set", "pretrain.steps=800", "--set", "pretrain.checkpoint_every=100", "--set", "pretrain.patience=0",
+        "--set", "adapt.steps=800", "--set", "adapt.checkpoint_every=100", "--set", "adapt.patience=0"]
 
 
 def cli(store, *args, **kwargs):
@@ -73,7 +73,7 @@ def test_kill_9_then_resume_matches_uninterrupted(stage, tmp_path, store):
     a, b = weights(store, full_id), weights(store, run_id)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     history = [m.step for m in client.get_metric_history(run_id, "loss" if stage == "pretrain" else "cv/loss")]
-    assert history[-1] == 1500
+    assert history[-1] == 800
 
 
 def test_sigterm_marks_run_killed(tmp_path, store):
@@ -141,7 +141,7 @@ def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypa
 def test_kill_9_during_a_sweep_then_resume_completes_it(tmp_path, store):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY)
-    args = ["sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--seeds", 2, "--jobs", 1,
+    args = ["sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--seeds", 1, "--jobs", 1,
             "--set", "adapt.steps=300", "--quiet", "--json"]
     full = cli(store, *args)
     out, err = full.communicate(timeout=300)
