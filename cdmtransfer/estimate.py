@@ -4,13 +4,14 @@ Theory (theory.md §3, §3.1): the recipe gives d_x, D_y, d, K, n and the networ
 terms log N_F (score head) and log N_H (encoder); theory.required_m inverts each bound for m. The paper states rates
 with unknown constants, so uncalibrated answers are orders of magnitude, not predictions.
 Calibrated (`--calibrate SWEEP_RUN`): fit err(m) ≈ floor + A/m (the rate of Thm 3.4 / Prop 3.2) to a sweep's measured
-curve per mode, with bootstrap intervals over seeds, and invert the fit for m. Imports numpy only (no torch), so an
-answer takes well under two seconds.
+curve per mode, with bootstrap intervals over seeds, and invert the fit for m. Imports numpy only (torch only to read
+a `file` suite's data with the training loader), so an answer takes well under two seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -27,19 +28,29 @@ def mlp_params(widths: list[int]) -> int:
 def suite_dims(cfg: Config) -> dict:
     """d_x, D_y, K and n of the recipe's suite, without building it (and without torch)."""
     s = cfg.suite
-    if s.name in ("gaussian", "langevin"):
+    if s.name in ("gaussian", "langevin", "lsgmm"):
         sub = getattr(s, s.name)
         return {"d_x": sub.d_x, "D_y": sub.D_y, "K": s.K, "n": s.n}
+    if s.name != "file":
+        raise ConfigError(f"estimate: the theory's sizes are defined for the gaussian, langevin, lsgmm and file "
+                          f"suites, not '{s.name}'")
+    from cdmtransfer.tasks import files  # the same readers and checks as training (imports torch: file suite only)
+
     f = s.file
-    try:
-        with np.load(f.path, allow_pickle=False) as z:
-            x, y, task = z["x"], z["y"], z["task"]
-    except Exception as exc:
-        raise DataError(f"{f.path}: cannot read the data file for its sizes ({exc})") from None
+    path = Path(f.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (suite.file.path)")
+    if path.suffix == ".csv":
+        x, y, task = files.read_csv(path, f.x_columns, f.y_columns, f.task_column)
+    else:
+        x, y, task = files.read_npz(path)
+    x, y, task = files.validate(path, x, y, task)
     ids, counts = np.unique(task, return_counts=True)
     sources = [i for i in ids if i != f.target] if not f.sources else f.sources
-    n = int(min(c for i, c in zip(ids, counts) if i in sources))
-    return {"d_x": x.shape[1], "D_y": y.shape[1] if y.ndim == 2 else 1, "K": len(sources), "n": n}
+    sizes = [int(c) for i, c in zip(ids, counts) if i in sources]
+    if not sizes:
+        raise DataError(f"{path}: no source tasks for the estimate (task ids: {', '.join(map(str, ids))})")
+    return {"d_x": x.shape[1], "D_y": y.shape[1], "K": len(sources), "n": min(sizes)}
 
 
 def complexity(cfg: Config, dims: dict) -> dict:
@@ -83,7 +94,8 @@ def build_problem(cfg: Config, epsilon: float, delta: float, overrides: dict) ->
 
 
 def estimate(cfg: Config, epsilon: float, *, delta: float = 0.1, modes=("transfer", "scratch"),
-             metric: str = "score", overrides: dict | None = None, calibration: dict | None = None) -> EstimateReport:
+             metric: str = "score", overrides: dict | None = None, calibration: dict | None = None,
+             seed: int = 0) -> EstimateReport:
     problem, inputs = build_problem(cfg, epsilon, delta, overrides or {})
     results = {}
     for mode in modes:
@@ -96,12 +108,13 @@ def estimate(cfg: Config, epsilon: float, *, delta: float = 0.1, modes=("transfe
              % (problem.C, ", log factors replaced by %g" % problem.iota if problem.iota is not None else "")]
     report = EstimateReport(epsilon, metric, inputs, results, ratio, notes=notes)
     if calibration:
-        report.calibrated = calibrate(calibration, epsilon, problem, metric)
+        report.calibrated = calibrate(calibration, epsilon, problem, metric, seed=seed)
     return report
 
 
-def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str) -> dict:
-    """Fit each mode's measured curve (m values, errors [seeds, m]) and invert it for ε, with bootstrap intervals."""
+def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str, seed: int = 0) -> dict:
+    """Fit each mode's measured curve (m values, errors [seeds, m]) and invert it for ε, with bootstrap intervals
+    (resamples drawn from `seed`)."""
     out = {}
     for mode, (m_values, errors) in curves.items():
         errors = np.asarray(errors, dtype=float)
@@ -109,8 +122,8 @@ def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str
             out[mode] = {"error": "needs at least two values of m"}
             continue
         kind = "score" if metric == "score" else "power"
-        boot = theory.bootstrap_fit(m_values, errors, kind=kind, n_boot=200, seed=0)
-        power = theory.bootstrap_fit(m_values, errors, kind="power", n_boot=200, seed=0)
+        boot = theory.bootstrap_fit(m_values, errors, kind=kind, n_boot=200, seed=seed)
+        power = theory.bootstrap_fit(m_values, errors, kind="power", n_boot=200, seed=seed)
         m_point, m_lo, m_hi = boot["m_for"](epsilon)
         mp_point, mp_lo, mp_hi = power["m_for"](epsilon)
         p_hat, p_int = power["fit"].p, power["intervals"]["p"]

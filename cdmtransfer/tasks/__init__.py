@@ -5,6 +5,15 @@ from cdmtransfer.tasks.base import GroundTruth, TaskSet
 
 
 def build_taskset(cfg: Config) -> TaskSet:
+    """The suite's TaskSet, with its degenerate-data warnings (data_checks) attached."""
+    from cdmtransfer.data_checks import split_warnings
+
+    taskset = _build(cfg)
+    taskset.data_warnings = [*taskset.data_warnings, *split_warnings(taskset, cfg)]
+    return taskset
+
+
+def _build(cfg: Config) -> TaskSet:
     if cfg.suite.name == "lsgmm":
         from cdmtransfer.tasks import lsgmm
 
