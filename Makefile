@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test bench paper clean ui
+.PHONY: setup quickstart test fuzz bench paper clean ui
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Property-based fuzzing of every input the tool reads (tests/test_fuzz.py): thousands of fresh random and mutated
+# recipes, --set items, data, IDX, condition and checkpoint files, and command lines (make test runs a few hundred).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -m fuzz --hypothesis-show-statistics tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py

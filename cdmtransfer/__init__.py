@@ -56,14 +56,14 @@ def sweep(recipe, overrides=(), **kwargs):
 
 
 def evaluate(run_id, overrides=(), **kwargs):
-    """Recompute the target metrics of an adapt run. kwargs: tracking_uri, home."""
+    """Recompute the target metrics of an adapt run. kwargs: tracking_uri, home, quiet (no warnings), progress."""
     from cdmtransfer.runs import evaluate_run
 
     return evaluate_run(run_id, overrides=list(overrides), **kwargs)
 
 
 def sample(run_id, n, out, **kwargs):
-    """Write n samples per condition to `out` (.npz). kwargs: y_file, test, task, tracking_uri, seed."""
+    """Write n samples per condition to `out` (.npz). kwargs: y_file, test, task, tracking_uri, seed, progress."""
     from cdmtransfer.runs import sample_run
 
     return sample_run(run_id, n, out, **kwargs)

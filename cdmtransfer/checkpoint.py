@@ -154,8 +154,12 @@ def read_meta(path: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
         raise DataError(f"{path}: not a cdmtransfer checkpoint (no meta.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise DataError(f"{meta_path}: corrupt checkpoint metadata") from None
+    except OSError as exc:  # a directory named meta.json, no permission
+        raise DataError(f"{meta_path}: cannot read checkpoint metadata ({exc.strerror or exc})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: corrupt checkpoint metadata (not a JSON object)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(f"{path}: checkpoint format version {version!r} is not supported "
@@ -169,7 +173,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise DataError(f"{path}: weights file not found") from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: corrupt or truncated weights file ({exc})") from None
+        raise DataError(f"{path}: corrupt or truncated weights file ({_first_line(exc)})") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
@@ -182,8 +186,13 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     except FileNotFoundError:
         raise DataError(f"{path}: train_state.pt not found") from None
     except Exception as exc:  # the unpickler raises several types for a damaged file
-        raise DataError(f"{path / 'train_state.pt'}: corrupt or unsafe training state ({exc})") from None
+        raise DataError(f"{path / 'train_state.pt'}: corrupt or unsafe training state ({_first_line(exc)})") from None
     return model_state, ema_state, train_state, meta
+
+
+def _first_line(exc: BaseException) -> str:
+    """The start of a library's message: torch's and safetensors' run over several lines."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def export_model(directory: Path, ema_state: dict, meta: dict) -> Path:

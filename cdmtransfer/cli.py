@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdmtransfer import __version__
-from cdmtransfer.errors import CdmError, ConfigError
+from cdmtransfer.errors import CdmError, ConfigError, one_line
 
 app = typer.Typer(name="cdmtransfer", no_args_is_help=True, rich_markup_mode="rich", add_completion=True,
                   pretty_exceptions_enable=False,
@@ -37,7 +37,8 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved c
                                           rich_help_panel=RECIPE)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout (run ids, metrics, paths).",
                                         rich_help_panel=OUTPUT)]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.", rich_help_panel=OUTPUT)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines (warnings and errors still print).",
+                                       rich_help_panel=OUTPUT)]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.",
                                            rich_help_panel=OUTPUT)]
 TrackingOpt = Annotated[Optional[str], typer.Option(
@@ -60,7 +61,7 @@ def handled(fn):
         except CdmError as exc:
             if kwargs.get("verbose"):
                 traceback.print_exc()
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
@@ -71,7 +72,8 @@ def handled(fn):
             if kwargs.get("verbose"):
                 traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]
-            print(f"error: {type(exc).__name__}: {first} (run with --verbose for the traceback)", file=sys.stderr)
+            print(f"error: {type(exc).__name__}: {one_line(first)} (run with --verbose for the traceback)",
+                  file=sys.stderr)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -200,12 +202,16 @@ def sweep(recipe: RecipeArg,
 @app.command(epilog="Example: cdmtransfer evaluate RUN_ID --set evaluate.posterior_samples=64")
 @handled
 def evaluate(run: Annotated[str, typer.Argument(metavar="RUN", help="Adapt run id, runs:/ or models:/ URI, or path.")],
-             set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
+             set_: SetOpt = None,
+             seed: Annotated[Optional[int], typer.Option(help="Evaluation noise seed (evaluate.seed; default: the "
+                                                              "run's).", rich_help_panel=RECIPE)] = None,
+             tracking_uri: TrackingOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
              verbose: VerboseOpt = False):
     """Recompute the target metrics of an adapt run (and log them to it under eval/)."""
     from cdmtransfer.runs import evaluate_run
 
-    summary = evaluate_run(run, tracking_uri=tracking_uri, overrides=list(set_ or []))
+    overrides = list(set_ or []) + ([f"evaluate.seed={seed}"] if seed is not None else [])
+    summary = evaluate_run(run, tracking_uri=tracking_uri, overrides=overrides, progress=not (quiet or json_out))
     _print_summary(summary, json_out, f"evaluate {run}")
 
 
@@ -219,17 +225,20 @@ def sample(run: Annotated[str, typer.Argument(metavar="RUN", help="Run id, runs:
            out: Annotated[Path, typer.Option("--out", help="Output .npz (arrays samples, y); image suites also "
                                                           "write a .png grid beside it.")] = Path("samples.npz"),
            task: Annotated[int, typer.Option(help="Source head 1..K when RUN is a pretrain run.")] = 0,
-           seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-           set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
+           set_: SetOpt = None,
+           seed: Annotated[int, typer.Option(help="Sampling seed.", rich_help_panel=RECIPE)] = 0,
+           tracking_uri: TrackingOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
            verbose: VerboseOpt = False):
     """Draw conditional samples from a run's EMA model and write them to .npz."""
     from cdmtransfer.runs import sample_run
 
     if n < 1:
         raise ConfigError(f"--n {n}: must be >= 1")
+    if not 0 <= seed <= 2**62:
+        raise ConfigError(f"--seed {seed}: must be in 0..2**62")
 
     summary = sample_run(run, n, out, y_file=y, test=test, task=task, tracking_uri=tracking_uri,
-                         overrides=list(set_ or []), seed=seed)
+                         overrides=list(set_ or []), seed=seed, progress=not (quiet or json_out))
     _print_summary(summary, json_out, "sample")
 
 
@@ -286,16 +295,21 @@ def estimate(recipe: RecipeArg,
                  help="Use this constant for every log factor ι (default 1: bare rates).", rich_help_panel=THEORY)] = 1.0,
              paper_logs: Annotated[bool, typer.Option("--paper-logs", help="Use the paper's log factors instead.",
                                                       rich_help_panel=THEORY)] = False,
-             set_: SetOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False,
-             quiet: QuietOpt = False, verbose: VerboseOpt = False):
+             set_: SetOpt = None,
+             seed: Annotated[Optional[int], typer.Option(help="Seed of the held-out runs and of the target-only fit's "
+                                                              "bootstrap (default: the recipe's seed).",
+                                                         rich_help_panel=RECIPE)] = None,
+             tracking_uri: TrackingOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
+             verbose: VerboseOpt = False):
     """How many target samples for error ε: predicted from source tasks held out as stand-in targets (no target
     data needed), updated with a small target sweep (--calibrate), and the theory's bounds (orders of magnitude)."""
     from cdmtransfer.curve_fit import Epsilon
     from cdmtransfer.estimate import ERRORS
     from cdmtransfer.estimate import estimate as run_estimate
+    from cdmtransfer.progress import note
     from cdmtransfer.theory import METRICS, MODES
 
-    cfg = _config(recipe, set_)
+    cfg = _config(recipe, set_, {"seed": seed})
     try:
         eps = Epsilon.parse(epsilon, over_floor)
         m_ladder = sorted({int(v) for v in ladder.split(",") if v.strip()})
@@ -313,6 +327,8 @@ def estimate(recipe: RecipeArg,
         raise ConfigError(f"--metric {metric!r} is not one of {', '.join(METRICS)}")
     overrides = {"nu": nu, "Delta": diversity_delta, "eps_approx": eps_approx, "C": constant,
                  "iota": None if paper_logs else log_factor}
+    if calibrate:
+        note("estimate", f"reading the curves of sweep {calibrate}", not (quiet or json_out))
     results = _sweep_results(cfg, tracking_uri, calibrate) if calibrate else None
     if holdout is None:
         from cdmtransfer.estimate import suite_dims
@@ -326,7 +342,7 @@ def estimate(recipe: RecipeArg,
 
         curves = sweep_curves(results, error)
     report = run_estimate(cfg, theory_eps, delta=delta, modes=modes, metric=metric, overrides=overrides,
-                          calibration=curves, theory_table=theory_table or holdout == 0)
+                          calibration=curves, theory_table=theory_table or holdout == 0, seed=cfg.seed)
     report.error, report.epsilon_text = error, eps.text()
     if holdout > 0:
         from cdmtransfer.source_calibration import source_estimate

@@ -21,6 +21,7 @@ from cdmtransfer.typed import from_dict, value_range
 
 MODES = ("frozen", "finetune", "scratch", "oracle")
 _range = value_range  # field metadata: allowed numeric range
+_SEED = _range(0, 2**62)  # torch and numpy take non-negative 64-bit seeds; offsets (seed + 17, ...) stay inside
 
 
 @dataclass
@@ -87,7 +88,8 @@ class DigitsSuite:
 class MnistSuite(DigitsSuite):
     """The same restoration tasks on MNIST read from a local file (IDX pair or .npz x_train/y_train); no download."""
 
-    path: str = ""  # directory with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz], or an .npz
+    # directory with train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] (or train-images.idx3-ubyte ...)
+    path: str = ""  # or an .npz with x_train, y_train
 
 
 @dataclass
@@ -134,7 +136,8 @@ class LsgmmSuite:
 @dataclass
 class SuiteConfig:
     name: Literal["gaussian", "langevin", "file", "digits", "mnist", "bumps", "lsgmm"] = "gaussian"
-    seed: int = 0  # the task world (h*, maps, data, splits); the run seed does not change it
+    # the task world (h*, maps, data, splits); the run seed does not change it
+    seed: int = field(default=0, metadata=_SEED)
     K: int = field(default=8, metadata=_range(1))  # number of source tasks (synthetic suites)
     n: int = field(default=512, metadata=_range(1))  # samples per source task (synthetic suites)
     n_target_pool: int = field(default=2048, metadata=_range(1))  # target rows m is drawn from (synthetic)
@@ -229,7 +232,8 @@ class EvaluateConfig:
     sampler_steps: int = field(default=100, metadata=_range(2))
     dist_conditions: int = field(default=8, metadata=_range(1))  # conditions for the distribution distance
     dist_samples: int = field(default=256, metadata=_range(2))  # samples per condition for it
-    seed: int = 1234  # evaluation noise: the same for every mode, so modes compare on equal terms
+    # evaluation noise: the same for every mode, so modes compare on equal terms
+    seed: int = field(default=1234, metadata=_SEED)
     # samples whose RMS spread about the target data's mean exceeds this multiple of the data's own (or that hold a
     # non-finite value) mark the model diverged: its sample-based metrics are flagged, not reported as results
     divergence_ratio: float = field(default=3.0, metadata=_range(1.0, lo_open=True))
@@ -321,7 +325,7 @@ class TrackingConfig:
 @dataclass
 class Config:
     name: str = "recipe"
-    seed: int = 0
+    seed: int = field(default=0, metadata=_SEED)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     threads: int = field(default=0, metadata=_range(0))  # torch intra-op threads; 0: one (best for small nets)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
@@ -353,13 +357,12 @@ def load_config(path: str | Path | None, overrides: list[str] = (), source: str 
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+            text = path.read_text()
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+        data = _parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     for item in overrides:
@@ -367,6 +370,23 @@ def load_config(path: str | Path | None, overrides: list[str] = (), source: str 
     cfg = from_dict(Config, data, where)
     check_consistency(cfg, where)
     return cfg
+
+
+def _parse_yaml(text: str, where: str):
+    """yaml.safe_load, with every failure as one ConfigError line: besides YAMLError, the safe loader raises
+    ValueError (2001-13-01 as a date, !!int x), AttributeError (!!timestamp x) and RecursionError (deep nesting)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+    except Exception as exc:  # noqa: BLE001
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{where}: not valid YAML: {first}") from None
 
 
 def check_consistency(cfg: Config, where: str) -> None:
@@ -402,7 +422,7 @@ def apply_override(data: dict, item: str) -> None:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set adapt.m=16")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 (not YAML, or YAML the safe loader cannot build, e.g. a bad date: a string)
         value = raw
     parts = key.strip().split(".")
     node = data
@@ -411,7 +431,7 @@ def apply_override(data: dict, item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
+            raise ConfigError(f"--set {key!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 

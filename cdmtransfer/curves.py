@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cdmtransfer import data_checks
 from cdmtransfer.config import Config, flatten
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.plots import learning_curves
@@ -176,10 +177,12 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     if resume and not encoder:
         parent_tags = tracker.get_run(resume).data.tags
         encoder = parent_tags.get(TAG + "encoder_source") if not pretrains else None
+    data_warnings = data_checks.for_stage(taskset.data_warnings, ("pretrain", "adapt"))
     tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs,
-            **(tags or {})}
+            **data_checks.tags(data_warnings), **(tags or {})}
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, \
             tracked_run(tracker, f"{cfg.name}-sweep", tags, resume_run_id=resume) as parent:
+        data_checks.echo(cfg, data_warnings)  # once for the sweep; its child runs carry the tag
         if not resume:
             parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
         pre_id, encoder_dir, lineage = None, None, {}

@@ -1,6 +1,11 @@
 """Errors a user can act on. Each carries the exit code the CLI returns (DESIGN.md, Conventions)."""
 
 
+def one_line(text: str) -> str:
+    """`text` as one line: a file name or value with a line break must not split the CLI's error line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 class CdmError(Exception):
     """A failure with a one-line message for the user; `exit_code` is what the CLI exits with."""
 

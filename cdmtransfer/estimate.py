@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -39,25 +40,33 @@ def suite_dims(cfg: Config) -> dict:
     if s.name in ("gaussian", "langevin", "lsgmm") and not s.holdout:
         sub = getattr(s, s.name)
         return {"d_x": sub.d_x, "D_y": sub.D_y, "K": s.K, "n": s.n}
-    if s.name == "file" and s.file.path.endswith(".npz") and not s.holdout:
-        return _npz_dims(cfg)
+    if s.name == "file" and not s.holdout:
+        return _file_dims(cfg)
     from cdmtransfer.tasks import build_taskset
 
     ts = build_taskset(cfg)
     return {"d_x": ts.d_x, "D_y": ts.D_y, "K": ts.K, "n": int(ts.source_n.min())}
 
 
-def _npz_dims(cfg: Config) -> dict:
+def _file_dims(cfg: Config) -> dict:
+    """Sizes of a `file` suite read with the training loader and its checks (imports torch)."""
+    from cdmtransfer.tasks import files
+
     f = cfg.suite.file
-    try:
-        with np.load(f.path, allow_pickle=False) as z:
-            x, y, task = z["x"], z["y"], z["task"]
-    except Exception as exc:
-        raise DataError(f"{f.path}: cannot read the data file for its sizes ({exc})") from None
+    path = Path(f.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (suite.file.path)")
+    if path.suffix == ".csv":
+        x, y, task = files.read_csv(path, f.x_columns, f.y_columns, f.task_column)
+    else:
+        x, y, task = files.read_npz(path)
+    x, y, task = files.validate(path, x, y, task)
     ids, counts = np.unique(task, return_counts=True)
     sources = [i for i in ids if i != f.target] if not f.sources else f.sources
-    n = int(min(c for i, c in zip(ids, counts) if i in sources))
-    return {"d_x": x.shape[1], "D_y": y.shape[1] if y.ndim == 2 else 1, "K": len(sources), "n": n}
+    sizes = [int(c) for i, c in zip(ids, counts) if i in sources]
+    if not sizes:
+        raise DataError(f"{path}: no source tasks for the estimate (task ids: {', '.join(map(str, ids))})")
+    return {"d_x": x.shape[1], "D_y": y.shape[1], "K": len(sources), "n": min(sizes)}
 
 
 def complexity(cfg: Config, dims: dict) -> dict:
@@ -105,7 +114,7 @@ def build_problem(cfg: Config, epsilon: float, delta: float, overrides: dict) ->
 
 def estimate(cfg: Config, epsilon: float | None, *, delta: float = 0.1, modes=("transfer", "scratch"),
              metric: str = "score", overrides: dict | None = None, calibration: dict | None = None,
-             theory_table: bool = True) -> EstimateReport:
+             theory_table: bool = True, seed: int = 0) -> EstimateReport:
     """The theory's bounds inverted (theory_table) and the target-only fit of `calibration` curves, for ε."""
     problem, inputs = build_problem(cfg, epsilon if epsilon else 1.0, delta, overrides or {})
     results, ratio, notes = {}, None, []
@@ -120,7 +129,7 @@ def estimate(cfg: Config, epsilon: float | None, *, delta: float = 0.1, modes=("
                      % (problem.C, ", log factors replaced by %g" % problem.iota if problem.iota is not None else ""))
     report = EstimateReport(epsilon, metric, inputs, results, ratio, notes=notes)
     if calibration and epsilon:
-        report.calibrated = calibrate(calibration, epsilon, problem, metric)
+        report.calibrated = calibrate(calibration, epsilon, problem, metric, seed=seed)
     return report
 
 
@@ -185,8 +194,9 @@ def _narrowing(before, after) -> float | None:
     return math.log(after[1] / after[0]) / math.log(before[1] / before[0])
 
 
-def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str) -> dict:
-    """Fit each mode's measured curve (m values, errors [seeds, m]) and invert it for ε, with bootstrap intervals."""
+def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str, seed: int = 0) -> dict:
+    """Fit each mode's measured curve (m values, errors [seeds, m]) and invert it for ε, with bootstrap intervals
+    (resamples drawn from `seed`)."""
     out = {}
     for mode, (m_values, errors) in curves.items():
         errors = np.asarray(errors, dtype=float)
@@ -194,8 +204,8 @@ def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str
             out[mode] = {"error": "needs at least two values of m"}
             continue
         kind = "score" if metric == "score" else "power"
-        boot = theory.bootstrap_fit(m_values, errors, kind=kind, n_boot=200, seed=0)
-        power = theory.bootstrap_fit(m_values, errors, kind="power", n_boot=200, seed=0)
+        boot = theory.bootstrap_fit(m_values, errors, kind=kind, n_boot=200, seed=seed)
+        power = theory.bootstrap_fit(m_values, errors, kind="power", n_boot=200, seed=seed)
         m_point, m_lo, m_hi = boot["m_for"](epsilon)
         mp_point, mp_lo, mp_hi = power["m_for"](epsilon)
         p_hat, p_int = power["fit"].p, power["intervals"]["p"]

@@ -129,7 +129,7 @@ def divergence_warning(label: str, metrics: dict, skipped: dict | None, threshol
     if not metrics.get("diverged"):
         return None
     names = list(flagged(skipped))
-    what = (f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not results" if names
+    what = (f"{', '.join(names)} {'is not a result' if len(names) == 1 else 'are not results'}" if names
             else "its sample-based metrics are not results")
     return f"warning: {label}: samples diverged ({spread_text(metrics, threshold)}); {what}"
 

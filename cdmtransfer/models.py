@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from cdmtransfer.errors import ConfigError
+from cdmtransfer.errors import ConfigError, DataError
 
 
 class TimeFeatures(nn.Module):
@@ -325,6 +325,21 @@ def build_model(spec: dict) -> ScoreModel:
     return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
                       spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"),
                       spec.get("parametrization", "eps"), spec.get("sigma_data", 1.0), spec.get("head_config"))
+
+
+def rebuild(spec, source: str, part: str = "model") -> nn.Module:
+    """build_model (part "model") or build_encoder (part "encoder") on a spec read from a checkpoint's meta.json.
+
+    The file may be damaged or foreign: any failure to build from it is a DataError naming `source`.
+    """
+    if not isinstance(spec, dict):
+        raise DataError(f"{source}: checkpoint holds no {part} spec")
+    try:
+        return build_model(spec) if part == "model" else build_encoder(spec)
+    except Exception as exc:  # noqa: BLE001 (KeyError, TypeError, ValueError, RuntimeError, ... from a bad spec)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{source}: the {part} spec in meta.json cannot be built ({type(exc).__name__}: "
+                        f"{first})") from None
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -51,3 +51,9 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def note(label: str, text: str, enabled: bool = True) -> None:
+    """One progress line `[label] text` on stderr, for steps without a loop to show (what --quiet turns off)."""
+    if enabled:
+        print(f"[{label}] {text}", file=sys.stderr, flush=True)

@@ -79,9 +79,12 @@ def sweep_table(summary: list[dict], title: str) -> Table:
 
 
 def store_footer(out: Console, uri: str) -> None:
-    out.print(f"MLflow store: {uri}")
+    """Where the runs are, and a command that opens the MLflow UI on them as printed (tracking.ui_command)."""
+    out.print(f"MLflow store: {uri}", markup=False)
     if uri.startswith("sqlite:///"):
-        out.print(f"View the runs:  mlflow ui --backend-store-uri {uri}")
+        from cdmtransfer.tracking import ui_command
+
+        out.print(f"View the runs:  {ui_command(uri)}", markup=False)
 
 
 def _m_text(m) -> str:

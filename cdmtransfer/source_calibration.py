@@ -182,7 +182,16 @@ def source_estimate(cfg: Config, eps: Epsilon, error: str, *, holdouts: int, lad
     target's own sweep rows when given (estimate.predict)."""
     from cdmtransfer.estimate import predict, suite_dims
 
-    K = suite_dims(cfg)["K"]
+    dims = suite_dims(cfg)
+    K, n = dims["K"], dims["n"]
+    pool = n - min(cfg.suite.n_test, n // 4)  # rows a held-out source leaves for adaptation (tasks/holdout.py)
+    usable = [m for m in ladder if m <= pool]
+    if len(usable) < 2:
+        raise ConfigError(f"--ladder {','.join(map(str, ladder))}: a held-out source has {pool} rows to adapt on; "
+                          f"give at least two sizes <= {pool}")
+    if len(usable) < len(ladder):
+        _say(quiet, f"ladder: m > {pool} dropped (a held-out source has {pool} rows to adapt on)")
+    ladder = usable
     ks = choose_holdouts(K, holdouts, cfg.seed)
     start = time.perf_counter()
     found = run_holdouts(cfg, ks, ladder=ladder, modes=modes, seeds=seeds, steps=steps, tracking_uri=tracking_uri,

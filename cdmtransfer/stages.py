@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
-from cdmtransfer import distributed
+from cdmtransfer import data_checks, distributed
 from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
 from cdmtransfer.config import Config, flatten
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
-from cdmtransfer.errors import ConfigError
+from cdmtransfer.errors import ConfigError, DataError, one_line
 from cdmtransfer.metrics import divergence_warning, evaluate_model
-from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, build_encoder, build_model, count_parameters,
-                                head_options,
-                                model_spec)
+from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_parameters, head_options,
+                                model_spec, rebuild)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
 from cdmtransfer.regularizers import check_regularizers, make_objective, with_reg_metrics
@@ -102,11 +101,14 @@ def _check_resume(run_dir: Path, cfg: Config, stage: str) -> None:
     meta = read_meta(found[-1])
     if meta.get("stage") != stage:
         raise ConfigError(f"--resume: that run is a {meta.get('stage')} run, not {stage}")
+    if not isinstance(meta.get("config"), dict):
+        raise DataError(f"{found[-1]}: checkpoint holds no config")
     stored = flatten({k: v for k, v in meta["config"].items() if k != "tracking"})
     now = flatten({k: v for k, v in cfg.to_dict().items() if k != "tracking"})
     diff = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
     if diff:
-        raise ConfigError(f"--resume: the recipe differs from the run being resumed at {', '.join(diff[:5])}")
+        where = one_line(", ".join(diff[:5]))  # keys from the checkpoint's file: any text
+        raise ConfigError(f"--resume: the recipe differs from the run being resumed at {where}")
 
 
 def _finish(run, model_dir: Path, cfg: Config, stage: str) -> str | None:
@@ -136,11 +138,14 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     tracker = open_tracker(cfg, tracking_uri)
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "pretrain")
+    data_warnings = data_checks.for_stage(taskset.data_warnings, ("pretrain",))
     tags = {TAG + "stage": "pretrain", TAG + "recipe": cfg.name, TAG + "suite": taskset.name,
-            TAG + "seed": cfg.seed}
+            TAG + "seed": cfg.seed, **data_checks.tags(data_warnings)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with tracked_run(tracker, f"{cfg.name}-pretrain", tags, resume_run_id=resume) as run:
+        if not parent_run_id:  # a sweep says it once, for all its runs
+            data_checks.echo(cfg, data_warnings)
         check_writable(run.work_dir)
         if not resume:
             run.log_params(flatten(cfg.to_dict()))
@@ -214,23 +219,30 @@ def load_encoder(tracker: Tracker, source: str, taskset: TaskSet,
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp:
         model_dir, run_id = find_model_dir(tracker, source, Path(tmp))
         weights, meta = load_export(model_dir)
-    spec = meta.get("model", {}).get("encoder")
-    if not spec:
+    encoder, heads = encoder_from_export(weights, meta, source, taskset.D_y, cfg.model.d)
+    lineage = {"encoder_source": source, "pretrain_run_id": run_id or str(meta.get("run_id", ""))}
+    return encoder, lineage, heads
+
+
+def encoder_from_export(weights: dict, meta: dict, source: str, D_y: int,
+                        d: int) -> tuple[torch.nn.Module, SourceHeads]:
+    """The encoder of an exported model (weights, meta.json), checked to take D_y and give d; and its source heads."""
+    model = meta.get("model")
+    spec = model.get("encoder") if isinstance(model, dict) else None
+    if not spec or not isinstance(spec, dict):
         raise ConfigError(f"{source}: checkpoint holds no encoder")
-    if spec["D_y"] != taskset.D_y:
-        raise ConfigError(f"{source}: encoder takes D_y = {spec['D_y']} but the recipe's suite has "
-                          f"D_y = {taskset.D_y}")
-    if spec["d"] != cfg.model.d:
-        raise ConfigError(f"{source}: encoder outputs d = {spec['d']} but the recipe has model.d = {cfg.model.d} "
-                          f"(use --set model.d={spec['d']})")
-    encoder = build_encoder(spec)
+    if spec.get("D_y") != D_y:
+        raise ConfigError(f"{source}: encoder takes D_y = {spec.get('D_y')} but the recipe's suite has D_y = {D_y}")
+    if spec.get("d") != d:
+        raise ConfigError(f"{source}: encoder outputs d = {spec.get('d')} but the recipe has model.d = {d} "
+                          f"(use --set model.d={spec.get('d')})")
+    encoder = rebuild(spec, source, "encoder")
     state = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     try:
         encoder.load_state_dict(state)
     except RuntimeError as exc:
         raise ConfigError(f"{source}: encoder weights do not fit ({str(exc).splitlines()[0]})") from None
-    lineage = {"encoder_source": source, "pretrain_run_id": run_id or meta.get("run_id", "")}
-    return encoder, lineage, SourceHeads(meta["model"], weights)
+    return encoder, SourceHeads(model, weights)
 
 
 def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
@@ -265,7 +277,8 @@ def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
 def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str | None) -> dict:
     a = cfg.adapt
     tags = {TAG + "stage": "adapt", TAG + "recipe": cfg.name, TAG + "suite": taskset.name, TAG + "mode": a.mode,
-            TAG + "m": a.m, TAG + "seed": cfg.seed, **{TAG + k: v for k, v in lineage.items()}}
+            TAG + "m": a.m, TAG + "seed": cfg.seed, **{TAG + k: v for k, v in lineage.items()},
+            **data_checks.tags(data_checks.for_stage(taskset.data_warnings, ("adapt",)))}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return tags
@@ -345,8 +358,11 @@ def pick_source_head(source: SourceHeads | None, x_m: torch.Tensor, y_m: torch.T
     """
     if source is None:
         return None
-    pretrained = build_model(source.spec)
-    pretrained.load_state_dict(source.weights)
+    pretrained = rebuild(source.spec, "the pretrained model")
+    try:
+        pretrained.load_state_dict(source.weights)
+    except RuntimeError as exc:
+        raise DataError(f"the pretrained model's weights do not fit its spec ({str(exc).splitlines()[0]})") from None
     K = pretrained.heads.K
     losses = dsm_validation(x_m.expand(K, *x_m.shape), y_m.expand(K, *y_m.shape), torch.full((K,), len(x_m)),
                             process, a.val_draws, seed=0, per_task=True)(pretrained.eval())
@@ -422,6 +438,8 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     enc, lineage, source_heads = prepare_encoder(cfg, taskset, tracker, encoder)
     tags = adapt_tags(cfg, taskset, lineage, parent_run_id)
     with tracked_run(tracker, f"{cfg.name}-adapt-{a.mode}-m{a.m}", tags, resume_run_id=resume) as run:
+        if not parent_run_id:
+            data_checks.echo(cfg, data_checks.for_stage(taskset.data_warnings, ("adapt",)))
         check_writable(run.work_dir)
         if not resume:
             run.log_params(flatten(cfg.to_dict()))

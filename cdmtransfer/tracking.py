@@ -12,6 +12,8 @@ import fcntl
 import logging
 import os
 import re
+import shlex
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,7 +55,22 @@ class Store:
         return self.home / "work" / run_id
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.uri}" if self.embedded else f"open {self.uri}"
+        return ui_command(self.uri) if self.embedded else f"open {self.uri}"
+
+
+def ui_command(uri: str, cwd: Path | None = None) -> str:
+    """A command that opens the MLflow UI on `uri` and works as printed, in a shell without the virtualenv activated:
+    this interpreter's own `mlflow` script by absolute path (a bare `mlflow` is on PATH only inside the venv), else
+    `<python> -m mlflow`. When the store is the repository's default (`make ui` opens that), it says so too."""
+    script = Path(sys.executable).parent / "mlflow"  # not resolved: a venv's python is a link out of the venv
+    exe = shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m mlflow"
+    command = f"{exe} ui --backend-store-uri {shlex.quote(uri)}"
+    cwd = Path.cwd() if cwd is None else cwd
+    makefile = cwd / "Makefile"
+    if uri == f"sqlite:///{(cwd / 'cdmtransfer-runs' / 'mlflow.db').as_posix()}" and makefile.is_file() \
+            and re.search(r"^ui:", makefile.read_text(errors="replace"), re.M):
+        command += "    # or, here: make ui"
+    return command
 
 
 def resolve_store(cli_uri: str | None, recipe_uri: str | None, home: str) -> Store:

@@ -30,7 +30,7 @@ def from_dict(cls, data: Any, where: str, prefix: str = ""):
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'{hint}")
+            raise ConfigError(f"{where}: unknown key {prefix + str(key)!r}{hint}")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
@@ -81,7 +81,10 @@ def _coerce(tp, value, where: str, key: str, metadata) -> Any:
             value = _parse_number(value, float, where, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer literal with hundreds of digits
+            raise ConfigError(f"{where}: {key} must be finite, got an integer too large for a float") from None
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{where}: {key} must be finite, got {value!r}")
     elif tp is str:

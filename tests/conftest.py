@@ -11,9 +11,19 @@ if importlib.util.find_spec("cdmtransfer") is None:
 
 torch.set_num_threads(1)  # tiny ops: one thread is fastest and immune to core contention
 
+import os  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Property-based tests (test_fuzz.py): `make test` runs a few hundred fixed examples (derandomized, so CI is
+# repeatable); `make fuzz` (HYPOTHESIS_PROFILE=fuzz) thousands of fresh random ones, keeping failures in .hypothesis/.
+_FUZZ_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
+settings.register_profile("default", max_examples=30, derandomize=True, database=None, **_FUZZ_SETTINGS)
+settings.register_profile("fuzz", max_examples=600, **_FUZZ_SETTINGS)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")

@@ -90,3 +90,13 @@ def test_sizes_read_for_every_suite():
     assert lsgmm["d_x"] == 16 and lsgmm["K"] == 4
     held = suite_dims(load_config("recipes/quickstart.yaml", ["suite.holdout=1"]))
     assert held["K"] == 7
+
+
+def test_a_ladder_beyond_the_held_out_rows_is_refused_before_training(tmp_path, store):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)  # 96 rows per source: a held-out source keeps 72 to adapt on
+    result = CliRunner().invoke(app, ["estimate", str(path), "--epsilon", "0.5", "--ladder", "4,100,200"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        "error: --ladder 4,100,200: a held-out source has 72 rows to adapt on; give at least two sizes <= 72"]
+    c = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    assert not c.search_runs([e.experiment_id for e in c.search_experiments()])  # nothing trained

@@ -147,8 +147,33 @@ def test_mnist_reads_idx_files_and_builds(tmp_path):
     assert ts.K == 9 and ts.d_x == 784 and ts.test_x.shape[0] == 3 and ts.target_x.shape[0] == 3
 
 
+@pytest.mark.parametrize("images,labels", [
+    ("train-images.idx3-ubyte", "train-labels.idx1-ubyte"),  # the dotted spelling many mirrors use
+    ("train-images.idx3-ubyte.gz", "train-labels.idx1-ubyte.gz"),
+    ("train-images-idx3-ubyte", "train-labels.idx1-ubyte.gz"),  # mixed
+])
+def test_mnist_file_spellings(tmp_path, images, labels):
+    pixels = np.arange(6 * 4 * 4).reshape(6, 4, 4) % 256
+    write_idx(tmp_path / images, pixels, 0x00000803)
+    write_idx(tmp_path / labels, np.arange(6), 0x00000801)
+    x, y = read_mnist(tmp_path)
+    assert np.array_equal(x * 255, pixels) and np.array_equal(y, np.arange(6))
+
+
+def test_mnist_damaged_idx_files_are_data_errors(tmp_path):
+    """Both were tracebacks (ValueError from numpy, zlib.error from gzip) until the fuzzer found them."""
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.arange(6), 0x00000801)
+    bad_deflate = bytearray(gzip.compress(bytes(200), mtime=0))
+    bad_deflate[10] ^= 0xFF  # the first deflate block: "invalid block type"
+    for content, words in ((gzip.compress(b"\x00\x00\x08\x03\x00\x00\x00\x04"), "header truncated"),
+                           (bytes(bad_deflate), "cannot read IDX file .error: Error -3")):
+        (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(content)
+        with pytest.raises(DataError, match=words):
+            read_mnist(tmp_path)
+
+
 def test_mnist_errors_name_the_expected_files(tmp_path):
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.*train-labels-idx1-ubyte"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*train-labels-idx1-ubyte.*train-images.idx3-ubyte"):
         read_mnist(tmp_path)
     with pytest.raises(DataError, match="x_train"):
         read_mnist(tmp_path / "missing.npz")

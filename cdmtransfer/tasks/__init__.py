@@ -5,12 +5,16 @@ from cdmtransfer.tasks.base import GroundTruth, TaskSet
 
 
 def build_taskset(cfg: Config) -> TaskSet:
-    """The recipe's task set; with suite.holdout = k, source k as the target (tasks/holdout.py)."""
+    """The recipe's task set (with suite.holdout = k, source k as the target: tasks/holdout.py), with its
+    degenerate-data warnings (data_checks) attached."""
+    from cdmtransfer.data_checks import split_warnings
+
     taskset = _build(cfg)
     if cfg.suite.holdout:
         from cdmtransfer.tasks.holdout import hold_out
 
         taskset = hold_out(taskset, cfg.suite.holdout, cfg.suite.n_test, cfg.suite.seed)
+    taskset.data_warnings = [*taskset.data_warnings, *split_warnings(taskset, cfg)]
     return taskset
 
 

@@ -55,6 +55,8 @@ class TaskSet:
     extra_metrics: Callable[..., dict] | None = None
     # preview(y [C, D_y], samples [C, n, d_x], x_true [C, d_x] | None) -> ([R, cols, H, W] in [0, 1], row labels)
     preview: Callable[..., tuple] | None = None
+    # data_checks.DataWarning list: valid but degenerate data (constant columns, outliers, tiny splits, ...)
+    data_warnings: list = field(default_factory=list)
 
     @property
     def K(self) -> int:

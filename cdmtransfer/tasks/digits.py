@@ -22,7 +22,9 @@ from cdmtransfer.config import Config, DigitsSuite
 from cdmtransfer.errors import DataError
 from cdmtransfer.tasks.base import TaskSet, stack_sources
 
+# The IDX pair as LeCun's site names it, and the dotted spelling common elsewhere (train-images.idx3-ubyte)
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+MNIST_SPELLINGS = {name: (name, name.replace("-idx", ".idx")) for name in MNIST_FILES}
 
 
 def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -38,11 +40,14 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read IDX file ({exc})") from None
-    if len(raw) < 8 or int.from_bytes(raw[:4], "big") != magic:
+    except Exception as exc:  # noqa: BLE001 (OSError, EOFError, zlib.error from a damaged .gz)
+        raise DataError(f"{path}: cannot read IDX file ({type(exc).__name__}: "
+                        f"{(str(exc).splitlines() or [''])[0]})") from None
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
         raise DataError(f"{path}: not an IDX file with magic {magic:#010x}")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header truncated")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -51,17 +56,19 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 def _find(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
+    """The first of `name`'s spellings (MNIST_SPELLINGS), plain or .gz, that exists in `folder`."""
+    for spelling in MNIST_SPELLINGS[name]:
+        for candidate in (folder / spelling, folder / f"{spelling}.gz"):
+            if candidate.is_file():
+                return candidate
     return None
 
 
 def read_mnist(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """MNIST training images as pixels in [0, 1] ([N, 28, 28]) and labels, from a directory of IDX files or an .npz."""
     path = Path(path)
-    expected = (f"a directory with {MNIST_FILES[0]} and {MNIST_FILES[1]} (optionally .gz), "
-                f"or an .npz with arrays x_train and y_train")
+    expected = (f"a directory with {MNIST_FILES[0]} and {MNIST_FILES[1]} (or train-images.idx3-ubyte and "
+                f"train-labels.idx1-ubyte; optionally .gz), or an .npz with arrays x_train and y_train")
     if path.is_file() and path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -69,8 +76,11 @@ def read_mnist(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 if missing:
                     raise DataError(f"{path}: no array {', '.join(missing)}; expected {expected}")
                 x, y = z["x_train"], z["y_train"]
-        except (ValueError, OSError) as exc:
-            raise DataError(f"{path}: cannot read .npz ({str(exc).splitlines()[0]})") from None
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (BadZipFile, ValueError, OSError, zlib.error, ...)
+            raise DataError(f"{path}: cannot read .npz ({type(exc).__name__}: "
+                            f"{(str(exc).splitlines() or [''])[0]})") from None
     elif path.is_dir():
         files = [_find(path, name) for name in MNIST_FILES]
         if None in files:
@@ -80,7 +90,11 @@ def read_mnist(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: not found; expected {expected}")
     if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise DataError(f"{path}: need images [N, H, W] and labels [N], got {x.shape} and {y.shape}")
+    if x.dtype.kind not in "iuf" or y.dtype.kind not in "iuf" or x.size == 0:
+        raise DataError(f"{path}: need non-empty numeric images and labels, got {x.dtype} {x.shape} and {y.dtype}")
     x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: images hold NaN or inf")
     return x / (255.0 if x.max() > 1 else 1.0), y.astype(np.int64)
 
 

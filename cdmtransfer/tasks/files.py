@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cdmtransfer.config import Config
+from cdmtransfer.data_checks import column_warnings
 from cdmtransfer.errors import DataError
 from cdmtransfer.tasks.base import TaskSet, stack_sources
 
@@ -26,10 +27,14 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             if missing:
                 raise DataError(f"{path}: missing array(s) {', '.join(missing)}; found {', '.join(z.files) or 'none'}")
             x, y, task = z["x"], z["y"], z["task"]
+    except DataError:
+        raise
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+        raise DataError(f"{path}: not a readable .npz file ({_first_line(exc)})") from None
     except ValueError as exc:  # object arrays would need pickle, which we never allow
-        raise DataError(f"{path}: unsupported array contents ({exc})") from None
+        raise DataError(f"{path}: unsupported array contents ({_first_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 (a damaged archive: zlib.error, NotImplementedError, SyntaxError, ...)
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {_first_line(exc)})") from None
     return x, y, task
 
 
@@ -37,19 +42,19 @@ def read_csv(path: Path, x_cols: list[str], y_cols: list[str], task_col: str):
     if not x_cols or not y_cols:
         raise DataError(f"{path}: a .csv needs suite.file.x_columns and suite.file.y_columns in the recipe")
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets often start with a BOM
             reader = csv.reader(fh)
             header = next(reader, None)
             rows = [row for row in reader if any(cell.strip() for cell in row)]  # skip blank lines
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read as CSV ({exc})") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read as CSV ({_first_line(exc)})") from None
     if header is None:
         raise DataError(f"{path}: empty file")
     header = [h.strip() for h in header]
     col = {name: i for i, name in enumerate(header)}
     for name in [*x_cols, *y_cols, task_col]:
         if name not in col:
-            raise DataError(f"{path}: no column {name!r}; columns are {', '.join(header)}")
+            raise DataError(f"{path}: no column {name!r}; columns are {', '.join(map(repr, header))}")
 
     def column(name: str, kind):
         out = []
@@ -67,23 +72,40 @@ def read_csv(path: Path, x_cols: list[str], y_cols: list[str], task_col: str):
     return x, y, task
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def validate(path: Path, x: np.ndarray, y: np.ndarray, task: np.ndarray):
+    """Shapes, dtypes and values a run can work with; x and y come back as float64, task as int64."""
     if y.ndim == 1:
         y = y[:, None]
     for name, arr, ndim in (("x", x, 2), ("y", y, 2), ("task", task, 1)):
         if arr.ndim != ndim:
             raise DataError(f"{path}: array {name} must be {ndim}-D, got shape {arr.shape}")
+    arrays = {}
     for name, arr in (("x", x), ("y", y)):
-        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        if arr.dtype.kind not in "iuf":  # not bool, complex, dates, durations or text
             raise DataError(f"{path}: array {name} must be real numbers, got dtype {arr.dtype}")
+        if arr.shape[1] == 0:
+            raise DataError(f"{path}: array {name} has no columns (shape {arr.shape})")
+        arr = arr.astype(np.float64)
         if not np.isfinite(arr).all():
             bad = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise DataError(f"{path}: array {name} has NaN or inf (first at row {bad})")
-    if not np.issubdtype(task.dtype, np.integer):
-        if np.issubdtype(task.dtype, np.floating) and np.isfinite(task).all() and np.all(np.mod(task, 1) == 0):
-            task = task.astype(np.int64)
-        else:
-            raise DataError(f"{path}: array task must hold integer task ids, got dtype {task.dtype}")
+        big = np.abs(arr) > F32_MAX
+        if big.any():  # the model computes in float32, where these are inf
+            bad = int(np.argwhere(big)[0][0])
+            raise DataError(f"{path}: array {name} has values beyond the float32 range (±{F32_MAX:.3g}), first "
+                            f"at row {bad}; rescale the data")
+        arrays[name] = arr
+    x, y = arrays["x"], arrays["y"]
+    whole = task.dtype.kind == "f" and bool(np.isfinite(task).all() and np.all(np.mod(task, 1) == 0)
+                                            and np.all(np.abs(task) <= 2.0**53))  # exact in float64 and int64
+    if task.dtype.kind not in "iu" and not whole:
+        raise DataError(f"{path}: array task must hold integer task ids, got dtype {task.dtype}")
+    if task.dtype.kind == "u" and task.size and int(task.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"{path}: array task holds ids beyond the int64 range")
+    task = task.astype(np.int64)
     if not (x.shape[0] == y.shape[0] == task.shape[0]):
         raise DataError(f"{path}: x, y and task must have the same number of rows, got "
                         f"{x.shape[0]}, {y.shape[0]}, {task.shape[0]}")
@@ -118,8 +140,15 @@ def build(cfg: Config) -> TaskSet:
     if not sources:
         raise DataError(f"{path}: no source tasks: the file holds only the target task {f.target}")
 
-    x_t = torch.as_tensor(x, dtype=torch.float32)
-    y_t = torch.as_tensor(y, dtype=torch.float32)
+    used = np.isin(task, [*sources, f.target])
+    warnings = [*column_warnings("x", x[used], np.flatnonzero(used), np.isin(task[used], sources), f.standardize,
+                                 f.x_columns if path.suffix == ".csv" else None),
+                *column_warnings("y", y[used], np.flatnonzero(used), np.isin(task[used], sources), f.standardize,
+                                 f.y_columns if path.suffix == ".csv" else None)]
+
+    # float64 until the end: standardising data near the float32 limits must not overflow on the way
+    x_t = torch.as_tensor(x, dtype=torch.float64)
+    y_t = torch.as_tensor(y, dtype=torch.float64)
     task_t = torch.as_tensor(task)
     src_x = [x_t[task_t == s] for s in sources]
     src_y = [y_t[task_t == s] for s in sources]
@@ -134,16 +163,31 @@ def build(cfg: Config) -> TaskSet:
     stats = {}
     if f.standardize:
         all_x, all_y = torch.cat(src_x), torch.cat(src_y)
-        stats = dict(x_mean=all_x.mean(0), x_std=all_x.std(0).clamp_min(1e-6),
-                     y_mean=all_y.mean(0), y_std=all_y.std(0).clamp_min(1e-6))
+        stats = dict(x_mean=all_x.mean(0), x_std=_spread(all_x), y_mean=all_y.mean(0), y_std=_spread(all_y))
         src_x = [(v - stats["x_mean"]) / stats["x_std"] for v in src_x]
         src_y = [(v - stats["y_mean"]) / stats["y_std"] for v in src_y]
         tx = (tx - stats["x_mean"]) / stats["x_std"]
         ty = (ty - stats["y_mean"]) / stats["y_std"]
+    src_x, src_y = [v.float() for v in src_x], [v.float() for v in src_y]
+    tx, ty, stats = tx.float(), ty.float(), {k: v.float() for k, v in stats.items()}
+    for name, arr in (("x", torch.cat([*src_x, tx])), ("y", torch.cat([*src_y, ty])), *stats.items()):
+        if not torch.isfinite(arr).all():
+            raise DataError(f"{path}: {name} overflows float32 after standardisation; rescale the data")
     X, Y, n = stack_sources(src_x, src_y)
     desc = f"file {path.name}: sources {_ids(sources)}, target {f.target}"
     return TaskSet("file", X, Y, n, tx[pool_idx], ty[pool_idx], tx[test_idx], ty[test_idx],
-                   description=desc, **stats)
+                   description=desc, data_warnings=warnings, **stats)
+
+
+def _spread(a: torch.Tensor) -> torch.Tensor:
+    """Column standard deviations, at least 1e-6 (a constant column stays constant); a single row has none (the
+    sample std of one row is NaN, which once made every standardised value NaN)."""
+    std = a.std(0) if a.shape[0] > 1 else torch.zeros(a.shape[1], dtype=a.dtype)
+    return std.clamp_min(1e-6)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _ids(ids) -> str:
