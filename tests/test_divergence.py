@@ -47,7 +47,7 @@ class ExactModel(ScoreModel):
         super().__init__(FixedEncoder(torch.eye(D_y), torch.zeros(D_y)), 1, d_x, 8, 1, 4)
         self.truth, self.scale = truth, scale
 
-    def eps_from_code(self, x_t, code, t):
+    def eps_from_code(self, x_t, code, t, y=None):
         flat_t = t.reshape(-1)
         score = self.truth.score(0, x_t.reshape(-1, x_t.shape[-1]), code.reshape(-1, code.shape[-1]), flat_t)
         return (self.scale * -OUProcess.sigma(flat_t)[:, None] * score).view_as(x_t)

@@ -278,7 +278,7 @@ def test_view_lsgmm_condition_gives_content_exactly_and_scores_are_exact():
 class TaggedHeads:
     """eps_from_code returning the head index of each slice (to check which head ran on which task's rows)."""
 
-    def eps_from_code(self, x_t, code, t):
+    def eps_from_code(self, x_t, code, t, y=None):
         return torch.arange(x_t.shape[0], dtype=x_t.dtype)[:, None, None].expand_as(x_t)
 
 
@@ -301,7 +301,7 @@ class DecoderModel(torch.nn.Module):
     def dsm_weight(self, t):  # the paper's weighting, as ScoreModel's default
         return torch.ones_like(t)
 
-    def eps_from_code(self, x_t, code, t):
+    def eps_from_code(self, x_t, code, t, y=None):
         tr, K = self.truth, x_t.shape[0]
         style = torch.einsum("kdm,km->kd", tr.B[1:K + 1], self.styles[:K])[:, None]
         x0 = code[..., : tr.A.shape[1]] @ tr.A.T + style
