@@ -190,12 +190,12 @@ def test_head_init_copies_the_chosen_source_head_into_every_fold_head():
 
     import cdmtransfer.stages as stages
 
-    real = stages.build_model
-    stages.build_model = lambda spec: Exact()
+    real = stages.rebuild
+    stages.rebuild = lambda spec, what: Exact()
     Exact.load_state_dict = lambda self, w: None
     try:
         from cdmtransfer.config import AdaptConfig
         choice = pick_source_head(source, torch.zeros(8, 4), torch.zeros(8, 5), process, AdaptConfig())
     finally:
-        stages.build_model = real
+        stages.rebuild = real
     assert choice == 3
