@@ -53,14 +53,7 @@ def _file_dims(cfg: Config) -> dict:
     from cdmtransfer.tasks import files
 
     f = cfg.suite.file
-    path = Path(f.path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found (suite.file.path)")
-    if path.suffix == ".csv":
-        x, y, task = files.read_csv(path, f.x_columns, f.y_columns, f.task_column)
-    else:
-        x, y, task = files.read_npz(path)
-    x, y, task = files.validate(path, x, y, task)
+    path, x, y, task = files.read_checked(f)
     ids, counts = np.unique(task, return_counts=True)
     sources = [i for i in ids if i != f.target] if not f.sources else f.sources
     sizes = [int(c) for i, c in zip(ids, counts) if i in sources]
@@ -277,7 +270,6 @@ def log_estimate(cfg: Config, report: EstimateReport, recipe: str, sweep_run: st
         run.log_dict(report.to_dict(), "estimate.json")
         if report.predicted and cfg.tracking.log_artifacts:
             import tempfile
-            from pathlib import Path
 
             from cdmtransfer.plots import estimate_band
 

@@ -114,8 +114,8 @@ def validate(path: Path, x: np.ndarray, y: np.ndarray, task: np.ndarray):
     return x, y, task
 
 
-def build(cfg: Config) -> TaskSet:
-    f = cfg.suite.file
+def read_checked(f) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """(path, x, y, task) of the suite.file config `f`: read (.npz or .csv) and validated."""
     path = Path(f.path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: data file not found (suite.file.path)")
@@ -125,7 +125,12 @@ def build(cfg: Config) -> TaskSet:
         x, y, task = read_csv(path, f.x_columns, f.y_columns, f.task_column)
     else:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .npz (x, y, task) or .csv")
-    x, y, task = validate(path, x, y, task)
+    return (path, *validate(path, x, y, task))
+
+
+def build(cfg: Config) -> TaskSet:
+    f = cfg.suite.file
+    path, x, y, task = read_checked(f)
     ids = sorted(int(i) for i in np.unique(task))
     if f.target not in ids:
         raise DataError(f"{path}: target task id {f.target} not in the file (task ids: {_ids(ids)})")
