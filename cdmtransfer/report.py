@@ -58,7 +58,7 @@ def sweep_table(summary: list[dict], title: str) -> Table:
                   + ("; *floor fitted per mode, floor + A/m across m" if fitted else "")
                   + (f"; {DIVERGED_MARK} some seed's samples diverged: not a result" if diverged else ""))
     lengths = any("steps" in row for row in summary)
-    chose = any(len(set(row.get("choices") or [])) > 1 or row["mode"] in ("finetune", "auto") for row in summary)
+    chose = any(any(row.get("choices") or []) for row in summary)  # finetune / auto: what validation chose
     for col in ("mode", "m", "seeds", *(SWEEP_COLUMNS[k] for k in metrics), *(("steps", "converged") if lengths
                                                                              else ()), *(("chosen",) if chose else ())):
         table.add_column(col, justify="left" if col == "mode" else "right")

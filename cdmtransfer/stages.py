@@ -396,7 +396,7 @@ def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, m
     """What adapt chose and why: the candidates' cross-validated DSM (loss, best step) and one line for people."""
     pick = candidates[chosen]
     info = {"mode": pick.mode if pick.encoder_mult is not None else mode, "setting": pick.label(),
-            "short": _short(pick), "candidates": [
+            "short": _short(pick) if len(candidates) > 1 else "", "candidates": [
                 {"setting": c.label(), "encoder_lr_mult": c.encoder_mult, "head_init": c.head_init,
                  **({"cv_loss": cv[g][0], "cv_step": int(cv[g][1])} if g < len(cv) else {})}
                 for g, c in enumerate(candidates)]}
@@ -416,8 +416,6 @@ def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, m
 
 def _short(c: Candidate) -> str:
     """A compact label for tables: frozen / ft×0.1, with +rand when the head started at random."""
-    if c.encoder_mult is None:
-        return c.head_init
     encoder = "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
     return encoder + ("+rand" if c.head_init == "random" else "")
 
@@ -503,9 +501,9 @@ def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path,
     if skipped:
         run.log_dict(skipped, "skipped_metrics.json")
     if choice:
-        run.set_tags({TAG + "choice": choice["mode"], TAG + "choice_setting": choice["setting"],
-                      TAG + "choice_short": choice["short"]})
-        if len(choice["candidates"]) > 1:
+        run.set_tags({TAG + "choice": choice["mode"], TAG + "choice_setting": choice["setting"]})
+        if len(choice["candidates"]) > 1:  # settings were compared: what won, for tables, and every candidate
+            run.set_tags({TAG + "choice_short": choice["short"]})
             run.log_dict(choice, "cv_candidates.json")
     warning = divergence_warning(f"adapt {cfg.adapt.mode} m={cfg.adapt.m} seed={cfg.seed}", values, skipped,
                                  cfg.evaluate.divergence_ratio)

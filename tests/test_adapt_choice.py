@@ -123,8 +123,8 @@ def test_unset_adapt_keys_follow_the_m_rule_and_pinned_keys_stay():
 
 
 def test_sweep_summary_reports_excess_over_a_fitted_floor_where_no_exact_floor_exists():
-    rows = [{"mode": "frozen", "m": m, "seed": s, "metrics": {"test_dsm": 0.3 + 2.0 / m + 0.001 * s}, "choice": "frozen"}
-            for m in (8, 32, 128) for s in (0, 1)]
+    rows = [{"mode": "frozen", "m": m, "seed": s, "metrics": {"test_dsm": 0.3 + 2.0 / m + 0.001 * s},
+             "choice": "frozen"} for m in (8, 32, 128) for s in (0, 1)]
     summary = summarise(rows)
     entry = next(e for e in summary if e["m"] == 8)
     assert entry["fitted_floor"]["test_dsm"] == pytest.approx(0.3005, abs=2e-3)
