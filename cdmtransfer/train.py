@@ -30,7 +30,7 @@ from cdmtransfer.progress import Progress
 
 LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
 # EMA model -> held-out loss (deterministic given the weights): a scalar, or one value per candidate [G] when the
-# model stacks G candidate settings (their minimum drives early stopping; each candidate's best is kept)
+# model stacks G candidate settings (each keeps its own best and stops by its own patience; the run ends when all have)
 ValFn = Callable[[nn.Module], torch.Tensor]
 
 
