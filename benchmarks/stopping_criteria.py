@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from cdmtransfer.config import load_config
+from cdmtransfer.config import load_config, resolve_adapt
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.metrics import conditional_samples
-from cdmtransfer.stages import (_adapt_groups, dsm_objective, load_head, pick_source_head, prepare_encoder,
-                                score_model, setup_torch)
+from cdmtransfer.stages import (_candidate_encoder, _candidate_groups, adapt_candidates, dsm_objective, load_head,
+                                pick_source_head, prepare_encoder, score_model, setup_torch)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import open_tracker
 from cdmtransfer.train import train
@@ -95,6 +95,7 @@ def main() -> None:
     cfg = load_config(args.recipe, args.set + [f"adapt.mode={args.mode}", f"adapt.m={args.m}",
                                                f"adapt.steps={args.steps}", f"adapt.val_every={args.every}",
                                                "adapt.patience=0"])
+    cfg = resolve_adapt(cfg)  # unset batch size / lr follow the m-aware rule
     setup_torch(cfg)
     taskset = build_taskset(cfg)
     tracker = open_tracker(cfg, None) if args.encoder else None
@@ -105,9 +106,10 @@ def main() -> None:
     (xt, yt, nt), (xv, yv, nv) = folds.gather(x_m, y_m)
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     torch.manual_seed(cfg.seed + 2)
-    start = pick_source_head(source_heads, x_m, y_m, process, a) if a.head_init == "source" else None
-    model = score_model(cfg, StackedEncoder(enc, folds.count) if a.mode in ("finetune", "scratch") else enc,
-                        folds.count, taskset, x_m, source_heads.spec.get("sigma_data") if start else None)
+    cand = adapt_candidates(a, source_heads is not None)[-1]  # one setting: finetune's largest rate in the grid
+    start = pick_source_head(source_heads, x_m, y_m, process, a) if cand.head_init == "source" else None
+    part = _candidate_encoder(enc, cand, a.mode, folds.count)
+    model = score_model(cfg, part, folds.count, taskset, x_m, source_heads.spec.get("sigma_data") if start else None)
     if start is not None:
         load_head(model, source_heads, start)
     crit, truth = criteria_fn(xv, yv, nv, process, a.val_draws, cfg.seed + 17), truth_fn(taskset, process, cfg,
@@ -120,12 +122,13 @@ def main() -> None:
         return torch.tensor(row["val_dsm"])
 
     t0 = time.time()
-    train(model, _adapt_groups(model, a), dsm_objective(xt, yt, nt, process, a.batch_size), a, seed=cfg.seed,
+    train(model, _candidate_groups(model, [part], [cand], a), dsm_objective(xt, yt, nt, process, a.batch_size), a,
+          seed=cfg.seed,
           ckpt_dir=Path(tempfile.mkdtemp(prefix="stopping-")), meta={}, validate=validate)
     steps = [args.every * i for i in range(len(rows))]  # the first check scores the starting weights
     targets = [k for k in ("score_error", "posterior_mean_mse", "test_dsm") if k in rows[0]]
     print(f"{args.recipe} mode={args.mode} m={args.m} parametrization={cfg.model.parametrization} "
-          f"head_init={a.head_init if source_heads else 'random'} lr={a.lr} "
+          f"head_init={cand.head_init} lr={a.lr} encoder lr x{cand.encoder_mult} "
           f"({time.time() - t0:.0f} s)")
     best = {k: min(r[k] for r in rows) for k in targets}
     for c in ("val_dsm", "val_dsm_small_t", "val_edm"):

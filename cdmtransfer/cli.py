@@ -109,6 +109,9 @@ def _print_summary(summary, json_out: bool, title: str) -> None:
         out.print(f"{key}: {path}")
     for key, why in skipped.items():
         out.print(f"skipped {key}: {why}")
+    choice = summary.info.get("choice") or {}
+    if choice.get("reason"):  # what adapt's cross-validation chose, and why
+        out.print(choice["reason"])
     if summary.run_id:
         out.print(f"run id: {summary.run_id}")
     report.store_footer(out, summary.tracking_uri)
@@ -147,16 +150,21 @@ def pretrain(recipe: RecipeArg, set_: SetOpt = None, seed: SeedOpt = None, resum
 @handled
 def adapt(recipe: RecipeArg,
           encoder: EncoderOpt = None,
-          mode: Annotated[Optional[str], typer.Option(metavar="frozen|finetune|scratch|oracle",
-                                                      help="How the encoder is treated (default: adapt.mode).")] = None,
+          mode: Annotated[Optional[str], typer.Option(
+              metavar="frozen|finetune|auto|scratch|oracle",
+              help="How the encoder is treated (default: adapt.mode); auto: frozen or finetune, chosen by "
+                   "cross-validation on the m samples.")] = None,
           m: Annotated[Optional[int], typer.Option("--m", help="Target samples (default: adapt.m).")] = None,
           set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None, tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
-    """Train a target head on m target samples with the encoder frozen, fine-tuned, from scratch or the true h*."""
+    """Train a target head on m target samples with the encoder frozen, fine-tuned, chosen by validation (auto), from
+    scratch or the true h*."""
+    from cdmtransfer.config import resolve_adapt
+
     cfg = _config(recipe, set_, {"adapt.mode": mode, "adapt.m": m, "seed": seed})
     if dry_run:
-        return _dry_run(cfg)
+        return _dry_run(resolve_adapt(cfg))  # unset steps / batch size / lr as the m-aware rule fills them
     from cdmtransfer.stages import adapt as run_adapt
 
     summary = run_adapt(cfg, encoder=encoder, tracking_uri=tracking_uri, resume=resume, quiet=quiet or json_out)
@@ -167,7 +175,8 @@ def adapt(recipe: RecipeArg,
 @handled
 def sweep(recipe: RecipeArg,
           m: Annotated[Optional[str], typer.Option("--m", metavar="M1,M2,..", help="Target sizes.")] = None,
-          modes: Annotated[Optional[str], typer.Option(metavar="MODE,..", help="Adaptation modes.")] = None,
+          modes: Annotated[Optional[str], typer.Option(
+              metavar="MODE,..", help="Adaptation modes: frozen, finetune, auto, scratch, oracle.")] = None,
           seeds: Annotated[Optional[int], typer.Option(help="Seeds per (mode, m).")] = None,
           jobs: Annotated[int, typer.Option(help="Worker processes (0: one per spare core).")] = 0,
           encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,

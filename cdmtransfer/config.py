@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,8 @@ import yaml
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.typed import from_dict, value_range
 
-MODES = ("frozen", "finetune", "scratch", "oracle")
+MODES = ("frozen", "finetune", "auto", "scratch", "oracle")
+PRETRAINED_MODES = ("frozen", "finetune", "auto")  # the modes that adapt a pretrained encoder and heads
 _range = value_range  # field metadata: allowed numeric range
 _SEED = _range(0, 2**62)  # torch and numpy take non-negative 64-bit seeds; offsets (seed + 17, ...) stay inside
 
@@ -208,19 +210,56 @@ class TrainConfig:
 
 @dataclass
 class AdaptConfig(TrainConfig):
-    steps: int = field(default=6000, metadata=_range(1))  # a cap; cross-validation chooses the length
+    # steps (a cap; cross-validation chooses the length), batch_size (draws per step from the m samples, with
+    # replacement) and lr (the head's): null follows the m-aware rule of `adapt_defaults`; a value pins it.
+    steps: Optional[int] = field(default=None, metadata=_range(1))
+    batch_size: Optional[int] = field(default=None, metadata=_range(1))
+    lr: Optional[float] = field(default=None, metadata=_range(0.0, lo_open=True))
     val_every: int = field(default=25, metadata=_range(1))  # small m overfits within a few hundred steps
-    batch_size: int = field(default=64, metadata=_range(1))  # draws per step from the m samples (with replacement)
-    mode: Literal["frozen", "finetune", "scratch", "oracle"] = "frozen"
+    # frozen: ĥ fixed (the paper's estimator); finetune: ĥ trained too, its learning rate chosen by cross-validation;
+    # auto: frozen or finetune (and the head's start) chosen by cross-validation; scratch; oracle (the true h*)
+    mode: Literal["frozen", "finetune", "auto", "scratch", "oracle"] = "frozen"
     m: int = field(default=32, metadata=_range(1))  # target samples
-    encoder_lr: float = field(default=2e-4, metadata=_range(0.0, lo_open=True))  # finetune only
+    # finetune/auto: the encoder's learning rate. null: chosen by cross-validation among encoder_lr_grid × lr
+    # (0 = the encoder stays frozen, so validation can always fall back to frozen); a value pins it.
+    encoder_lr: Optional[float] = field(default=None, metadata=_range(0.0))
+    encoder_lr_grid: list[float] = field(default_factory=lambda: [0.0, 0.03, 0.1, 0.3])
+    # finetune/auto choose the simplest setting (frozen encoder first, then the lowest encoder rate; the source-started
+    # head before a random one) whose cross-validated DSM is within this relative margin of the lowest
+    select_margin: float = field(default=0.03, metadata=_range(0.0))
     # Adapt chooses its length by cross-validation on the m samples (stages.py): val_folds fold models train at once,
     # each validated on its held-out fold, and the final model retrains on all m for the step the folds chose.
     # 1: no cross-validation, the final model trains to the cap (reported as not converged).
     val_folds: int = field(default=4, metadata=_range(1))
-    # frozen/finetune: start the new head from the source head with the lowest DSM on the m samples (source), or
-    # from a random initialisation (random)
-    head_init: Literal["source", "random"] = "source"
+    # frozen/finetune/auto: start the new head from the source head with the lowest DSM on the m samples (source),
+    # or from a random initialisation (random). null: source, and auto tries both and keeps the better by validation.
+    head_init: Optional[Literal["source", "random"]] = None
+
+
+def adapt_defaults(m: int) -> dict:
+    """The m-aware rule for the adapt keys a recipe leaves unset (null): batch size, learning rate, step cap.
+
+    - batch_size = clamp(m / 2, 64, 512): 64 draws per step up to m = 128 (each sample drawn several times per step,
+      which averages the DSM noise over t and ε), then growing with m so the gradient noise keeps falling as more
+      data allows a more precise fit;
+    - lr = 2e-3 · √(batch_size / 64), at most 4e-3 (the head's; finetune's encoder rates are multiples of it): the
+      square-root scaling of Adam's rate with the batch, so 2e-3 up to m = 128;
+    - steps (a cap, and the horizon of the cosine schedule) = clamp(2000 · m / batch_size, 1000, 20000): about
+      2000 passes over each sample; cross-validation chose 170–2100 passes (median ≈ 530) on the Gaussian suites at
+      m = 8–128, the most at m = 8 where the 1000-step floor allows 8000, so the cap binds only for a run still
+      improving.
+    """
+    batch = int(min(512, max(64, m // 2)))
+    return {"batch_size": batch, "lr": min(4e-3, 2e-3 * math.sqrt(batch / 64)),
+            "steps": int(min(20000, max(1000, round(2000 * m / batch))))}
+
+
+def resolve_adapt(cfg: "Config") -> "Config":
+    """cfg with adapt's unset (null) steps, batch_size and lr filled by `adapt_defaults(adapt.m)`; pinned keys stay."""
+    a = cfg.adapt
+    rule = adapt_defaults(a.m)
+    filled = {k: v for k, v in rule.items() if getattr(a, k) is None}
+    return dataclasses.replace(cfg, adapt=dataclasses.replace(a, **filled)) if filled else cfg
 
 
 @dataclass
@@ -241,7 +280,7 @@ class EvaluateConfig:
 
 @dataclass
 class SweepConfig:
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: ["frozen", "finetune", "scratch", "oracle"])  # auto: on request
     m: list[int] = field(default_factory=lambda: [32])
     seeds: int = field(default=1, metadata=_range(1))
 
@@ -400,6 +439,9 @@ def check_consistency(cfg: Config, where: str) -> None:
             close = difflib.get_close_matches(mode, MODES, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{where}: sweep.modes has {mode!r}, not one of {', '.join(MODES)}{hint}")
+    grid = cfg.adapt.encoder_lr_grid
+    if not grid or min(grid) < 0:
+        raise ConfigError(f"{where}: adapt.encoder_lr_grid must be a non-empty list of multipliers >= 0, got {grid}")
     for m in cfg.sweep.m:
         if m < 1:
             raise ConfigError(f"{where}: sweep.m has {m}, must be >= 1")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdmtransfer import data_checks
-from cdmtransfer.config import Config, flatten
+from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.plots import learning_curves
 from cdmtransfer.stages import adapt_tags, load_encoder, pretrain, record_adapt, setup_torch
@@ -45,20 +45,57 @@ class SweepResult:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds for every (mode, m) and metric."""
+    """Mean and standard deviation over seeds for every (mode, m) and metric; what cross-validation chose per seed
+    (`choices`); and where a metric has no exact floor, its excess over a fitted one (`fitted_excess`)."""
     groups: dict[tuple, list[dict]] = {}
+    choices: dict[tuple, list[str]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["m"]), []).append(row["metrics"])
+        choices.setdefault((row["mode"], row["m"]), []).append(row.get("choice") or "")
     out = []
     for (mode, m), cells in groups.items():
-        entry = {"mode": mode, "m": m, "seeds": len(cells)}
+        entry = {"mode": mode, "m": m, "seeds": len(cells), "choices": choices[(mode, m)]}
         for key in sorted(set().union(*cells)):
             values = [c[key] for c in cells if key in c]
             mean = sum(values) / len(values)
             var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
             entry[key] = {"mean": mean, "std": math.sqrt(var) if len(values) > 1 else 0.0}
         out.append(entry)
+    fitted_excess(rows, out)
     return out
+
+
+FITTED = {"posterior_mean_mse": "posterior_mean_mse_excess", "test_dsm": None}  # metric -> its exact excess, if any
+
+
+def fitted_excess(rows: list[dict], summary: list[dict]) -> dict:
+    """Excess over a fitted floor for metrics with no exact floor: per mode, err(m) ≈ floor + A/m (theory.Fit, the
+    1/m rate of Thm 3.4) is fitted to every seed's value across the sweep's m, and each entry of `summary` gets
+    `<metric>_fitted_excess` (mean and sd over seeds of value − floor). Needs 2+ values of m; returns
+    {mode: {metric: {floor, A}}} (also stored as `fitted_floor` in the summary entries)."""
+    from cdmtransfer.theory import fit_score_curve
+
+    fits: dict = {}
+    for mode in sorted({r["mode"] for r in rows}):
+        for metric, exact in FITTED.items():
+            cells = [r for r in rows if r["mode"] == mode and metric in r["metrics"]
+                     and not (exact and exact in r["metrics"]) and math.isfinite(r["metrics"][metric])]
+            if len({r["m"] for r in cells}) < 2:
+                continue
+            try:
+                fit = fit_score_curve([r["m"] for r in cells], [r["metrics"][metric] for r in cells])
+            except ValueError:
+                continue
+            fits.setdefault(mode, {})[metric] = {"floor": fit.floor, "A": fit.A}
+    for entry in summary:
+        for metric, fit in fits.get(entry["mode"], {}).items():
+            values = [r["metrics"][metric] - fit["floor"] for r in rows
+                      if r["mode"] == entry["mode"] and r["m"] == entry["m"] and metric in r["metrics"]]
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            entry[f"{metric}_fitted_excess"] = {"mean": mean, "std": sd}
+            entry.setdefault("fitted_floor", {})[metric] = fit["floor"]
+    return fits
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -97,9 +134,10 @@ def run_cell(cfg_dict: dict, encoder_dir: str | None, lineage: dict, run_id: str
     taskset = build_taskset(cfg)
     enc, _, source_heads = prepare_encoder(cfg, taskset, None, encoder_dir)
     recorder = MetricRecorder()
-    metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run_id, Path(work_dir), recorder,
-                                              device=device, source_heads=source_heads)
-    return {"metrics": metrics, "skipped": skipped, "model_dir": str(model_dir), "history": recorder.records}
+    metrics, skipped, model_dir, choice = train_adapt(cfg, taskset, enc, lineage, run_id, Path(work_dir), recorder,
+                                                      device=device, source_heads=source_heads)
+    return {"metrics": metrics, "skipped": skipped, "model_dir": str(model_dir), "history": recorder.records,
+            "choice": choice}
 
 
 def default_jobs(cells: int) -> int:
@@ -135,7 +173,8 @@ def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
         elif run.info.status == "FINISHED":
             key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"])
             metrics = {k: v for k, v in run.data.metrics.items() if k not in ("loss", "lr", "grad_norm")}
-            done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "run_id": run.info.run_id, "metrics": metrics}
+            done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "run_id": run.info.run_id, "metrics": metrics,
+                         "choice": tags.get(TAG + "choice_short", "")}
     return done, pretrains
 
 
@@ -170,8 +209,9 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         raise ConfigError("sweep: no mode left to run")
     for m in s.m:
         taskset.target_subset(m, seed=cfg.seed)  # refuse an impossible m before anything is created
-    cells = [dataclasses.replace(cfg, seed=cfg.seed + offset, adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m))
-             for mode in modes for m in s.m for offset in range(s.seeds)]
+    cells = [resolve_adapt(dataclasses.replace(cfg, seed=cfg.seed + offset,
+                                               adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m)))
+             for mode in modes for m in s.m for offset in range(s.seeds)]  # unset adapt keys follow m's rule
     jobs = jobs or default_jobs(len(cells))
     done, pretrains = _prior_work(tracker, resume, cfg) if resume else ({}, [])
     if resume and not encoder:
@@ -186,7 +226,7 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         if not resume:
             parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
         pre_id, encoder_dir, lineage = None, None, {}
-        if any(mode in ("frozen", "finetune") for mode in modes):
+        if any(mode in PRETRAINED_MODES for mode in modes):
             if not encoder:
                 encoder = pre_id = _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet)
             model_dir, _ = find_model_dir(tracker, encoder, Path(tmp))
@@ -220,7 +260,7 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
     runs, rows = {}, []
     for i, cell in enumerate(cells):
         run = open_run(tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
-                       adapt_tags(cell, taskset, lineage if cell.adapt.mode in ("frozen", "finetune") else {},
+                       adapt_tags(cell, taskset, lineage if cell.adapt.mode in PRETRAINED_MODES else {},
                                   parent_id))
         run.log_params(flatten(cell.to_dict()))
         run.log_dict(cell.to_dict(), "config.json")
@@ -228,7 +268,7 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
 
     def args(i):
         cell = cells[i]
-        uses_encoder = cell.adapt.mode in ("frozen", "finetune")
+        uses_encoder = cell.adapt.mode in PRETRAINED_MODES
         return (cell.to_dict(), encoder_dir if uses_encoder else None, lineage if uses_encoder else {},
                 runs[i].run_id, str(runs[i].work_dir))
 
@@ -236,10 +276,10 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
         run, cell = runs[i], cells[i]
         for values, step in out["history"]:
             run.log_metrics(values, step)
-        record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]))
+        record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]), choice=out["choice"])
         close_run(run, "FINISHED")
         rows.append({"mode": cell.adapt.mode, "m": cell.adapt.m, "seed": cell.seed, "run_id": run.run_id,
-                     "metrics": out["metrics"]})
+                     "metrics": out["metrics"], "choice": out["choice"]["short"]})
         if not quiet:
             print(f"[sweep] {len(rows)}/{len(cells)} done: {cell.adapt.mode} m={cell.adapt.m} seed={cell.seed}",
                   file=sys.stderr, flush=True)

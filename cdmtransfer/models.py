@@ -288,6 +288,10 @@ def build_encoder(spec: dict) -> nn.Module:
         from cdmtransfer.validation import StackedEncoder  # noqa: PLC0415 (validation imports this module)
 
         return StackedEncoder(build_encoder(spec["base"]), spec["copies"])
+    if spec["kind"] == "grid":
+        from cdmtransfer.validation import GridEncoder  # noqa: PLC0415
+
+        return GridEncoder([build_encoder(p) for p in spec["parts"]], spec["copies"])
     raise ValueError(f"unknown encoder kind {spec['kind']!r}")
 
 
@@ -301,6 +305,9 @@ def encoder_spec(encoder: nn.Module) -> dict:
                 "shape": list(encoder.shape)}
     if isinstance(encoder, FixedEncoder):
         return {"kind": "fixed", "D_y": encoder.D_y, "d": encoder.d, "activation": encoder.activation}
+    if hasattr(encoder, "parts"):  # validation.GridEncoder: adapt's fold models of several candidate settings
+        return {"kind": "grid", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
+                "parts": [encoder_spec(p) for p in encoder.parts]}
     if hasattr(encoder, "copies"):  # validation.StackedEncoder: adapt's fold models
         return {"kind": "stacked", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
                 "base": encoder_spec(encoder._base)}

@@ -44,18 +44,23 @@ def metrics_table(title: str, metrics: dict, flagged=()) -> Table:
 
 
 SWEEP_COLUMNS = {"score_error": "score error", "posterior_mean_mse": "post. mean MSE", "sliced_w2": "sliced W2",
-                 "test_dsm": "test DSM"}
-MODE_ORDER = {"frozen": 0, "finetune": 1, "scratch": 2, "oracle": 3}
+                 "test_dsm": "test DSM", "posterior_mean_mse_fitted_excess": "MSE − floor*",
+                 "test_dsm_fitted_excess": "DSM − floor*"}
+MODE_ORDER = {"frozen": 0, "finetune": 1, "auto": 2, "scratch": 3, "oracle": 4}
+EXCESS = ("posterior_mean_mse_fitted_excess", "test_dsm_fitted_excess")  # not bolded: floors differ by mode
 
 
 def sweep_table(summary: list[dict], title: str) -> Table:
     metrics = [k for k in SWEEP_COLUMNS if any(k in row for row in summary)]
     diverged = any(row.get("diverged", {}).get("mean", 0) > 0 for row in summary)
+    fitted = any(k in EXCESS for k in metrics)
     table = Table(title=title, show_header=True, caption="lower is better; bold: best at each m"
+                  + ("; *floor fitted per mode, floor + A/m across m" if fitted else "")
                   + (f"; {DIVERGED_MARK} some seed's samples diverged: not a result" if diverged else ""))
     lengths = any("steps" in row for row in summary)
+    chose = any(any(row.get("choices") or []) for row in summary)  # finetune / auto: what validation chose
     for col in ("mode", "m", "seeds", *(SWEEP_COLUMNS[k] for k in metrics), *(("steps", "converged") if lengths
-                                                                             else ())):
+                                                                             else ()), *(("chosen",) if chose else ())):
         table.add_column(col, justify="left" if col == "mode" else "right")
     best = {(k, m): min(row[k]["mean"] for row in summary if k in row and row["m"] == m)
             for k in metrics for m in {row["m"] for row in summary}}
@@ -66,16 +71,27 @@ def sweep_table(summary: list[dict], title: str) -> Table:
                 cells.append("–")
                 continue
             mean, std = row[k]["mean"], row[k]["std"]
-            text = f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 else "")
+            text = f"{mean:.3g}" if k in EXCESS else f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 else "")
             if k in SAMPLE_COLUMNS and row.get("diverged", {}).get("mean", 0) > 0:
                 text += f" {DIVERGED_MARK}"
-            cells.append(f"[bold]{text}[/bold]" if mean == best[(k, row["m"])] else text)
+            cells.append(f"[bold]{text}[/bold]" if mean == best[(k, row["m"])] and k not in EXCESS else text)
         if lengths:  # the chosen training length and how many seeds' validation stopped it (train.py)
             cells.append(f"{row['steps']['mean']:.0f}" if "steps" in row else "–")
             conv = row.get("converged", {}).get("mean")
             cells.append("–" if conv is None else f"{round(conv * row['seeds'])}/{row['seeds']}")
+        if chose:  # what cross-validation chose, per seed (finetune's encoder rate; auto's mode and head start)
+            cells.append(choice_counts(row.get("choices") or []))
         table.add_row(row["mode"], str(row["m"]), str(row["seeds"]), *cells)
     return table
+
+
+def choice_counts(choices: list[str]) -> str:
+    """'frozen ×2, ft×0.1' from the seeds' choices (frozen: encoder fixed; ft×c: encoder lr c × the head's)."""
+    counts: dict[str, int] = {}
+    for c in choices:
+        if c:
+            counts[c] = counts.get(c, 0) + 1
+    return ", ".join(f"{c} ({n})" if n > 1 else c for c, n in counts.items()) or "–"
 
 
 def store_footer(out: Console, uri: str) -> None:

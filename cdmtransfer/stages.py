@@ -2,8 +2,9 @@
 
 pretrain: joint DSM over the K source tasks, in the shared encoder h and the K heads f_1..f_K.
 adapt:    DSM on m target samples with a new head f_0 and an encoder that is
-          frozen (the pretrained ĥ; the paper's fine-tuning estimator), finetune (ĥ trained too, own learning rate),
-          scratch (a fresh encoder; the paper's baseline) or oracle (the suite's true h*).
+          frozen (the pretrained ĥ; the paper's fine-tuning estimator), finetune (ĥ trained too, at a learning rate
+          cross-validation chooses, 0 included), auto (frozen or finetune and the head's start, chosen by
+          cross-validation), scratch (a fresh encoder; the paper's baseline) or oracle (the suite's true h*).
 Both run the one loop in train.py and end with an exported EMA model and metrics in MLflow.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from cdmtransfer import data_checks, distributed
 from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
-from cdmtransfer.config import Config, flatten
+from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError, DataError, one_line
@@ -33,8 +34,8 @@ from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
                                   resolve_store, tracked_run)
 from cdmtransfer.train import train
-from cdmtransfer.validation import (Prefixed, StackedEncoder, convergence_metrics, dsm_validation, fold_split,
-                                    holdout_split)
+from cdmtransfer.validation import (Candidate, GridEncoder, Prefixed, StackedEncoder, candidate_clipper, choose,
+                                    convergence_metrics, dsm_validation, fold_split, holdout_split)
 
 
 def setup_torch(cfg: Config) -> torch.device:
@@ -50,14 +51,17 @@ def setup_torch(cfg: Config) -> torch.device:
 
 
 def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, batch: int,
-                  regularizer=None, shard: Dist = Dist()):
+                  regularizer=None, shard: Dist = Dist(), repeat: int = 1):
     """Per-sample DSM losses [K, batch] on a fresh batch from every task at once (theory.md §1.4).
 
     x [K, n_max, d_x], y [K, n_max, D_y], counts [K]: each task draws `batch` rows uniformly from its own n_k.
     `regularizer` (regularizers.RegularizedObjective), when given, returns DSM plus its terms per sample instead.
     Under torchrun every rank draws the same global batch and keeps its slice `shard.rank::shard.world`.
+    `repeat` = G: the model stacks G candidates of K heads; all G see the same rows, times and noise (common random
+    numbers: the draws are those of a run of K heads alone), and the losses are [G·K, batch].
     """
     K, _, d_x = x.shape
+    tile = lambda a: a.repeat(repeat, *([1] * (a.dim() - 1))) if repeat > 1 else a  # noqa: E731
 
     def loss_fn(model: ScoreModel, gen: torch.Generator) -> torch.Tensor:
         idx = (torch.rand(K, batch, generator=gen, device=x.device) * counts[:, None]).long()
@@ -68,6 +72,7 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
         if shard.active:
             part = slice(shard.rank, None, shard.world)
             x0, yb, t, noise = x0[:, part], yb[:, part], t[:, part], noise[:, part]
+        x0, yb, t, noise = tile(x0), tile(yb), tile(t), tile(noise)
         if regularizer is not None:
             return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
         weight = getattr(model, "module", model).dsm_weight(t)  # 1, or the EDM weight (models.Preconditioning)
@@ -262,7 +267,7 @@ def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
     pretrained source heads (None unless it did)."""
     mode = cfg.adapt.mode
     torch.manual_seed(cfg.seed + 1)
-    if mode in ("frozen", "finetune"):
+    if mode in PRETRAINED_MODES:
         if not encoder:
             raise ConfigError(f"--mode {mode} needs --encoder (a pretrain run id, MLflow model URI or path)")
         return load_encoder(tracker, encoder, taskset, cfg)
@@ -284,51 +289,95 @@ def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str 
     return tags
 
 
+def adapt_candidates(a, has_sources: bool) -> list[Candidate]:
+    """The settings adapt's cross-validation compares, simplest first (ties go to the earlier one).
+
+    frozen: the frozen encoder. finetune: the encoder's learning rate, encoder_lr_grid × lr (0 keeps it frozen, so
+    validation can always fall back to frozen) unless encoder_lr pins it. auto: the same rates plus 0, each with the
+    head started from the best source head and from a random initialisation, unless head_init pins it.
+    scratch / oracle: one setting (nothing pretrained to choose).
+    """
+    if a.mode in ("scratch", "oracle") or not has_sources:
+        return [Candidate(None if a.mode in ("scratch", "oracle") else 0.0, "random")]
+    inits = [a.head_init] if a.head_init else (["source", "random"] if a.mode == "auto" else ["source"])
+    if a.mode == "frozen":
+        mults = [0.0]
+    else:
+        mults = [a.encoder_lr / a.lr] if a.encoder_lr is not None else sorted(set(a.encoder_lr_grid))
+        if a.mode == "auto" and 0.0 not in mults:
+            mults = [0.0, *mults]
+    return [Candidate(mult, init) for mult in mults for init in inits]
+
+
 def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: dict, run_id: str, work_dir: Path,
                 metrics, *, quiet: bool = True, resume: bool = False, device=None,
-                source_heads: SourceHeads | None = None) -> tuple[dict, dict, Path]:
+                source_heads: SourceHeads | None = None) -> tuple[dict, dict, Path, dict]:
     """Train the target head (and encoder, per mode) on m target samples, export the EMA model, evaluate it.
 
-    The length is chosen by cross-validation on the m samples: `val_folds` fold models (each trained on the other
-    folds, validated on its own; all in one batched model) stop together when their mean held-out DSM stops
-    improving at step s*; the final model then trains on all m samples for s*·F/(F − 1) steps, the same number
-    of passes over each sample. `metrics` receives the training curves (an MLflow Run, or a recorder in a sweep
-    worker; the folds' under cv/). Returns (metrics, skipped metrics with reasons, exported model directory).
+    The length and the settings (`adapt_candidates`: the encoder's learning rate, the head's start) are chosen by
+    cross-validation on the m samples: for each of the G candidate settings, `val_folds` fold models (each trained
+    on the other folds, validated on its own) train at once in one batched model of G·F heads; they stop together
+    when no candidate's mean held-out DSM has improved for `patience` checks. The candidate with the lowest
+    cross-validated DSM wins, at its best step s*; the final model then trains on all m samples with its settings for
+    s*·F/(F − 1) steps, the same number of passes over each sample. `metrics` receives the training curves (an MLflow
+    Run, or a recorder in a sweep worker; the folds' under cv/). `cfg` must be resolved (config.resolve_adapt).
+    Returns (metrics, skipped metrics with reasons, exported model directory, the choice: `choice_info`).
     """
     a = cfg.adapt
     x_m, y_m = taskset.target_subset(a.m, seed=cfg.seed)
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     reg = make_objective(cfg.regularize, "adapt", process, taskset.truth)
     folds = fold_split(a.m, a.val_folds)
-    start = pick_source_head(source_heads, x_m, y_m, process, a) if a.head_init == "source" else None
+    candidates = adapt_candidates(a, source_heads is not None)
+    uses_source = any(c.head_init == "source" for c in candidates)
+    start = pick_source_head(source_heads, x_m, y_m, process, a) if uses_source else None
+    sigma_data = source_heads.spec.get("sigma_data") if uses_source else None  # the source heads' own scale
 
-    def run_stage(encoder, K, x, y, n, ckpt: Path, label: str, sink, **kw):
+    def run_stage(cands: list[Candidate], copies: int, x, y, n, ckpt: Path, label: str, sink, **kw):
+        """Train len(cands) × copies heads, candidate g owning heads g·copies … (g + 1)·copies − 1, each candidate
+        exactly as a run of its own would train (same start, draws, gradient and clipping: `candidate_clipper`)."""
+        G = len(cands)
+        if G > 1:  # the random start of a lone run's `copies` heads, for every candidate whose head starts at random
+            torch.manual_seed(cfg.seed + 2)
+            fresh = score_model(cfg, enc, copies, taskset, x_m, sigma_data).heads.state_dict()
         torch.manual_seed(cfg.seed + 2)  # the new heads start the same in every mode
-        sigma_data = source_heads.spec.get("sigma_data") if start is not None else None  # the head's own scale
-        model = score_model(cfg, encoder, K, taskset, x_m, sigma_data).to(device)
-        if start is not None:
-            load_head(model, source_heads, start)
-        groups = _adapt_groups(model, a)
+        parts = [_candidate_encoder(enc, c, a.mode, copies) for c in cands]
+        encoder = parts[0] if G == 1 else GridEncoder(parts, copies)
+        model = score_model(cfg, encoder, G * copies, taskset, x_m, sigma_data).to(device)
+        for g, c in enumerate(cands):
+            into = range(g * copies, (g + 1) * copies)
+            if c.head_init == "source":
+                load_head(model, source_heads, start, into=into)
+            elif G > 1:
+                set_heads(model, fresh, into)
+        groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
-        loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, a.batch_size, regularizer=reg)
+        loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, a.batch_size, regularizer=reg,
+                                repeat=G)
+        clip = candidate_clipper(model, [[p for p in part.parameters() if p.requires_grad] for part in parts],
+                                 G, a.grad_clip) if G > 1 else None
         result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=ckpt, meta=meta,
                        metrics=with_reg_metrics(sink, reg), progress=_progress(a.steps, label, quiet),
-                       resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, **kw)
+                       resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, clip=clip, **kw)
         return model, groups, meta, result
 
-    cv_result = None
-    if folds is not None:  # choose the length on the folds
+    cv_result, chosen, cv = None, 0, []
+    if folds is not None:  # choose the settings and the length on the folds
+        G = len(candidates)
         (xt, yt, nt), (xv, yv, nv) = folds.gather(x_m, y_m)
-        fold_enc = StackedEncoder(enc, folds.count) if a.mode in ("finetune", "scratch") else enc
         validate = dsm_validation(xv.to(device), yv.to(device), nv.to(device), process, a.val_draws,
-                                  seed=cfg.seed + 17)
-        _, _, _, cv_result = run_stage(fold_enc, folds.count, xt, yt, nt, work_dir / "checkpoints-cv",
-                                       f"adapt {a.mode} (cv)", Prefixed(metrics, "cv/"), validate=validate)
-        refit_steps = min(a.steps, math.ceil(cv_result.step * folds.count / (folds.count - 1)))
+                                  seed=cfg.seed + 17, repeat=G)
+        _, _, _, cv_result = run_stage(candidates, folds.count, xt, yt, nt,
+                                       work_dir / "checkpoints-cv", f"adapt {a.mode} (cv)", Prefixed(metrics, "cv/"),
+                                       validate=validate)
+        cv = cv_result.candidates or [(cv_result.val_loss, cv_result.step)]
+        chosen = choose([loss for loss, _ in cv], a.select_margin)
+        refit_steps = min(a.steps, math.ceil(cv[chosen][1] * folds.count / (folds.count - 1)))
     else:
         refit_steps = a.steps
-    model, groups, meta, result = run_stage(enc, 1, x_m[None], y_m[None], torch.tensor([a.m]),
+    pick = candidates[chosen]
+    model, groups, meta, result = run_stage([pick], 1, x_m[None], y_m[None], torch.tensor([a.m]),
                                             work_dir / "checkpoints", f"adapt {a.mode}", metrics,
                                             stop_at=refit_steps)
     model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
@@ -340,14 +389,69 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     if cv_result is not None:
         values.update(convergence_metrics(cv_result, prefix="cv_"))
         values["converged"] = values.pop("cv_converged")
+        values["cv_seconds"] = cv_result.seconds
+        if len(candidates) > 1:  # the chosen candidate's own best, and every candidate's
+            values["cv_val_loss"], values["cv_best_step"] = cv[chosen]
+            values.update({f"cv_candidate_loss_{g}": loss for g, (loss, _) in enumerate(cv)})
     else:
         skipped["converged"] = (f"m = {a.m} is too small to hold out a validation fold" if a.m < 2 else
                                 "adapt.val_folds = 1: no cross-validation, trained to the step cap")
     if start is not None:
         values["source_head"] = float(start)
+    if pick.encoder_mult is not None:
+        values.update(encoder_lr_mult=pick.encoder_mult, encoder_lr=pick.encoder_mult * a.lr,
+                      head_from_source=float(pick.head_init == "source"))
     if reg is not None:
         values.update(reg.summary())  # mean of each regulariser term over the steps run
-    return values, skipped, model_dir
+    return values, skipped, model_dir, choice_info(a.mode, candidates, chosen, cv, a.select_margin)
+
+
+def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, margin: float = 0.0) -> dict:
+    """What adapt chose and why: the candidates' cross-validated DSM (loss, best step) and one line for people."""
+    pick = candidates[chosen]
+    info = {"mode": pick.mode if pick.encoder_mult is not None else mode, "setting": pick.label(),
+            "short": _short(pick) if len(candidates) > 1 else "", "candidates": [
+                {"setting": c.label(), "encoder_lr_mult": c.encoder_mult, "head_init": c.head_init,
+                 **({"cv_loss": cv[g][0], "cv_step": int(cv[g][1])} if g < len(cv) else {})}
+                for g, c in enumerate(candidates)]}
+    if len(candidates) < 2:
+        return info
+    if not cv:
+        info["reason"] = f"{mode} used {pick.label()} (no cross-validation: the first setting)"
+        return info
+    best = min(range(len(cv)), key=lambda g: cv[g][0])
+    other = best if best != chosen else min((g for g in range(len(cv)) if g != chosen), key=lambda g: cv[g][0])
+    info["reason"] = (f"{mode} chose {info['mode']} ({pick.label()}): cross-validated DSM {cv[chosen][0]:.4g} at "
+                      f"step {int(cv[chosen][1])}, " + (f"the simplest within {margin:.0%} of the lowest, "
+                                                        if other == best else "next best ")
+                      + f"{cv[other][0]:.4g} ({candidates[other].label()}); {len(candidates)} settings compared")
+    return info
+
+
+def _short(c: Candidate) -> str:
+    """A compact label for tables: frozen / ft×0.1, with +rand when the head started at random."""
+    encoder = "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
+    return encoder + ("+rand" if c.head_init == "random" else "")
+
+
+def _candidate_encoder(enc: torch.nn.Module, c: Candidate, mode: str, copies: int) -> torch.nn.Module:
+    """The encoder of one candidate's `copies` models: shared and fixed when it does not train (frozen, oracle),
+    else `copies` independent trainable copies (one plain copy when copies = 1)."""
+    trains = mode == "scratch" if c.encoder_mult is None else c.encoder_mult > 0
+    if not trains:
+        return enc
+    return StackedEncoder(enc, copies) if copies > 1 else enc
+
+
+def _candidate_groups(model: ScoreModel, parts: list[torch.nn.Module], cands: list[Candidate], a) -> list[dict]:
+    """Parameter groups: the heads at lr; each candidate's encoder at encoder_mult × lr (scratch: lr), or fixed."""
+    groups = [{"params": list(model.heads.parameters()), "lr": a.lr}]
+    for part, c in zip(parts, cands):
+        rate = (a.lr if a.mode == "scratch" else 0.0) if c.encoder_mult is None else c.encoder_mult * a.lr
+        part.requires_grad_(rate > 0)
+        if rate > 0:
+            groups.append({"params": list(part.parameters()), "lr": rate})
+    return groups
 
 
 def pick_source_head(source: SourceHeads | None, x_m: torch.Tensor, y_m: torch.Tensor, process: OUProcess,
@@ -369,8 +473,18 @@ def pick_source_head(source: SourceHeads | None, x_m: torch.Tensor, y_m: torch.T
     return int(losses.argmin()) + 1
 
 
-def load_head(model: ScoreModel, source: SourceHeads, task: int) -> None:
-    """Copy source head `task` (1..K) into every head of `model`: each stacked head tensor is K blocks along dim 0."""
+def set_heads(model: ScoreModel, state: dict, into) -> None:
+    """Copy the heads of a model of len(into) heads (its heads' state_dict) into heads `into` of `model`."""
+    own = model.heads.state_dict()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            blocks = own[name].view(model.heads.K, -1)  # head tensors are K blocks along dim 0 (see load_head)
+            blocks[torch.tensor(list(into))] = tensor.reshape(len(into), -1).to(blocks)
+
+
+def load_head(model: ScoreModel, source: SourceHeads, task: int, into=None) -> None:
+    """Copy source head `task` (1..K) into the heads of `model` listed in `into` (default: every head); each stacked
+    head tensor is K blocks along dim 0."""
     K_src = source.spec["K"]
     heads = {k[len("heads."):]: v for k, v in source.weights.items() if k.startswith("heads.")}
     own = model.heads.state_dict()
@@ -384,24 +498,16 @@ def load_head(model: ScoreModel, source: SourceHeads, task: int) -> None:
         if block.numel() * model.heads.K != target.numel():
             raise ConfigError(f"adapt.head_init = source: head tensor {name} has another shape in the pretrained "
                               f"model; use adapt.head_init=random")
-        out[name] = block.expand(model.heads.K, *block.shape).reshape(target.shape).clone()
+        blocks = target.detach().clone().reshape(model.heads.K, *block.shape)
+        blocks[torch.tensor(list(range(model.heads.K) if into is None else into))] = block
+        out[name] = blocks.reshape(target.shape)
     model.heads.load_state_dict(out)
 
 
-def _adapt_groups(model: ScoreModel, a) -> list[dict]:
-    """Parameter groups by mode: frozen/oracle train the head only; finetune the encoder too at its own rate."""
-    if a.mode in ("frozen", "oracle"):
-        model.encoder.requires_grad_(False)
-        return [{"params": list(model.heads.parameters()), "lr": a.lr}]
-    if a.mode == "finetune":
-        return [{"params": list(model.heads.parameters()), "lr": a.lr},
-                {"params": list(model.encoder.parameters()), "lr": a.encoder_lr}]
-    return [{"params": list(model.parameters()), "lr": a.lr}]
-
-
-def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path, *,
+def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path, *, choice: dict | None = None,
                  quiet: bool = False) -> str | None:
-    """Log an adapt run's final metrics, skipped-metric reasons and model; returns the LoggedModel id.
+    """Log an adapt run's final metrics, skipped-metric reasons, what cross-validation chose (tags
+    cdmtransfer.choice / .choice_setting, cv_candidates.json) and model; returns the LoggedModel id.
 
     Diverged samples (metrics.evaluate_model's check): tag cdmtransfer.diverged = "true" and, unless `quiet`, one
     warning line on stderr naming the metrics that are not results.
@@ -411,6 +517,11 @@ def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path,
         run.set_tags({TAG + "converged": str(bool(values["converged"])).lower()})
     if skipped:
         run.log_dict(skipped, "skipped_metrics.json")
+    if choice:
+        run.set_tags({TAG + "choice": choice["mode"], TAG + "choice_setting": choice["setting"]})
+        if len(choice["candidates"]) > 1:  # settings were compared: what won, for tables, and every candidate
+            run.set_tags({TAG + "choice_short": choice["short"]})
+            run.log_dict(choice, "cv_candidates.json")
     warning = divergence_warning(f"adapt {cfg.adapt.mode} m={cfg.adapt.m} seed={cfg.seed}", values, skipped,
                                  cfg.evaluate.divergence_ratio)
     if warning:
@@ -426,6 +537,7 @@ def record_adapt(run, cfg: Config, values: dict, skipped: dict, model_dir: Path,
 def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, resume: str | None = None,
           quiet: bool = True, parent_run_id: str | None = None) -> RunSummary:
     """Adapt to the target on m samples in mode cfg.adapt.mode, then evaluate on the held-out target split."""
+    cfg = resolve_adapt(cfg)
     a = cfg.adapt
     device = setup_torch(cfg)
     taskset = build_taskset(cfg)
@@ -444,10 +556,10 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         if not resume:
             run.log_params(flatten(cfg.to_dict()))
             run.log_dict(cfg.to_dict(), "config.json")
-        metrics, skipped, model_dir = train_adapt(cfg, taskset, enc, lineage, run.run_id, run.work_dir, run,
-                                                  source_heads=source_heads,
-                                                  quiet=quiet, resume=bool(resume), device=device)
-        model_id = record_adapt(run, cfg, metrics, skipped, model_dir)  # warnings reach stderr even with --json
+        metrics, skipped, model_dir, choice = train_adapt(cfg, taskset, enc, lineage, run.run_id, run.work_dir, run,
+                                                          source_heads=source_heads, quiet=quiet,
+                                                          resume=bool(resume), device=device)
+        model_id = record_adapt(run, cfg, metrics, skipped, model_dir, choice=choice)  # warnings reach stderr
     return RunSummary(run.run_id, "adapt", metrics, {"model": model_dir},
                       {"mode": a.mode, "m": a.m, "seed": cfg.seed, "skipped": skipped, "model_id": model_id,
-                       "logging_seconds": run.logging_seconds, **lineage}, tracker.store.uri)
+                       "logging_seconds": run.logging_seconds, "choice": choice, **lineage}, tracker.store.uri)

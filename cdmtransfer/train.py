@@ -29,7 +29,9 @@ from cdmtransfer.errors import DataError, TrainingError
 from cdmtransfer.progress import Progress
 
 LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
-ValFn = Callable[[nn.Module], torch.Tensor]  # EMA model -> scalar held-out loss (deterministic given the weights)
+# EMA model -> held-out loss (deterministic given the weights): a scalar, or one value per candidate [G] when the
+# model stacks G candidate settings (each keeps its own best and stops by its own patience; the run ends when all have)
+ValFn = Callable[[nn.Module], torch.Tensor]
 
 
 @dataclass
@@ -43,6 +45,7 @@ class TrainResult:
     steps_run: int = 0
     val_loss: float | None = None  # the best validation loss (None without validation)
     converged: bool | None = None  # stopped because validation stopped improving (False: hit the step cap first)
+    candidates: list | None = None  # per-candidate validation: [(best loss, its step)] (None for a scalar loss)
 
 
 @dataclass
@@ -54,28 +57,46 @@ class Validation:
     bad: int = 0  # checks since the last improvement
     stopped: bool = False
     best_state: dict | None = None  # EMA weights at best_step
+    candidates: list | None = None  # per candidate: [best loss, best step, bad, stopped], when the loss is a vector
 
-    def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig) -> None:
-        """Record one check: a relative improvement over min_delta keeps these EMA weights as the best."""
-        first = not math.isfinite(self.best)
-        if math.isfinite(value) and (first or value < self.best - cfg.min_delta * abs(self.best)):
+    def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig, per: list | None = None) -> None:
+        """Record one check: a relative improvement over min_delta keeps these EMA weights as the best.
+
+        `per`: G candidates' losses (`value` is their minimum). Each candidate keeps its own best loss and step and
+        stops by the same rule as a run of its own would, its later checks ignored; the run stops when all have.
+        """
+        for c, v in zip(self.candidates or [], per or []):
+            if not c[3]:
+                c[:3] = [v, step, 0] if _improves(v, c[0], cfg) else [c[0], c[1], c[2] + 1]
+                c[3] = _stops(c[2], step, c[1], cfg)
+        if _improves(value, self.best, cfg):
             self.best, self.best_step, self.bad = value, step, 0
             self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
         else:
             self.bad += 1
-        # Patience in checks, and never before 1.5× the best step: a long run is not cut on a short plateau.
-        self.stopped = cfg.patience > 0 and self.bad >= cfg.patience and step >= 1.5 * self.best_step
+        self.stopped = (all(c[3] for c in self.candidates) if self.candidates
+                        else _stops(self.bad, step, self.best_step, cfg))
 
     def to_state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
-                "best_state": self.best_state or {}}
+                "best_state": self.best_state or {}, "candidates": self.candidates or []}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "Validation":
         if not state:
             return cls()
         return cls(float(state["best"]), int(state["best_step"]), int(state["bad"]), bool(state["stopped"]),
-                   state["best_state"] or None)
+                   state["best_state"] or None, [list(c) for c in state.get("candidates", [])] or None)
+
+
+def _improves(value: float, best: float, cfg: TrainConfig) -> bool:
+    """A finite value improves on the best by more than min_delta (relative); the first finite value always does."""
+    return math.isfinite(value) and (not math.isfinite(best) or value < best - cfg.min_delta * abs(best))
+
+
+def _stops(bad: int, step: int, best_step: int, cfg: TrainConfig) -> bool:
+    """Patience in checks, and never before 1.5× the best step: a long run is not cut on a short plateau."""
+    return cfg.patience > 0 and bad >= cfg.patience and step >= 1.5 * best_step
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -98,11 +119,14 @@ def ema_update(ema: nn.Module, model: nn.Module, step: int, decay: float) -> Non
 def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: TrainConfig, *, seed: int,
           ckpt_dir: Path, meta: dict, metrics=None, progress: Progress | None = None, resume: bool = False,
           label: str = "train", device: torch.device | None = None, dist: Dist = Dist(),
-          validate: ValFn | None = None, stop_at: int | None = None) -> TrainResult:
+          validate: ValFn | None = None, stop_at: int | None = None,
+          clip: Callable[[], torch.Tensor] | None = None) -> TrainResult:
     """Train for at most `cfg.steps` steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`).
 
     With `validate`, stop early by validation and return the best EMA weights. `stop_at` ends the run at that step
-    with the learning-rate schedule of the full `cfg.steps` (a refit to a length chosen elsewhere).
+    with the learning-rate schedule of the full `cfg.steps` (a refit to a length chosen elsewhere). `clip()`, when
+    given, replaces the global gradient clipping (stacked candidates clip each its own: validation.candidate_clipper)
+    and returns the norm to log.
     Under torchrun (`dist.active`) gradients are averaged by DistributedDataParallel and only rank 0 logs,
     shows progress and writes checkpoints; every rank validates the same EMA weights, so all stop together.
     """
@@ -115,8 +139,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     if resume:
         start, val = _restore(ckpt_dir, model, ema, optimizer, generator)
     elif validate is not None:  # the starting point competes too (a head started from a source head may be best)
-        with torch.no_grad():
-            val.update(float(validate(ema)), 0, ema, cfg)
+        _check(validate, ema, val, 0, cfg)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     net = nn.parallel.DistributedDataParallel(model) if dist.active else model
     if not dist.is_main:
@@ -136,8 +159,10 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = (nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                     else torch.zeros(()))
+        if clip is not None:
+            grad_norm = clip()
+        else:
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
         running += loss.detach()
         done = step + 1
         if done % cfg.log_every == 0 or done == last:
@@ -153,11 +178,9 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         optimizer.step()
         ema_update(ema, model, step, cfg.ema_decay)
         if validate is not None and (done % cfg.val_every == 0 or done == last):
-            with torch.no_grad():
-                value = float(validate(ema))
-            val.update(value, done, ema, cfg)
+            logged = _check(validate, ema, val, done, cfg)
             if metrics is not None:
-                metrics.log_metrics({"val_loss": value}, step=done)
+                metrics.log_metrics(logged, step=done)
         end = done == last or val.stopped
         if done % cfg.checkpoint_every == 0 or end:
             if not math.isfinite(float(distributed.mean(running, dist))):  # never checkpoint diverged weights
@@ -174,7 +197,22 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     if validate is not None and val.best_state is not None:
         ema.load_state_dict(val.best_state)
         result.step, result.val_loss, result.converged = val.best_step, val.best, val.stopped
+        result.candidates = [(c[0], c[1]) for c in val.candidates] if val.candidates else None
     return result
+
+
+def _check(validate: ValFn, ema: nn.Module, val: Validation, step: int, cfg: TrainConfig) -> dict:
+    """One validation check; returns what to log (val_loss, and val_loss_<g> per candidate)."""
+    with torch.no_grad():
+        values = validate(ema).reshape(-1).tolist()
+    if len(values) == 1:
+        val.update(values[0], step, ema, cfg)
+        return {"val_loss": values[0]}
+    if val.candidates is None:
+        val.candidates = [[math.inf, 0, 0, False] for _ in values]
+    value = min((v for v in values if math.isfinite(v)), default=math.nan)
+    val.update(value, step, ema, cfg, per=values)
+    return {"val_loss": value, **{f"val_loss_{g}": v for g, v in enumerate(values)}}
 
 
 def _non_finite(label: str, step: int, ckpt_dir: Path) -> TrainingError:

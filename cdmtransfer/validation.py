@@ -1,7 +1,8 @@
 """Held-out data for training to convergence: which rows validate, the validation loss, and fold models.
 
 pretrain holds out `val_fraction` of each source task's rows; adapt splits its m samples into F folds and trains F
-fold models at once (heads stacked like the K source heads, encoders stacked with torch.func where they train).
+fold models at once (heads stacked like the K source heads, encoders stacked with torch.func where they train), for
+each of G candidate settings (G·F models in one batch) when it also chooses settings (`Candidate`, `choose`).
 The validation loss is the held-out DSM of theory.md §1.3 in ε-space, ‖ε̂ − ε‖² averaged over t ~ Unif[T0, T],
 with noise drawn once, so it is a deterministic function of the weights.
 """
@@ -73,33 +74,39 @@ def fold_split(m: int, folds: int) -> Folds | None:
 
 
 def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, draws: int,
-                   seed: int, chunk_rows: int = 8192, per_task: bool = False):
+                   seed: int, chunk_rows: int = 8192, per_task: bool = False, repeat: int = 1):
     """validate(model) → mean over tasks of the held-out ε-space DSM, E_t ‖ε̂_k(x_t, y, t) − ε‖² (theory.md §1.3)
     (`per_task`: the [K] values instead).
 
     x [K, n, d_x], y [K, n, D_y], counts [K] (rows past counts[k] are padding). `draws` (t, ε) pairs per row are
     drawn once here, so the value depends on the weights alone; evaluated in chunks of draws to bound memory.
+    `repeat` = G: the model stacks G candidates of K heads each (head g·K + k), all scored on task k's rows with the
+    same noise, so candidates compare on equal terms; per_task then gives [G·K] values, else the [G] means.
     """
     K, n, _ = x.shape
     g = torch.Generator().manual_seed(seed)
     t = process.sample_t((draws, K, n), g).to(x.device)
     noise = torch.randn((draws, *x.shape), generator=g).to(x.device)
     x_t = process.perturb(x, t, noise)
-    mask = (torch.arange(n, device=x.device)[None] < counts[:, None]).float()  # [K, n]
-    per_chunk = max(1, chunk_rows // max(1, K * n))
+    mask = (torch.arange(n, device=x.device)[None] < counts[:, None]).float().repeat(repeat, 1)  # [G·K, n]
+    per_chunk = max(1, chunk_rows // max(1, repeat * K * n))
+    tile = lambda a: a.repeat(repeat, *([1] * (a.dim() - 1)))  # noqa: E731  [K, ·] -> [G·K, ·], head g·K+k sees k
 
     @torch.no_grad()
     def validate(model: nn.Module) -> torch.Tensor:
-        total = torch.zeros(K, device=x.device)
+        total = torch.zeros(repeat * K, device=x.device)
         for i in range(0, draws, per_chunk):  # a loop over chunks of noise draws, each batched over tasks and rows
             j = min(draws, i + per_chunk)
             r = j - i
-            eps = model(x_t[i:j].transpose(0, 1).reshape(K, r * n, -1), y.repeat(1, r, 1),
-                        t[i:j].transpose(0, 1).reshape(K, r * n))
-            loss = dsm_loss(eps, noise[i:j].transpose(0, 1).reshape(K, r * n, -1)).view(K, r, n)
+            eps = model(tile(x_t[i:j].transpose(0, 1).reshape(K, r * n, -1)), tile(y.repeat(1, r, 1)),
+                        tile(t[i:j].transpose(0, 1).reshape(K, r * n)))
+            target = tile(noise[i:j].transpose(0, 1).reshape(K, r * n, -1))
+            loss = dsm_loss(eps, target).view(repeat * K, r, n)
             total += (loss * mask[:, None]).sum(dim=(1, 2))
         per = total / (draws * mask.sum(1))
-        return per if per_task else per.mean()
+        if per_task:
+            return per
+        return per.view(repeat, K).mean(1) if repeat > 1 else per.mean()
 
     return validate
 
@@ -122,6 +129,74 @@ class StackedEncoder(nn.Module):
             return functional_call(self._base, dict(zip(self.names, params)), (rows,))
 
         return vmap(one)(tuple(self.stacked), y)
+
+
+class GridEncoder(nn.Module):
+    """The encoders of G stacked candidates, each owning `copies` consecutive rows of a [G·copies, B, D_y] batch:
+    a trainable candidate is a StackedEncoder (its own parameter group, so its own learning rate), a frozen one the
+    plain encoder (no parameters to train). Adapt's cross-validation trains every candidate setting at once."""
+
+    def __init__(self, parts: list[nn.Module], copies: int):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.copies, self.d, self.D_y = copies, parts[0].d, parts[0].D_y
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(rows) for part, rows in zip(self.parts, y.split(self.copies))])
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting adapt's cross-validation compares: the encoder's learning rate as a multiple of the head's (0: the
+    encoder stays frozen; None: it is not the pretrained encoder's to train, scratch/oracle) and the head's start."""
+
+    encoder_mult: float | None = None
+    head_init: str = "random"
+
+    @property
+    def mode(self) -> str:
+        """What the setting amounts to: frozen (encoder fixed) or finetune (encoder trained)."""
+        return "finetune" if self.encoder_mult else "frozen"
+
+    def label(self) -> str:
+        enc = "" if self.encoder_mult is None else (
+            "frozen encoder" if not self.encoder_mult else f"encoder lr {self.encoder_mult:g}x")
+        return ", ".join(p for p in (enc, f"head {self.head_init}") if p)
+
+
+def candidate_clipper(model: nn.Module, encoder_params: list[list[nn.Parameter]], G: int, max_norm: float):
+    """clip() for G stacked candidates trained on the mean loss over all their models: each candidate's gradient is
+    scaled by G (back to what a run of its own gets from its own mean loss) and clipped by its own norm, as
+    clip_grad_norm_ would clip it alone; returns the largest candidate norm. Head tensors hold G contiguous blocks
+    along dim 0 (one per candidate); encoder_params[g] are the parameters only candidate g trains."""
+    heads = list(model.heads.parameters())
+
+    @torch.no_grad()
+    def clip() -> torch.Tensor:
+        grads = [p.grad for p in heads if p.grad is not None]
+        sq = sum(g.view(G, -1).pow(2).sum(1) for g in grads) * G**2
+        owned = [[p.grad for p in ps if p.grad is not None] for ps in encoder_params]
+        sq = sq + torch.stack([sum((g.pow(2).sum() for g in gs), torch.zeros(())) for gs in owned]).to(sq) * G**2
+        norms = sq.sqrt()
+        scale = G * ((max_norm / (norms + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms))
+        for g in grads:
+            g.view(G, -1).mul_(scale[:, None])
+        for k, gs in enumerate(owned):
+            for g in gs:
+                g.mul_(scale[k])
+        return norms.max()
+
+    return clip
+
+
+def choose(losses: list[float], margin: float = 0.0) -> int:
+    """The first (simplest) candidate whose cross-validated loss is within `margin` (relative) of the lowest: a more
+    complex setting must win by more than the margin, which keeps selection noise from picking it on a near tie."""
+    finite = [v for v in losses if math.isfinite(v)]
+    if not finite:
+        return 0
+    bar = min(finite) * (1 + margin)
+    return next(i for i, v in enumerate(losses) if math.isfinite(v) and v <= bar)
 
 
 class Prefixed:

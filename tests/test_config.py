@@ -2,7 +2,7 @@
 
 import pytest
 
-from cdmtransfer.config import Config, apply_override, dump_config, load_config
+from cdmtransfer.config import Config, adapt_defaults, apply_override, dump_config, load_config, resolve_adapt
 from cdmtransfer.errors import CdmError, ConfigError
 
 
@@ -10,7 +10,10 @@ def test_defaults_load():
     cfg = load_config(None)
     assert isinstance(cfg, Config)
     assert cfg.suite.name == "gaussian" and cfg.adapt.mode == "frozen"
-    assert cfg.adapt.m == 32 and cfg.adapt.steps == 6000 and cfg.adapt.batch_size == 64
+    assert cfg.adapt.m == 32 and cfg.adapt.steps is None and cfg.adapt.batch_size is None  # the m-aware rule's
+    resolved = resolve_adapt(cfg).adapt
+    assert (resolved.steps, resolved.batch_size, resolved.lr) == tuple(adapt_defaults(32)[k]
+                                                                       for k in ("steps", "batch_size", "lr"))
     assert cfg.pretrain.steps == 10000 and cfg.pretrain.batch_size == 128
     assert 0 < cfg.diffusion.T0 < cfg.diffusion.T
     assert cfg.model.time_dim % 2 == 0
@@ -39,11 +42,12 @@ def test_overrides_apply_with_types():
 
 
 def test_setting_one_adapt_key_keeps_other_adapt_defaults():
-    default = load_config(None).adapt
-    assert (default.steps, default.batch_size, default.val_every) == (6000, 64, 25)
-    cfg = load_config(None, ["adapt.m=16"])
-    assert cfg.adapt.m == 16
-    assert (cfg.adapt.steps, cfg.adapt.batch_size) == (6000, 64)
+    default = resolve_adapt(load_config(None)).adapt
+    assert (default.steps, default.batch_size, default.val_every) == (adapt_defaults(32)["steps"],
+                                                                      adapt_defaults(32)["batch_size"], 25)
+    cfg = resolve_adapt(load_config(None, ["adapt.m=16", "adapt.lr=1e-3"]))
+    assert cfg.adapt.m == 16 and cfg.adapt.lr == 1e-3
+    assert (cfg.adapt.steps, cfg.adapt.batch_size) == (adapt_defaults(16)["steps"], adapt_defaults(16)["batch_size"])
 
 
 def test_apply_override_builds_nested_dict():

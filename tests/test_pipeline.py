@@ -143,21 +143,29 @@ def test_resume_equals_uninterrupted(recipe, store, monkeypatch):
 
 def test_modes_and_oracle_and_dry_run(recipe, store):
     pre = ok_json("pretrain", recipe)
-    fin = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "finetune")
+    fin = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "finetune", "--set", "adapt.encoder_lr=2e-4")
     scr = ok_json("adapt", recipe, "--mode", "scratch")
     ora = ok_json("adapt", recipe, "--mode", "oracle")
     assert fin["metrics"]["trainable_parameters"] == scr["metrics"]["trainable_parameters"]
     assert ora["metrics"]["trainable_parameters"] < scr["metrics"]["trainable_parameters"]
+    auto = cli("adapt", recipe, "--encoder", pre["run_id"], "--mode", "auto")  # says what it chose, and why
+    assert auto.exit_code == 0 and "auto chose " in auto.stdout and "8 settings compared" in auto.stdout
+    run = client(store).get_run(auto.stdout.split("run id: ")[1].split()[0])
+    assert run.data.tags[TAG + "mode"] == "auto" and run.data.tags[TAG + "choice"] in ("frozen", "finetune")
+    assert run.data.metrics["cv_val_loss"] == min(run.data.metrics[f"cv_candidate_loss_{g}"] for g in range(8))
+    assert "cv_candidates.json" in {a.path for a in client(store).list_artifacts(run.info.run_id)}
     dry = cli("adapt", recipe, "--mode", "scratch", "--m", 5, "--set", "adapt.steps=7", "--dry-run")
     assert dry.exit_code == 0
     assert "m: 5" in dry.stdout and "steps: 7" in dry.stdout and "mode: scratch" in dry.stdout
 
 
 def test_sweep_parent_with_children(recipe, store):
-    res = ok_json("sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--seeds", 2)
+    res = ok_json("sweep", recipe, "--m", "4,8", "--modes", "frozen,auto", "--seeds", 2)
     assert len(res["rows"]) == 2 * 2 * 2
-    assert {(r["mode"], r["m"]) for r in res["summary"]} == {("frozen", 4), ("frozen", 8), ("scratch", 4),
-                                                             ("scratch", 8)}
+    assert {(r["mode"], r["m"]) for r in res["summary"]} == {("frozen", 4), ("frozen", 8), ("auto", 4), ("auto", 8)}
+    for entry in res["summary"]:  # what validation chose per seed (auto only), and the DSM's excess over a fitted floor
+        assert len(entry["choices"]) == 2 and "test_dsm_fitted_excess" in entry
+        assert all(entry["choices"]) if entry["mode"] == "auto" else not any(entry["choices"])
     c = client(store)
     children = c.search_runs([c.get_run(res["run_id"]).info.experiment_id],
                              filter_string=f"tags.mlflow.parentRunId = '{res['run_id']}'")

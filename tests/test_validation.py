@@ -199,3 +199,27 @@ def test_head_init_copies_the_chosen_source_head_into_every_fold_head():
     finally:
         stages.rebuild = real
     assert choice == 3
+
+
+def test_each_candidate_stops_as_a_run_of_its_own_would(tmp_path):
+    # two candidate losses on the same weights: |w − 3| is best early, |w − 8| later (training pulls w to 10)
+    cfg = TrainConfig(steps=2000, lr=0.05, warmup_steps=1, val_every=10, patience=5, ema_decay=0.9,
+                      checkpoint_every=10_000)
+    alone = [_run(tmp_path, cfg, lambda ema, c=c: (ema.w - c).abs(), name=f"alone{c}") for c in (3.0, 8.0)]
+    both = _run(tmp_path, cfg, lambda ema: torch.stack([(ema.w - 3.0).abs(), (ema.w - 8.0).abs()]), name="both")
+    assert [step for _, step in both.candidates] == [r.step for r in alone]
+    assert [loss for loss, _ in both.candidates] == pytest.approx([r.val_loss for r in alone])
+    assert both.converged and both.steps_run == max(r.steps_run for r in alone)  # stops when the last one stops
+    cfg.checkpoint_every = 30  # and a resumed run keeps every candidate's state
+    _run(tmp_path, cfg, lambda ema: torch.stack([(ema.w - 3.0).abs(), (ema.w - 8.0).abs()]), name="part", stop_at=40)
+    resumed = _run(tmp_path, cfg, lambda ema: torch.stack([(ema.w - 3.0).abs(), (ema.w - 8.0).abs()]), name="part",
+                   resume=True)
+    assert resumed.candidates == both.candidates and resumed.steps_run == both.steps_run
+
+
+def test_choose_prefers_the_simplest_setting_within_the_margin():
+    from cdmtransfer.validation import choose
+
+    assert choose([1.0, 0.99, 0.97], 0.02) == 2  # a clear win for the third
+    assert choose([1.0, 0.99, 0.985], 0.02) == 0  # a near tie: the simplest
+    assert choose([float("nan"), 0.5, 0.4], 0.0) == 2 and choose([0.5, 0.5], 0.0) == 0
