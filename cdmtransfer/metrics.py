@@ -10,8 +10,9 @@ in `skipped` with the reason.
   sliced_w2_floor is the same between two independent true sample sets (the finite-sample floor).
 - suite extras (TaskSet.extra_metrics): psnr of the posterior mean (digits, mnist); centre accuracy ID/OOD and
   encoder diagnostics (bumps).
-- ref/linear_pooled_mse, ref/linear_target_mse, ref/oracle_ls_mse: linear reference estimators scored on the same
-  conditions as posterior_mean_mse (references.py): limits every posterior-mean result can be held against.
+- ref/linear_pooled_mse, ref/linear_target_mse, ref/oracle_ls_mse, ref/encoder_ls_mse: linear reference estimators
+  scored on the same conditions as posterior_mean_mse (references.py): limits every posterior-mean result can be held
+  against (the last on the model's own features: is the head or the representation the bottleneck?).
 - divergence check (issue #10): sample_spread_ratio = RMS of (samples − the target data's per-coordinate mean) over
   RMS of (data − that mean), over every sample drawn here, the data being the target's x (pool `target_x` and the
   test split: the distribution the samples should follow; sources may differ in spread); nonfinite_samples
@@ -163,7 +164,8 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
         metrics["posterior_mean_mse_floor"] = float((exact_mean(0, y) - x_true).pow(2).mean())
     if target is None and cfg.adapt.m <= taskset.target_x.shape[0]:
         target = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
-    refs, why = reference_metrics(taskset, x_true, y, *(target or (None, None)))  # same conditions as above
+    refs, why = reference_metrics(taskset, x_true, y, *(target or (None, None)),  # same conditions as above
+                                  encoder=model.encoder)
     metrics.update(refs)
     skipped.update(why)
     if taskset.extra_metrics is not None:  # image suites: psnr (digits), centre accuracy and h diagnostics (bumps)

@@ -11,6 +11,10 @@ reports in standardised units, as the model's own metric does).
   chosen by generalised cross-validation (closed form, no tuning): the small-data baseline.
 - ref/oracle_ls_mse (suites with a true representation h*): the same ridge/GCV least squares of x on the true
   features h*(y): "least squares on the true features".
+- ref/encoder_ls_mse: the same least squares on the model's OWN features h(y) (the frozen, fine-tuned or scratch
+  encoder the run ended with): what a linear head on this representation reaches from the m samples. Beside
+  posterior_mean_mse it separates the two bottlenecks: a score head far above it is limited by its own training,
+  a head near it by the representation (compare ref/oracle_ls_mse).
 
 float64 throughout; the pooled fit accumulates moments in row blocks, so pooled image suites (D_y ≈ 800, ~60 000
 rows) take seconds and no pooled copy of the data.
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 POOLED, TARGET, ORACLE = "ref/linear_pooled_mse", "ref/linear_target_mse", "ref/oracle_ls_mse"
+ENCODER = "ref/encoder_ls_mse"
 BLOCK = 8192  # rows per block when accumulating pooled moments
 
 
@@ -111,10 +116,11 @@ def _mse(pred: torch.Tensor, x: torch.Tensor) -> float:
 
 
 def reference_metrics(taskset, x_test: torch.Tensor, y_test: torch.Tensor, x_m: torch.Tensor | None = None,
-                      y_m: torch.Tensor | None = None) -> tuple[dict[str, float], dict[str, str]]:
+                      y_m: torch.Tensor | None = None, encoder=None) -> tuple[dict[str, float], dict[str, str]]:
     """The reference MSEs on (x_test, y_test) that the data allow, and the others with the reason they are absent.
 
-    x_m, y_m: the m target samples the adapt run trained on (for the target ridge and the oracle least squares).
+    x_m, y_m: the m target samples the adapt run trained on (for the target ridge and both least squares);
+    encoder: the model's own h (for ref/encoder_ls_mse).
     """
     out, skipped = {}, {}
     try:
@@ -124,14 +130,15 @@ def reference_metrics(taskset, x_test: torch.Tensor, y_test: torch.Tensor, x_m: 
         skipped[POOLED] = str(exc)
     if x_m is None or y_m is None or x_m.shape[0] < 2:
         why = "needs at least 2 target samples" if x_m is not None else "no target samples given"
-        skipped[TARGET] = skipped[ORACLE] = why
+        skipped[TARGET] = skipped[ORACLE] = skipped[ENCODER] = why
         return out, skipped
     out[TARGET] = _mse(ridge_gcv(y_m, x_m).predict(y_test), x_test)
-    encoder = taskset.truth.encoder()
-    if encoder is None:
-        skipped[ORACLE] = f"suite '{taskset.name}' has no true representation h*"
-    else:
+    for key, h in ((ORACLE, taskset.truth.encoder()), (ENCODER, encoder)):
+        if h is None:
+            skipped[key] = (f"suite '{taskset.name}' has no true representation h*" if key == ORACLE
+                            else "no encoder given")
+            continue
         with torch.no_grad():
-            h_m, h_test = encoder(y_m.float()), encoder(y_test.float())
-        out[ORACLE] = _mse(ridge_gcv(h_m, x_m).predict(h_test), x_test)
+            h_m, h_test = h(y_m.float()), h(y_test.float())
+        out[key] = _mse(ridge_gcv(h_m, x_m).predict(h_test), x_test)
     return out, skipped

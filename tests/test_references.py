@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cdmtransfer.config import Config
-from cdmtransfer.references import ORACLE, POOLED, TARGET, pooled_linear, reference_metrics, ridge_gcv
+from cdmtransfer.references import ENCODER, ORACLE, POOLED, TARGET, pooled_linear, reference_metrics, ridge_gcv
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tasks.base import TaskSet, stack_sources
 from cdmtransfer.typed import from_dict
@@ -49,7 +49,7 @@ def test_pooled_estimator_reaches_the_noise_variance():
     taskset = TaskSet("linear", X, Y, n, x_test[:10], y_test[:10], x_test, y_test)
     out, skipped = reference_metrics(taskset, x_test, y_test)
     assert out[POOLED] == pytest.approx(mse, rel=1e-12)
-    assert set(skipped) == {TARGET, ORACLE}  # no target samples given
+    assert set(skipped) == {TARGET, ORACLE, ENCODER}  # no target samples given
 
 
 def test_padding_rows_are_ignored():
@@ -122,3 +122,21 @@ def test_target_and_oracle_least_squares_approach_the_exact_posterior_mean():
     assert few[ORACLE] < few[TARGET]
     assert few[TARGET] > many[TARGET]
     assert many[POOLED] == few[POOLED] > 2 * floor  # the sources' maps differ from the target's: pooling misses it
+
+
+def test_encoder_least_squares_scores_the_given_features():
+    """ref/encoder_ls_mse is least squares on the features of the encoder it is given: the true h* reproduces the
+    oracle's value exactly, a random encoder of the same width loses to it, and no encoder is skipped with a reason."""
+    cfg = from_dict(Config, {"suite": {"name": "gaussian", "K": 4, "n": 256, "n_target_pool": 2000, "n_test": 400,
+                                       "gaussian": {"d_x": 3, "D_y": 16, "d": 2}}}, "test")
+    taskset = build_taskset(cfg)
+    x, y = taskset.test_x, taskset.test_y
+    x_m, y_m = taskset.target_subset(200, seed=0)
+    truth, _ = reference_metrics(taskset, x, y, x_m, y_m, encoder=taskset.truth.encoder())
+    assert truth[ENCODER] == truth[ORACLE]
+    torch.manual_seed(0)
+    random = torch.nn.Linear(16, 2)
+    with_random, _ = reference_metrics(taskset, x, y, x_m, y_m, encoder=random)
+    assert with_random[ENCODER] > 1.2 * truth[ORACLE]
+    _, skipped = reference_metrics(taskset, x, y, x_m, y_m)
+    assert skipped[ENCODER] == "no encoder given"
