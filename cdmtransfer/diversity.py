@@ -12,9 +12,9 @@ How it is measured ("Checking diversity", §2, and §3.1's suggestions):
   task's irreducible DSM E‖ε + σ_t s*(x_t)‖², where the suite knows its scores (computed directly as E‖ε̂ − ε̂*‖² on
   held-out rows: the same quantity without the cross term's noise). The DSM is in ε-space, so L is the
   σ_t²-weighted score error E_t σ_t²‖s − s*‖² (the training loss's weighting, not the unweighted L_P of §1.3).
-- 1/ν and Δ: least squares of the target's L on the sources' average across encoders, with a bootstrap over encoders.
-  Least squares, not an upper envelope: with a handful of noisy encoders a line through the extreme points chases
-  noise. `delta_cover` is the smallest Δ at that slope that puts every measured encoder on or under the line (Def 3.1
+- 1/ν and Δ: least squares of the target's L on the sources' average across encoders (weighted by relative error),
+  with a bootstrap over encoders. Least squares, not an upper envelope: with a handful of noisy encoders a line
+  through the extreme points chases noise. `delta_cover` is the smallest Δ at that slope that puts every measured encoder on or under the line (Def 3.1
   read literally, at the encoders measured).
 - ε_approx = inf_h (1/K) Σ_k L(P^k, h) (Thm 3.4): the smallest source average measured (with h* among the encoders,
   the heads' own misfit).
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -45,18 +44,20 @@ ROWS = 2048  # rows per task for the head refits, where the suite can draw them
 
 # ---------------------------------------------------------------- statistics (numpy only)
 
-def fit_line(x, y) -> tuple[float, float]:
-    """Least-squares slope and intercept of y on x."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    xc = x - x.mean()
-    slope = float((xc * (y - y.mean())).sum() / (xc**2).sum())
-    return slope, float(y.mean() - slope * x.mean())
+def fit_line(x, y, w) -> tuple[float, float]:
+    """Weighted least-squares slope and intercept of y on x (weights w)."""
+    x, y, w = np.asarray(x, float), np.asarray(y, float), np.asarray(w, float)
+    mx, my = (w * x).sum() / w.sum(), (w * y).sum() / w.sum()
+    slope = float((w * (x - mx) * (y - my)).sum() / (w * (x - mx) ** 2).sum())
+    return slope, float(my - slope * mx)
 
 
 def fit_diversity(source_avg, target, *, level: float = LEVEL, n_boot: int = BOOTSTRAP, seed: int = 0) -> dict:
     """1/ν and Δ of Def 3.1 from one (source average, target) pair of representation errors per encoder.
 
-    L(P⁰, h) = ν⁻¹·avg_k L(P^k, h) + Δ by least squares; intervals from a bootstrap over encoders (pairs resampled).
+    L(P⁰, h) = ν⁻¹·avg_k L(P^k, h) + Δ by least squares weighted by 1/(source average)²: measured errors carry
+    relative noise (a refit head's misfit, a finite test set), so each encoder counts by its relative residual and a
+    poor encoder's large errors do not set the line alone. Intervals: bootstrap over encoders (pairs resampled).
     """
     x, y = np.asarray(source_avg, float), np.asarray(target, float)
     if x.shape != y.shape or x.ndim != 1:
@@ -66,22 +67,26 @@ def fit_diversity(source_avg, target, *, level: float = LEVEL, n_boot: int = BOO
         raise ConfigError(f"diversity: need at least 3 encoders with finite errors, got {len(x)}")
     if np.ptp(x) <= 1e-12 * max(1.0, np.abs(x).max()):
         raise ConfigError("diversity: every encoder has the same source error; the slope 1/ν is not identified")
-    slope, intercept = fit_line(x, y)
+    if np.any(x <= 0):
+        raise ConfigError("diversity: source errors must be > 0 (relative weights)")
+    w = 1 / x**2
+    slope, intercept = fit_line(x, y, w)
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(n_boot):
         i = rng.integers(0, len(x), len(x))
         if np.ptp(x[i]) > 0:
-            draws.append(fit_line(x[i], y[i]))
+            draws.append(fit_line(x[i], y[i], w[i]))
     draws = np.array(draws)
     q = [(1 - level) / 2, (1 + level) / 2]
     residual = y - (slope * x + intercept)
     return {"inv_nu": slope, "inv_nu_interval": np.quantile(draws[:, 0], q).tolist(),
             "delta": intercept, "delta_interval": np.quantile(draws[:, 1], q).tolist(),
             "delta_cover": float(intercept + residual.max()),  # every measured encoder on or under the line
-            "residual_sd": float(residual.std(ddof=2)) if len(x) > 2 else None,
+            "relative_residual_sd": float(np.sqrt((w * residual**2).sum() / (len(x) - 2))),  # sd of residual/source
             "encoders": len(x), "level": level,
-            "method": "least squares of target on source average across encoders; bootstrap over encoders"}
+            "method": "least squares of target on source average across encoders, weighted by 1/source²; bootstrap "
+                      "over encoders"}
 
 
 def rz_rate(K: int, n: int, log_NF: float, log_NH: float) -> float:
@@ -116,7 +121,8 @@ def torch_no_grad(fn):
 
 
 def truth_scores(truth, process):
-    """The exact ε̂*_k = −σ_t s*_k(x_t, y, t) as a model on [K, B, ·] task stacks (row k is task k), or None."""
+    """The exact ε̂*_k = −σ_t s*_k(x_t, y, t) as a model on [K, B, ·] task stacks (row k is task k); calling it
+    raises LookupError where the suite does not know its scores."""
     import torch
 
     class TruthModel(torch.nn.Module):
@@ -192,7 +198,6 @@ def representation_errors(cfg, taskset, encoders: list, *, steps: int, draws: in
     """
     import torch
 
-    from cdmtransfer.config import TrainConfig
     from cdmtransfer.diffusion import OUProcess
     from cdmtransfer.progress import Progress
     from cdmtransfer.stages import dsm_objective, score_model
@@ -208,10 +213,8 @@ def representation_errors(cfg, taskset, encoders: list, *, steps: int, draws: in
     frozen = [copy.deepcopy(e).requires_grad_(False) for e in encoders]
     torch.manual_seed(seed)
     model = score_model(cfg, GridEncoder(frozen, tasks), G * tasks, taskset, x[fit_rows.mask])
-    head_cfg = TrainConfig(steps=steps, batch_size=p.batch_size, lr=p.lr, grad_clip=p.grad_clip,
-                           ema_decay=p.ema_decay, warmup_steps=min(p.warmup_steps, steps // 10),
-                           log_every=max(1, min(100, steps)), checkpoint_every=steps, val_every=p.val_every,
-                           patience=p.patience, min_delta=p.min_delta, val_draws=p.val_draws)
+    head_cfg = dataclasses.replace(p, steps=steps, checkpoint_every=steps, log_every=max(1, min(100, steps)),
+                                   warmup_steps=min(p.warmup_steps, steps // 10))
     check = dsm_validation(xv, yv, nv, process, p.val_draws, seed=seed + 17, repeat=G)
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-diversity-") as tmp:
         result = train(model, [{"params": list(model.heads.parameters())}],

@@ -7,6 +7,8 @@ points (a small sweep, e.g. m ∈ {8, 16}) as evidence: the prediction is update
 Theory (theory.md §3, §3.1): the recipe gives d_x, D_y, d, K, n and the network sizes, which give the complexity
 terms log N_F (score head) and log N_H (encoder); theory.required_m inverts each bound for m. The paper states rates
 with unknown constants, so these answers are orders of magnitude, not predictions.
+`--diversity` measures the theory's constants instead of asking for them: 1/ν, Δ, ε_approx and the floor's response
+to K and n (diversity.py).
 Target-only (`--calibrate` with `--holdout 0`): err(m) ≈ floor + A/m fitted to the sweep alone, with bootstrap
 intervals over seeds. This module imports numpy only (no torch).
 """

@@ -37,10 +37,11 @@ evaluate: {t_draws: 2, posterior_samples: 4, posterior_conditions: 8, sampler_st
 """
 
 
-def synthetic_losses(rng, inv_nu, delta, encoders=12, noise=0.01):
-    """Source averages spread over [0.05, 1] and target errors on the line inv_nu·x + delta, plus noise."""
+def synthetic_losses(rng, inv_nu, delta, encoders=12, noise=0.02):
+    """Source averages spread over [0.05, 1] and target errors on the line inv_nu·x + delta, with relative noise
+    (as measured errors have)."""
     x = rng.uniform(0.05, 1.0, encoders)
-    return x, inv_nu * x + delta + noise * rng.standard_normal(encoders)
+    return x, (inv_nu * x + delta) * (1 + noise * rng.standard_normal(encoders))
 
 
 def test_fit_recovers_a_known_slope_and_intercept():
@@ -58,7 +59,7 @@ def test_intervals_cover_near_their_level():
     held = np.zeros(2)
     trials = 150
     for i in range(trials):
-        x, y = synthetic_losses(rng, inv_nu=0.8, delta=0.1, encoders=15, noise=0.05)
+        x, y = synthetic_losses(rng, inv_nu=0.8, delta=0.1, encoders=15, noise=0.1)
         fit = diversity.fit_diversity(x, y, n_boot=300, seed=i)
         held += [fit["inv_nu_interval"][0] <= 0.8 <= fit["inv_nu_interval"][1],
                  fit["delta_interval"][0] <= 0.1 <= fit["delta_interval"][1]]
