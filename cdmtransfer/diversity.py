@@ -344,7 +344,8 @@ def measure(cfg, *, pretrain_steps: int | None = None, head_steps: int | None = 
                      else "held-out ε-space DSM (the suite's irreducible DSM is unknown: Δ includes the difference "
                           "of the constants, and ε_approx is not reported)"),
            "irreducible_dsm": None if not known else {"target": float(errors["irreducible"][0]),
-                                                       "sources_mean": float(errors["irreducible"][1:].mean())},
+                                                       "sources_mean": float(errors["irreducible"][1:].mean()),
+                                                       "sources": [float(v) for v in errors["irreducible"][1:]]},
            "eps_approx": eps_approx, "eps_approx_encoder": names[int(source_avg.argmin())] if known else None,
            "table": [{"encoder": name, "source_avg": float(s), "target": float(t),
                       "sources": [float(v) for v in row[1:]]}

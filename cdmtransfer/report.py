@@ -226,9 +226,16 @@ def diversity_tables(out: Console, report, quiet: bool = False) -> None:
     out.print(table)
     frozen = report.predicted.get("frozen")
     if frozen and report.error == "test_dsm" and d.get("irreducible_dsm"):
-        floor, irr = frozen["floor"]["mean"], d["irreducible_dsm"]["sources_mean"]
-        out.print(f"fitted frozen floor (held-out sources, test_dsm) {floor:.4g} = irreducible DSM {irr:.4g} + excess "
-                  f"{floor - irr:.3g}; of which ε_approx ≈ {d['eps_approx']:.3g}")
+        tasks = report.evidence.get("holdout_tasks", [])
+        irr = sum(d["irreducible_dsm"]["sources"][k - 1] for k in tasks) / len(tasks)
+        f = frozen["floor"]
+        mine = next((r["target"] for r in d["table"] if r["encoder"].startswith(f"K={d['sizes']['K']} n="
+                                                                                f"{d['sizes']['n']} best")), None)
+        direct = "" if mine is None else (f"; measured directly (target, the K = {d['sizes']['K']} pretrained encoder "
+                                          f"frozen, a head on plenty of rows): excess {mine:.3g}")
+        out.print(f"fitted frozen floor (test_dsm, held-out sources {', '.join(map(str, tasks))}): {f['mean']:.4g} "
+                  f"(fit sd {f['noise_sd']:.2g}) = their irreducible DSM {irr:.4g} + excess {f['mean'] - irr:.3g}"
+                  f"{direct}; ε_approx {d['eps_approx']:.3g}")
     if kn:
         grid = Table(title="The floor at other K and n: predicted ν⁻¹(ε_approx + r_z) + Δ (C fitted at the first row) "
                            "vs the target error of an encoder pretrained there")

@@ -18,7 +18,7 @@ from cdmtransfer.cli import app
 from cdmtransfer.config import load_config
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.models import FixedEncoder
-from cdmtransfer.tasks import build_taskset
+from cdmtransfer.tasks import GroundTruth, build_taskset
 from cdmtransfer.tasks.holdout import RelabeledTruth
 
 TINY = """
@@ -105,46 +105,77 @@ def test_k_n_prediction_follows_the_source_rate():
         diversity.rz_rate(0, 512, lnf, lnh)
 
 
-def identical_tasks(cfg):
-    """The tiny suite with every source and the target drawn from one task (source 1): ν = 1 and Δ = 0 by
-    construction, since L(P⁰, h) = L(P^k, h) for every h."""
+class BlindTarget(GroundTruth):
+    """Task 1's law for every task, except that the target (task 0) sees y = 0 whatever y is: x independent of y."""
+
+    def __init__(self, truth):
+        self.truth = truth
+
+    def score(self, task, x_t, y, t):
+        return self.truth.score(1, x_t, torch.zeros_like(y) if task == 0 else y, t)
+
+    def sample(self, task, y, generator):
+        return self.truth.sample(1, torch.zeros_like(y) if task == 0 else y, generator)
+
+
+def one_task_suite(cfg, blind_target=False):
+    """The tiny suite with every source and the target drawn from one task (source 1), so L(P⁰, h) = L(P^k, h) for
+    every h: ν = 1 and Δ = 0 by construction. With `blind_target` the target's x ignores y instead: no encoder
+    helps or hurts it, so 1/ν = 0 and Δ is its heads' own misfit."""
     ts = build_taskset(cfg)
+    truth = BlindTarget(ts.truth)
     gen = torch.Generator().manual_seed(5)
 
-    def draw(rows):
+    def draw(task, rows):
         y = torch.randn(rows, ts.D_y, generator=gen)
-        return ts.truth.sample(1, y, gen), y
+        return truth.sample(task, y, gen), y
 
     fit, test = 1024, cfg.suite.n_test  # every task: `fit` rows for its head, `test` held out (task_stacks)
-    xs, ys = zip(*(draw(fit + test) for _ in range(ts.K)))
-    (px, py), (tx, ty) = draw(fit), draw(test)
+    xs, ys = zip(*(draw(1, fit + test) for _ in range(ts.K)))
+    target = 0 if blind_target else 1
+    (px, py), (tx, ty) = draw(target, fit), draw(target, test)
     return dataclasses.replace(ts, source_x=torch.stack(xs), source_y=torch.stack(ys),
                                source_n=torch.full((ts.K,), fit + test), target_x=px, target_y=py, test_x=tx,
-                               test_y=ty,
-                               truth=RelabeledTruth(ts.truth, [1] * (ts.K + 1)))
+                               test_y=ty, truth=truth if blind_target else RelabeledTruth(ts.truth, [1] * (ts.K + 1)))
 
 
-def test_identical_tasks_give_slope_one_and_no_intercept(tmp_path):
-    """End to end on a suite with ν = 1, Δ = 0 known by construction: encoders from exact (h*) to poor (h*
-    perturbed), heads refit per task, exact irreducible DSM subtracted, the line fitted."""
+def rotated_encoders(W):
+    """h*(y) = W y rotated by 0°…90° into directions of y no task uses: from exact to blind."""
+    Q = torch.linalg.qr(torch.cat([W, torch.randn(W.shape, generator=torch.Generator().manual_seed(0))]).T)[0].T
+    away = Q[len(W):]
+    return [FixedEncoder(math.cos(a) * W + math.sin(a) * away, torch.zeros(len(W)))
+            for a in np.radians([0, 20, 40, 55, 70, 90])]
+
+
+def measured(tmp_path, blind_target):
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY)
     cfg = load_config(path, ["suite.n_test=1024"])  # held-out rows per task: the test's noise is theirs
-    ts = identical_tasks(cfg)
-    W = ts.truth.encoder().weight  # h*(y) = W y, orthonormal rows
-    Q = torch.linalg.qr(torch.cat([W, torch.randn(W.shape, generator=torch.Generator().manual_seed(0))]).T)[0].T
-    away = Q[len(W):]  # directions of y that no task uses
-    encoders = [FixedEncoder(math.cos(a) * W + math.sin(a) * away, torch.zeros(len(W)))  # h* rotated out by a
-                for a in np.radians([0, 20, 40, 55, 70, 90])]
-    errors = diversity.representation_errors(cfg, ts, encoders, steps=400, draws=16)
-    assert errors["irreducible"] is not None and np.allclose(errors["irreducible"], errors["irreducible"][0],
-                                                             rtol=0.1)  # one task: one irreducible DSM
+    ts = one_task_suite(cfg, blind_target)
+    errors = diversity.representation_errors(cfg, ts, rotated_encoders(build_taskset(cfg).truth.encoder().weight),
+                                             steps=400, draws=16)
     excess = errors["excess"]
+    return errors, excess, diversity.fit_diversity(excess[:, 1:].mean(1), excess[:, 0], seed=0)
+
+
+def test_identical_tasks_give_slope_one_and_no_intercept(tmp_path):
+    """End to end on a suite with ν = 1, Δ = 0 known by construction: encoders from exact (h*) to blind, heads refit
+    per task, exact irreducible DSM subtracted, the line fitted."""
+    errors, excess, fit = measured(tmp_path, blind_target=False)
+    assert np.allclose(errors["irreducible"], errors["irreducible"][0], rtol=0.1)  # one task: one irreducible DSM
     assert np.all(np.diff(excess.mean(1)) > 0)  # the further from h*, the larger the representation error
     assert excess[0].max() < 0.4 * excess[-1].min()
-    fit = diversity.fit_diversity(excess[:, 1:].mean(1), excess[:, 0], seed=0)
     assert fit["inv_nu"] == pytest.approx(1.0, abs=0.2)
     assert abs(fit["delta"]) < 0.1 * excess[:, 0].max()
+
+
+def test_a_target_that_ignores_y_gives_slope_zero(tmp_path):
+    """The target's column must be the target's: when its x ignores y, the encoders' errors on the sources vary
+    fourfold while the target's stay at its heads' misfit, so 1/ν ≈ 0 and Δ ≈ that misfit."""
+    errors, excess, fit = measured(tmp_path, blind_target=True)
+    assert excess[-1, 1:].mean() > 3 * excess[0, 1:].mean()
+    assert abs(fit["inv_nu"]) < 0.15
+    assert fit["delta"] == pytest.approx(excess[:, 0].mean(), rel=0.3)
 
 
 def test_estimate_diversity_cli_json_and_mlflow(tmp_path, store):
@@ -170,3 +201,26 @@ def test_diversity_needs_two_sources(tmp_path, store):
     path.write_text(TINY.replace("K: 3", "K: 1"))
     result = CliRunner().invoke(app, ["estimate", str(path), "--epsilon", "0.5", "--holdout", "0", "--diversity"])
     assert result.exit_code == 2 and "at least 2 source tasks" in result.stderr
+
+
+def test_table_splits_the_fitted_floor_with_the_held_out_tasks_own_irreducible_dsm():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cdmtransfer.estimate import EstimateReport
+    from cdmtransfer.report import diversity_tables
+
+    x, y = synthetic_losses(np.random.default_rng(0), 0.8, 0.001)
+    div = {**diversity.fit_diversity(x, y, n_boot=50), "units": "excess DSM", "eps_approx": 0.011,
+           "eps_approx_encoder": "h*", "irreducible_dsm": {"target": 0.29, "sources_mean": 0.28,
+                                                           "sources": [0.1, 0.2, 0.3, 0.4]},
+           "sizes": {"K": 4, "n": 64}, "table": [{"encoder": "K=4 n=64 best (step 9)", "source_avg": 0.02,
+                                                   "target": 0.018}]}
+    report = EstimateReport(None, "score", {}, {}, None, error="test_dsm", evidence={"holdout_tasks": [2, 4]},
+                            predicted={"frozen": {"floor": {"mean": 0.35, "noise_sd": 0.01}}}, diversity=div)
+    out = StringIO()
+    diversity_tables(Console(file=out, width=300), report, quiet=True)
+    text = out.getvalue()
+    assert "held-out sources 2, 4): 0.35" in text and "irreducible DSM 0.3 + excess 0.05" in text
+    assert "excess 0.018" in text and "ε_approx 0.011" in text
