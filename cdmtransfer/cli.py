@@ -285,6 +285,10 @@ def estimate(recipe: RecipeArg,
              calibrate: Annotated[Optional[str], typer.Option(
                  metavar="SWEEP_RUN", help="The target's own sweep (e.g. m = 8, 16): updates the prediction; with "
                                            "--holdout 0, a fit to it alone.")] = None,
+             diversity: Annotated[bool, typer.Option(
+                 "--diversity", rich_help_panel=THEORY,
+                 help="Measure task diversity 1/ν and Δ, ε_approx and how the floor moves with K and n (several "
+                      "encoders, heads refit on each task; minutes).")] = False,
              theory_table: Annotated[bool, typer.Option("--theory", rich_help_panel=THEORY,
                                                         help="Also print the uncalibrated bounds (always with "
                                                              "--holdout 0).")] = False,
@@ -363,6 +367,12 @@ def estimate(recipe: RecipeArg,
             tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs)
     elif eps.kind != "absolute":
         report.notes.append(f"ε = {eps.text()} needs a fitted floor: use --holdout or --calibrate")
+    if diversity:
+        from cdmtransfer.diversity import measure
+
+        note("estimate", "measuring task diversity (pretrains on K, K/2 sources and n, n/4 rows; heads refit per "
+                         "encoder)", not (quiet or json_out))
+        report.diversity = measure(cfg, pretrain_steps=min(holdout_steps, cfg.pretrain.steps), quiet=quiet or json_out)
     from cdmtransfer import report as rep
     from cdmtransfer.estimate import log_estimate
 

@@ -7,6 +7,8 @@ points (a small sweep, e.g. m ∈ {8, 16}) as evidence: the prediction is update
 Theory (theory.md §3, §3.1): the recipe gives d_x, D_y, d, K, n and the network sizes, which give the complexity
 terms log N_F (score head) and log N_H (encoder); theory.required_m inverts each bound for m. The paper states rates
 with unknown constants, so these answers are orders of magnitude, not predictions.
+`--diversity` measures the theory's constants instead of asking for them: 1/ν, Δ, ε_approx and the floor's response
+to K and n (diversity.py).
 Target-only (`--calibrate` with `--holdout 0`): err(m) ≈ floor + A/m fitted to the sweep alone, with bootstrap
 intervals over seeds. This module imports numpy only (no torch).
 """
@@ -87,6 +89,7 @@ class EstimateReport:
     epsilon_text: str = ""  # ε as stated: '0.3', 'floor + 0.1', 'floor × 1.1'
     predicted: dict = field(default_factory=dict)  # source-calibrated: mode -> prediction (and update)
     evidence: dict = field(default_factory=dict)  # the runs and settings behind `predicted`
+    diversity: dict = field(default_factory=dict)  # measured 1/ν, Δ, ε_approx and the K/n check (diversity.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -215,6 +218,21 @@ def calibrate(curves: dict, epsilon: float, problem: theory.Problem, metric: str
     return out
 
 
+def diversity_metrics(div: dict) -> dict:
+    """The measured diversity constants as MLflow metrics (diversity_inv_nu, diversity_delta, ..., eps_approx)."""
+    if not div:
+        return {}
+    out = {"diversity_inv_nu": div["inv_nu"], "diversity_delta": div["delta"],
+           "diversity_delta_cover": div["delta_cover"]}
+    out |= {f"diversity_{name}_{end}": v for name in ("inv_nu", "delta")
+            for end, v in zip(("lo", "hi"), div[f"{name}_interval"])}
+    if div.get("eps_approx") is not None:
+        out["eps_approx"] = div["eps_approx"]
+    if div.get("k_n"):
+        out["r_z"] = div["k_n"]["r_z"]
+    return out
+
+
 def _finite(v):
     return None if v is None or not np.isfinite(v) else float(v)
 
@@ -266,7 +284,7 @@ def log_estimate(cfg: Config, report: EstimateReport, recipe: str, sweep_run: st
                     values[f"{name}_m_{mode}"] = part["m"]
                     values |= {f"{name}_m_{mode}_{end}": v for end, v in zip(("lo", "hi"), part["interval"])
                                if v is not None}
-        run.log_metrics(values, step=0)
+        run.log_metrics(values | diversity_metrics(report.diversity), step=0)
         run.log_dict(report.to_dict(), "estimate.json")
         if report.predicted and cfg.tracking.log_artifacts:
             import tempfile

@@ -198,6 +198,66 @@ def estimate_tables(out: Console, report, quiet: bool = False) -> None:
             out.print(f"note: {note}")
     if report.calibrated:
         calibrated_table(out, report)
+    if report.diversity:
+        diversity_tables(out, report, quiet)
+
+
+def diversity_tables(out: Console, report, quiet: bool = False) -> None:
+    """Measured 1/ν, Δ (Def 3.1), ε_approx and the floor at other K and n (theory.md §3; cdmtransfer/diversity.py)."""
+    d = report.diversity
+    pct = round(100 * d["level"])
+    iv = lambda v: f"[{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
+    table = Table(title=f"Task diversity (Def 3.1): target error ≈ (1/ν)·source average + Δ over {d['encoders']} "
+                        f"encoders ({pct}% bootstrap intervals)", caption=f"units: {d['units']}")
+    for col in ("quantity", "value", "interval", "meaning"):
+        table.add_column(col, justify="right" if col in ("value", "interval") else "left")
+    table.add_row("1/ν", f"{d['inv_nu']:.3g}", iv(d["inv_nu_interval"]), "slope: target error per unit of source error")
+    table.add_row("Δ", f"{d['delta']:.3g}", iv(d["delta_interval"]), "intercept: target error no source error sees")
+    table.add_row("Δ (cover)", f"{d['delta_cover']:.3g}", "", "smallest Δ at that slope with every encoder under it")
+    if d.get("eps_approx") is not None:
+        table.add_row("ε_approx", f"{d['eps_approx']:.3g}", "", f"smallest source average ({d['eps_approx_encoder']})")
+        irr = d["irreducible_dsm"]
+        table.add_row("irreducible DSM", f"{irr['target']:.4g}", "", "target's DSM at the exact score; sources "
+                      f"{irr['sources_mean']:.4g}")
+    kn = d.get("k_n")
+    if kn:
+        table.add_row("r_z", f"{kn['r_z']:.3g}", "", f"source term at K = {d['sizes']['K']}, n = {d['sizes']['n']} "
+                      f"(C = {kn['C']:.3g} in C·(K log N_F + log N_H)/(nK))")
+    out.print(table)
+    frozen = report.predicted.get("frozen")
+    if frozen and report.error == "test_dsm" and d.get("irreducible_dsm"):
+        tasks = report.evidence.get("holdout_tasks", [])
+        irr = sum(d["irreducible_dsm"]["sources"][k - 1] for k in tasks) / len(tasks)
+        f = frozen["floor"]
+        mine = next((r["target"] for r in d["table"] if r["encoder"].startswith(f"K={d['sizes']['K']} n="
+                                                                                f"{d['sizes']['n']} best")), None)
+        direct = "" if mine is None else (f"; measured directly (target, the K = {d['sizes']['K']} pretrained encoder "
+                                          f"frozen, a head on plenty of rows): excess {mine:.3g}")
+        out.print(f"fitted frozen floor (test_dsm, held-out sources {', '.join(map(str, tasks))}): {f['mean']:.4g} "
+                  f"(fit sd {f['noise_sd']:.2g}) = their irreducible DSM {irr:.4g} + excess {f['mean'] - irr:.3g}"
+                  f"{direct}; ε_approx {d['eps_approx']:.3g}")
+    if kn:
+        grid = Table(title="The floor at other K and n: predicted ν⁻¹(ε_approx + r_z) + Δ (C fitted at the first row) "
+                           "vs the target error of an encoder pretrained there")
+        for col in ("K", "n", "floor measured", "floor predicted", "shift measured", "shift predicted",
+                    "source avg measured", "source avg predicted"):
+            grid.add_column(col, justify="right")
+        for r in kn["grid"]:
+            grid.add_row(str(r["K"]), str(r["n"]), *(f"{r[k]:.3g}" for k in (
+                "measured_floor", "predicted_floor", "measured_shift", "predicted_shift", "measured_source_avg",
+                "predicted_source_avg")))
+        for r in kn["more_sources"]:
+            grid.add_row(str(r["K"]), str(r["n"]), "", f"{r['predicted_floor']:.3g}", "", "", "", "")
+        out.print(grid)
+    if not quiet:
+        enc = Table(title="Representation errors per encoder (heads refit with the encoder frozen)")
+        for col in ("encoder", "source average", "target"):
+            enc.add_column(col, justify="left" if col == "encoder" else "right")
+        for r in d["table"]:
+            enc.add_row(r["encoder"], f"{r['source_avg']:.4g}", f"{r['target']:.4g}")
+        out.print(enc)
+        s = d["seconds"]
+        out.print(f"diversity: {s['total']:.0f} s ({s['pretrains']:.0f} s pretrains, {s['heads']:.0f} s head refits)")
 
 
 def theory_table(out: Console, report) -> None:
