@@ -291,7 +291,7 @@ def build_encoder(spec: dict) -> nn.Module:
     if spec["kind"] == "grid":
         from cdmtransfer.validation import GridEncoder  # noqa: PLC0415
 
-        return GridEncoder([build_encoder(p) for p in spec["parts"]], spec["copies"])
+        return GridEncoder([build_encoder(p) for p in spec["parts"]], spec["copies"], spec.get("sizes"))
     raise ValueError(f"unknown encoder kind {spec['kind']!r}")
 
 
@@ -307,7 +307,8 @@ def encoder_spec(encoder: nn.Module) -> dict:
         return {"kind": "fixed", "D_y": encoder.D_y, "d": encoder.d, "activation": encoder.activation}
     if hasattr(encoder, "parts"):  # validation.GridEncoder: adapt's fold models of several candidate settings
         return {"kind": "grid", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
-                "parts": [encoder_spec(p) for p in encoder.parts]}
+                "parts": [encoder_spec(p) for p in encoder.parts],
+                **({"sizes": list(encoder.sizes)} if getattr(encoder, "sizes", None) else {})}
     if hasattr(encoder, "copies"):  # validation.StackedEncoder: adapt's fold models
         return {"kind": "stacked", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
                 "base": encoder_spec(encoder._base)}
