@@ -45,11 +45,10 @@ LOOP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "grad_clip", "ema_deca
 
 def group_key(cfg: Config) -> tuple | None:
     """Cells with equal keys share one loop (the same steps, batch, schedule, folds and model); None: this cell
-    trains on its own (stages.train_adapt), as regularisers, EDM scales that differ by cell or m < 2 need."""
+    trains on its own (stages.train_adapt), as regularisers and m < 2 (no folds) need."""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
-    if folds is None or make_objective(cfg.regularize, "adapt", OUProcess(1e-3, 1.0), None) is not None \
-            or cfg.model.parametrization != "eps":
+    if folds is None or make_objective(cfg.regularize, "adapt", OUProcess(1e-3, 1.0), None) is not None:
         return None
     others = {k: v for k, v in cfg.to_dict().items() if k not in ("adapt", "seed", "name", "tracking", "sweep")}
     return (tuple(getattr(a, k) for k in LOOP_KEYS), folds.count, repr(sorted(others.items())))
@@ -70,7 +69,7 @@ class Cell:
     sink: object = None  # its metrics (MetricRecorder)
     candidates: list = field(default_factory=list)
     start: int | None = None  # the source head its heads start from
-    sigma_data: float | None = None
+    sigma_data: float | None = None  # the source heads' σ_d, when its heads may start from them
     error: str | None = None  # why it failed (a NaN loss), else None
 
 
@@ -146,6 +145,9 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     first = cells[units[0].cell]
     encoder = encoders[0] if len(encoders) == 1 else GridEncoder(encoders, copies, sizes)
     model = score_model(first.cfg, encoder, len(units) * copies, taskset, first.x, first.sigma_data)
+    scales = [_sigma_data(cells[u.cell]) for u in units]
+    if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its own cell's σ_d
+        model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
     heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset) for u in units]
     model.heads.load_state_dict({name: torch.cat([h[name] for h in heads]) for name in heads[0]})
     for enc, (key, _) in zip(encoders, parts):
@@ -154,6 +156,13 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     groups += [{"params": params, "lr": key[1]} for (params, _), (key, _) in
                zip(trainable, [p for p in parts if p[0][0] == "train"])]
     return Stage(model.to(device), units, copies, groups, trainable, part_of)
+
+
+def _sigma_data(cell: Cell) -> float:
+    """The σ_d of a cell's models (stages.score_model): the source heads', else its m samples' second moment."""
+    if cell.sigma_data is not None:
+        return float(cell.sigma_data)
+    return float(cell.x.pow(2).mean().sqrt().clamp_min(1e-3))
 
 
 def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet) -> dict:
