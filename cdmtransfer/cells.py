@@ -117,6 +117,41 @@ class Stage:
     groups: list[dict]
     trainable: list[tuple[list, torch.Tensor]]  # (parameters, unit ids) of each trainable encoder part
     part_of: list[tuple[int, int]]  # per unit: (its part, its index within the part)
+    sd: torch.Tensor | None = None  # per head σ_d (EDM) when cells differ, else None
+    on: list[int] = field(default_factory=list)  # the units still training (run_only)
+    live_cells: list[int] = field(default_factory=list)  # the cells they belong to, in order
+    select: torch.Tensor | None = None  # data row of every running head, rows of live cells stacked in order
+
+
+def run_only(stage: Stage, on: list[int], rows: int, clip=None) -> None:
+    """From now on only units `on` run (forward, backward, loss): a unit that stopped (its candidate in
+    cross-validation, its cell in the refit) costs no more compute. Its weights still take optimizer steps without
+    gradients, which nothing reads: its results (best loss and step; refit weights) were kept when it stopped."""
+    model, units, copies = stage.model, stage.units, stage.copies
+    device = model.heads.weights[0].device if hasattr(model.heads, "weights") else None
+    everyone = len(on) == len(units)
+    heads = torch.cat([torch.arange(u * copies, (u + 1) * copies) for u in on]).to(device)
+    if hasattr(model.heads, "active"):
+        model.heads.active = None if everyone else heads
+    parts = list(model.encoder.parts) if isinstance(model.encoder, GridEncoder) else [model.encoder]
+    sizes = []
+    for p, part in enumerate(parts):
+        mine = [(u, j) for u, (q, j) in enumerate(stage.part_of) if q == p]
+        live = [j for u, j in mine if u in on]
+        sizes.append(len(live) * copies)
+        if isinstance(part, StackedEncoder):
+            part.active = None if len(live) == len(mine) or not live else torch.cat(
+                [torch.arange(j * copies, (j + 1) * copies) for j in live]).to(device)
+    if isinstance(model.encoder, GridEncoder):
+        model.encoder.sizes = sizes
+    if stage.sd is not None:
+        model.precond.sd = stage.sd if everyone else stage.sd[heads]
+    stage.on = list(on)
+    stage.live_cells = sorted({units[u].cell for u in on})
+    where = {c: k for k, c in enumerate(stage.live_cells)}
+    stage.select = torch.cat([torch.arange(rows) + where[units[u].cell] * rows for u in on]).to(device)
+    if clip is not None:
+        clip.count = len(on)
 
 
 def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: TaskSet, device) -> Stage:
@@ -146,8 +181,9 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     encoder = encoders[0] if len(encoders) == 1 else GridEncoder(encoders, copies, sizes)
     model = score_model(first.cfg, encoder, len(units) * copies, taskset, first.x, first.sigma_data)
     scales = [_sigma_data(cells[u.cell]) for u in units]
+    sd = None
     if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its own cell's σ_d
-        model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
+        sd = model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
     heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset) for u in units]
     model.heads.load_state_dict({name: torch.cat([h[name] for h in heads]) for name in heads[0]})
     for enc, (key, _) in zip(encoders, parts):
@@ -155,7 +191,9 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     groups = [{"params": list(model.heads.parameters()), "lr": first.cfg.adapt.lr}]
     groups += [{"params": params, "lr": key[1]} for (params, _), (key, _) in
                zip(trainable, [p for p in parts if p[0][0] == "train"])]
-    return Stage(model.to(device), units, copies, groups, trainable, part_of)
+    stage = Stage(model.to(device), units, copies, groups, trainable, part_of, sd)
+    run_only(stage, list(range(len(units))), copies)
+    return stage
 
 
 def _sigma_data(cell: Cell) -> float:
@@ -199,22 +237,25 @@ class CellSink:
         self.of_cell = [[i for i, u in enumerate(stage.units) if u.cell == c] for c in range(len(cells))]
         self.sum, self.steps = torch.zeros(len(cells)), 0
         self.bad = torch.zeros(len(cells), dtype=torch.long)  # steps with a non-finite loss (one host sync per log)
-        self.per_cell = torch.tensor([len(u) for u in self.of_cell])
+        self.stage, self.on = stage, None
         self.done: dict[int, int] = {}  # cell -> the step its training ended
         self.final = [math.nan] * len(cells)
         self.logged = [0] * len(cells)
 
     def add(self, losses: torch.Tensor) -> torch.Tensor:
-        """Record one step's per-sample losses [U·copies, B]; returns them with non-finite values zeroed, so one
-        cell's NaN reaches neither the others nor the loop's check (its own blocks still go bad: it is failed)."""
+        """Record one step's per-sample losses [running units · copies, B]; returns them with non-finite values
+        zeroed, so one cell's NaN reaches neither the others nor the loop's check (its own blocks go bad: it fails)."""
         if self.unit_cell.device != losses.device:  # the accumulators live where the losses do (no sync per step)
-            self.unit_cell, self.sum, self.bad, self.per_cell = (a.to(losses.device) for a in
-                                                                  (self.unit_cell, self.sum, self.bad, self.per_cell))
+            self.unit_cell, self.sum, self.bad = (a.to(losses.device) for a in (self.unit_cell, self.sum, self.bad))
+        if self.on is not self.stage.on:  # the running units changed (run_only)
+            self.on = self.stage.on
+            self.on_cell = self.unit_cell[torch.tensor(self.on, device=losses.device)]
+            self.per_cell = torch.bincount(self.on_cell, minlength=len(self.cells)).clamp_min(1)
         finite = torch.isfinite(losses)
-        per_unit = losses.detach().view(len(self.unit_cell), -1)
-        ok = finite.view(len(self.unit_cell), -1).all(1)
-        self.bad.index_add_(0, self.unit_cell, (~ok).long())
-        self.sum += torch.zeros_like(self.sum).index_add(0, self.unit_cell, per_unit.mean(1)) / self.per_cell
+        per_unit = losses.detach().view(len(self.on), -1)
+        ok = finite.view(len(self.on), -1).all(1)
+        self.bad.index_add_(0, self.on_cell, (~ok).long())
+        self.sum += torch.zeros_like(self.sum).index_add(0, self.on_cell, per_unit.mean(1)) / self.per_cell
         self.steps += 1
         return torch.where(finite, losses, torch.zeros((), dtype=losses.dtype))
 
@@ -269,24 +310,23 @@ class CellSink:
         pass
 
 
-def _loss_fn(cells: list[Cell], stage: Stage, x, y, counts, rows: int, process: OUProcess, batch: int, sink, gens):
-    """Per-sample DSM losses [U·copies, batch]: every cell draws its rows, times and noise from its own generator
-    as stages.dsm_objective draws them for its `rows` tasks; its units (candidates) share them."""
-    select = _select(stage, rows, x.device)
+def _loss_fn(stage: Stage, x, y, counts, rows: int, process: OUProcess, batch: int, sink, gens):
+    """Per-sample DSM losses [running units · copies, batch]: every live cell draws its rows, times and noise from
+    its own generator as stages.dsm_objective draws them for its `rows` tasks; its units (candidates) share them."""
     d_x = x.shape[-1]
 
     def loss_fn(model, _gen):
         idx, ts, noises = [], [], []
-        for c, gen in enumerate(gens):  # a loop over cells (few), each drawing its whole batch at once
-            part = slice(c * rows, (c + 1) * rows)
-            i = (torch.rand(rows, batch, generator=gen, device=x.device) * counts[part, None]).long()
-            idx.append(i)
+        for c in stage.live_cells:  # a loop over cells (few), each drawing its whole batch at once
+            gen, part = gens[c], slice(c * rows, (c + 1) * rows)
+            idx.append((torch.rand(rows, batch, generator=gen, device=x.device) * counts[part, None]).long())
             ts.append(process.sample_t((rows, batch), gen, device=x.device))
             noises.append(torch.randn((rows, batch, d_x), generator=gen, device=x.device))
+        live = torch.cat([torch.arange(c * rows, (c + 1) * rows) for c in stage.live_cells]).to(x.device)
         idx = torch.cat(idx)
-        x0 = torch.gather(x, 1, idx[..., None].expand(-1, -1, d_x))[select]
-        yb = torch.gather(y, 1, idx[..., None].expand(-1, -1, y.shape[-1]))[select]
-        t, noise = torch.cat(ts)[select], torch.cat(noises)[select]
+        x0 = torch.gather(x[live], 1, idx[..., None].expand(-1, -1, d_x))[stage.select]
+        yb = torch.gather(y[live], 1, idx[..., None].expand(-1, -1, y.shape[-1]))[stage.select]
+        t, noise = torch.cat(ts)[stage.select], torch.cat(noises)[stage.select]
         weight = model.dsm_weight(t)
         return sink.add(weight * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise))
 
@@ -373,8 +413,14 @@ def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
         for c, ids in enumerate(of_cell):
             if c not in sink.done and all(_unit_state(val, u)[2] for u in ids):
                 sink.end(c, done)
+        on = [u for u in stage.on if not _unit_state(val, u)[2] and units_cell_live(u)]
+        if on and on != stage.on:
+            run_only(stage, on, F, clip)
 
-    loss_fn = _loss_fn(cells, stage, x, y, n, F, process, a.batch_size, sink, _generators(cells, device))
+    def units_cell_live(u: int) -> bool:
+        return cells[stage.units[u].cell].error is None
+
+    loss_fn = _loss_fn(stage, x, y, n, F, process, a.batch_size, sink, _generators(cells, device))
     result = train(stage.model, stage.groups, loss_fn, a, seed=cells[0].cfg.seed, ckpt_dir=ckpt,
                    meta={"stage": "adapt-cells"}, metrics=sink, validate=validate, device=device, clip=clip,
                    on_step=on_step)
@@ -419,8 +465,11 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
             if stop[c] == done:
                 kept[c] = _extract(stage, unit_of[c], cells[c], taskset, ema)
                 sink.end(c, done)
+        on = [u for u in stage.on if stop[stage.units[u].cell] > done and cells[stage.units[u].cell].error is None]
+        if on and on != stage.on:
+            run_only(stage, on, 1, clip)
 
-    loss_fn = _loss_fn(cells, stage, x, y, n, 1, process, a.batch_size, sink, _generators(cells, device))
+    loss_fn = _loss_fn(stage, x, y, n, 1, process, a.batch_size, sink, _generators(cells, device))
     result = None
     if max(stop) > 0:
         result = train(stage.model, stage.groups, loss_fn, a, seed=cells[0].cfg.seed, ckpt_dir=ckpt,

@@ -98,10 +98,13 @@ class BatchedHeads(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(K, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(K, 1, fan_out).uniform_(-bound, bound)))
         self.K = K
+        self.active: torch.Tensor | None = None  # when set, only these heads run (batched cells still training)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if self.active is not None:
+                w, b = w[self.active], b[self.active]
             z = torch.baddbmm(b, z, w)  # all K heads in one call: z_k ← b_k + z_k W_k
             if i < last:
                 z = nn.functional.silu(z)

@@ -142,6 +142,7 @@ class StackedEncoder(nn.Module):
             nn.Parameter(p.detach().clone().expand(copies, *p.shape).clone()) for p in params.values())
         self.__dict__["_base"] = copy.deepcopy(encoder).requires_grad_(False)  # the function; not a submodule
         self.d, self.D_y, self.copies = encoder.d, encoder.D_y, copies
+        self.active: torch.Tensor | None = None  # when set, only these copies run (batched cells still training)
 
     @classmethod
     def of(cls, encoders: list[nn.Module], copies: int) -> "StackedEncoder":
@@ -159,7 +160,8 @@ class StackedEncoder(nn.Module):
         def one(params, rows):
             return functional_call(self._base, dict(zip(self.names, params)), (rows,))
 
-        return vmap(one)(tuple(self.stacked), y)
+        params = tuple(self.stacked) if self.active is None else tuple(p[self.active] for p in self.stacked)
+        return vmap(one)(params, y)
 
 
 class GridEncoder(nn.Module):
@@ -174,7 +176,8 @@ class GridEncoder(nn.Module):
         self.sizes = sizes  # rows of each part when they differ (batched cells), else `copies` each
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(rows) for part, rows in zip(self.parts, y.split(self.sizes or self.copies))])
+        sizes = self.sizes or [self.copies] * len(self.parts)
+        return torch.cat([part(rows) for part, rows, n in zip(self.parts, y.split(sizes), sizes) if n])
 
 
 @dataclass(frozen=True)
@@ -225,19 +228,21 @@ def unit_clipper(model: nn.Module, parts: list[tuple[list[nn.Parameter], torch.T
     """clip() for U stacked units (batched cells: cell × candidate), candidate_clipper generalised to encoders shared
     by several units: unit u owns block u of every head tensor and, for each trainable part (params, ids), block k of
     its tensors where ids[k] = u. Each unit's gradient is scaled by U (what a run of its own gets from its own mean
-    loss) and clipped by its own norm; the norms stay in clip.norms; returns the largest finite one."""
+    loss; clip.count when only that many units are in the loss) and clipped by its own norm; the norms stay in
+    clip.norms; returns the largest finite one."""
     heads = list(model.heads.parameters())
 
     @torch.no_grad()
     def clip() -> torch.Tensor:
+        n = clip.count  # units in the loss (those still training; their mean loss is the loop's)
         grads = [p.grad for p in heads if p.grad is not None]
-        sq = sum(g.view(U, -1).pow(2).sum(1) for g in grads) * U**2
+        sq = sum(g.view(U, -1).pow(2).sum(1) for g in grads) * n**2
         for params, ids in parts:
             owned = [p.grad.view(len(ids), -1).pow(2).sum(1) for p in params if p.grad is not None]
             if owned:
-                sq = sq.index_add(0, ids, sum(owned) * U**2)
+                sq = sq.index_add(0, ids, sum(owned) * n**2)
         norms = sq.sqrt()
-        scale = U * ((max_norm / (norms + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms))
+        scale = n * ((max_norm / (norms + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms))
         for g in grads:
             g.view(U, -1).mul_(scale[:, None])
         for params, ids in parts:
@@ -247,6 +252,7 @@ def unit_clipper(model: nn.Module, parts: list[tuple[list[nn.Parameter], torch.T
         clip.norms = norms
         return norms.nan_to_num(0.0, 0.0, 0.0).max()
 
+    clip.count = U
     return clip
 
 
