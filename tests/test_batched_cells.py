@@ -122,3 +122,33 @@ def test_a_nan_cell_fails_alone(tmp_path):
     w, v = _weights(out[1]), _weights(alone[0])
     for n in w:
         torch.testing.assert_close(w[n], v[n], rtol=1e-5, atol=1e-6)
+
+
+def test_each_unit_is_clipped_by_its_own_norm():
+    """unit_clipper: unit u's gradient (its head block and its block of a stacked encoder) is what a run of its own
+    gets from its own mean loss, clipped by its own norm, however large another unit's gradient is."""
+    from cdmtransfer.models import ScoreModel
+    from cdmtransfer.validation import StackedEncoder, unit_clipper
+
+    torch.manual_seed(0)
+    encs = [MLPEncoder(5, 2, 8, 1) for _ in range(3)]
+    lone = [ScoreModel(copy.deepcopy(e), 1, 3, 8, 1, 4, parametrization="eps") for e in encs]
+    stacked = ScoreModel(StackedEncoder.of(encs, 1), 3, 3, 8, 1, 4, parametrization="eps")
+    stacked.heads.load_state_dict({k: torch.cat([m.heads.state_dict()[k] for m in lone])
+                                   for k in stacked.heads.state_dict()})
+    scale = torch.tensor([1.0, 100.0, 0.01])[:, None, None]  # unit 1 far above the threshold, unit 2 far below
+    x, y, t = torch.randn(3, 16, 3) * scale, torch.randn(3, 16, 5), torch.rand(3, 16) * 0.5 + 0.1
+    for u, m in enumerate(lone):
+        m(x[u:u + 1], y[u:u + 1], t[u:u + 1]).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(list(m.parameters()), 1.0)
+    stacked(x, y, t).pow(2).mean().backward()
+    clip = unit_clipper(stacked, [(list(stacked.encoder.parameters()), torch.arange(3))], 3, 1.0)
+    clip()
+    assert clip.norms[1] > 1 > clip.norms[2]
+    for u, m in enumerate(lone):
+        for k, p in stacked.heads.named_parameters():
+            torch.testing.assert_close(p.grad[u:u + 1], dict(m.heads.named_parameters())[k].grad, rtol=1e-4,
+                                       atol=1e-7)
+        for name, p in zip(stacked.encoder.names, stacked.encoder.stacked):
+            torch.testing.assert_close(p.grad[u], dict(m.encoder.named_parameters())[name].grad, rtol=1e-4,
+                                       atol=1e-7)
