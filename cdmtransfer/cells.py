@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cdmtransfer.checkpoint import export_model
-from cdmtransfer.config import Config
+from cdmtransfer.config import PRETRAINED_MODES, Config
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
@@ -52,6 +52,13 @@ def group_key(cfg: Config) -> tuple | None:
         return None
     others = {k: v for k, v in cfg.to_dict().items() if k not in ("adapt", "seed", "name", "tracking", "sweep")}
     return (tuple(getattr(a, k) for k in LOOP_KEYS), folds.count, repr(sorted(others.items())))
+
+
+def cell_heads(cfg: Config) -> int:
+    """How many heads a cell stacks in cross-validation: its candidate settings × its folds."""
+    a = cfg.adapt
+    folds = fold_split(a.m, a.val_folds)
+    return len(adapt_candidates(a, a.mode in PRETRAINED_MODES)) * (folds.count if folds else 1)
 
 
 @dataclass
@@ -128,8 +135,10 @@ def run_only(stage: Stage, on: list[int], rows: int, clip=None) -> None:
     cross-validation, its cell in the refit) costs no more compute. Its weights still take optimizer steps without
     gradients, which nothing reads: its results (best loss and step; refit weights) were kept when it stopped."""
     model, units, copies = stage.model, stage.units, stage.copies
-    device = model.heads.weights[0].device if hasattr(model.heads, "weights") else None
     everyone = len(on) == len(units)
+    if not everyone and not hasattr(model.heads, "active"):  # conv / U-Net heads: every unit runs to the end
+        return
+    device = next(model.heads.parameters()).device
     heads = torch.cat([torch.arange(u * copies, (u + 1) * copies) for u in on]).to(device)
     if hasattr(model.heads, "active"):
         model.heads.active = None if everyone else heads
@@ -228,8 +237,9 @@ def _select(stage: Stage, rows: int, device) -> torch.Tensor:
 
 class CellSink:
     """The one loop's metrics split into each cell's own curves, as its own run would log them: its loss is the
-    mean over its units' rows (fed by the loss), its grad_norm its units' largest (the clipper's norms), its
-    val_loss the lowest of its units' (and val_loss_<g> per candidate when it has several)."""
+    mean over its running units' rows (fed by the loss; its own run also averages in candidates that have stopped,
+    which here no longer run), its grad_norm its units' largest (the clipper's norms), its val_loss the lowest of
+    its units' (and val_loss_<g> per candidate when it has several)."""
 
     def __init__(self, cells: list[Cell], stage: Stage, prefix: str, cfg, clip):
         self.cells, self.prefix, self.cfg, self.clip = cells, prefix, cfg, clip

@@ -286,6 +286,9 @@ class SweepConfig:
     # train the cells that share a schedule (steps, batch, learning rate, folds) as one stacked model in one loop
     # (cells.py); false: one model and loop per cell, as before
     batch_cells: bool = True
+    # at most this many heads (cells × candidates × folds) per stacked model: on CPU a unit's step is cheapest in
+    # stacks of about 16–32 heads (benchmarks/bench_cells.py); larger groups are cut into several
+    group_heads: int = field(default=32, metadata=_range(1))
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdmtransfer import data_checks
-from cdmtransfer.cells import group_key
+from cdmtransfer.cells import cell_heads, group_key
 from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.plots import learning_curves
@@ -169,16 +169,27 @@ def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dic
     return [out if out is not None else {"error": cell.error} for cell, out in zip(cells, outs)]
 
 
-def _work_items(cells: list, batch: bool, jobs: int) -> list[list[int]]:
+def _work_items(cells: list, batch: bool, jobs: int, max_heads: int = 32) -> list[list[int]]:
     """Lists of cell indices, each trained in one call: the cells of one cells.group_key together (batch), else
-    one cell each; large groups are halved until every one of `jobs` workers has an item."""
+    one cell each; a group is cut into runs of at most `max_heads` heads (one cell at least), and large ones are
+    halved until every one of `jobs` workers has an item."""
     if not batch:
         return [[i] for i in range(len(cells))]
     groups: dict = {}
     for i, cell in enumerate(cells):
         key = group_key(cell)
         groups.setdefault(("alone", i) if key is None else key, []).append(i)
-    items = list(groups.values())
+    items = []
+    for ids in groups.values():
+        item, heads = [], 0
+        for i in ids:
+            own = cell_heads(cells[i])
+            if item and heads + own > max_heads:
+                items.append(item)
+                item, heads = [], 0
+            item.append(i)
+            heads += own
+        items.append(item)
     while len(items) < jobs and max(map(len, items), default=0) > 1:
         big = max(items, key=len)
         items.remove(big)
@@ -348,7 +359,7 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
                   file=sys.stderr, flush=True)
 
     pending = set(runs)
-    items = _work_items(cells, batch, jobs)
+    items = _work_items(cells, batch, jobs, cells[0].sweep.group_heads if cells else 32)
     try:
         if jobs <= 1:
             for item in items:
