@@ -152,3 +152,28 @@ def test_each_unit_is_clipped_by_its_own_norm():
         for name, p in zip(stacked.encoder.names, stacked.encoder.stacked):
             torch.testing.assert_close(p.grad[u], dict(m.encoder.named_parameters())[name].grad, rtol=1e-4,
                                        atol=1e-7)
+
+
+def test_a_sweep_fails_the_nan_cell_and_records_the_others(store, monkeypatch, capsys):
+    """In a sweep, a cell whose loss turns NaN is named on stderr and its child run FAILED; the cells of its group
+    are recorded as usual and the table holds them."""
+    import cdmtransfer
+    from mlflow import MlflowClient
+
+    from cdmtransfer.tasks.base import TaskSet
+
+    real = TaskSet.target_subset
+
+    def poisoned(self, m, seed):
+        x, y = real(self, m, seed)
+        return (torch.full_like(x, float("nan")), y) if seed == 1 else (x, y)
+
+    monkeypatch.setattr(TaskSet, "target_subset", poisoned)
+    res = cdmtransfer.sweep(None, TINY + ["sweep.modes=[scratch]", "sweep.m=[8]", "sweep.seeds=2"])
+    assert [(r["mode"], r["seed"]) for r in res.rows] == [("scratch", 0)]
+    assert "error: adapt scratch m=8 seed=1: the loss became NaN" in capsys.readouterr().err
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    children = client.search_runs([client.get_run(res.run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{res.run_id}'")
+    assert sorted((r.data.tags["cdmtransfer.seed"], r.info.status) for r in children) == [("0", "FINISHED"),
+                                                                                           ("1", "FAILED")]
