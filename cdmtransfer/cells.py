@@ -45,10 +45,11 @@ LOOP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "grad_clip", "ema_deca
 
 def group_key(cfg: Config) -> tuple | None:
     """Cells with equal keys share one loop (the same steps, batch, schedule, folds and model); None: this cell
-    trains on its own (stages.train_adapt), as regularisers and m < 2 (no folds) need."""
+    trains on its own (stages.train_adapt), as regularisers, m < 2 (no folds) and, for now, conv / U-Net heads do."""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
-    if folds is None or make_objective(cfg.regularize, "adapt", OUProcess(1e-3, 1.0), None) is not None:
+    if folds is None or make_objective(cfg.regularize, "adapt", OUProcess(1e-3, 1.0), None) is not None \
+            or cfg.model.head != "mlp":  # conv / U-Net heads: not yet tested stacked across cells
         return None
     others = {k: v for k, v in cfg.to_dict().items() if k not in ("adapt", "seed", "name", "tracking", "sweep")}
     return (tuple(getattr(a, k) for k in LOOP_KEYS), folds.count, repr(sorted(others.items())))
