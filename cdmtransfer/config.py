@@ -283,6 +283,12 @@ class SweepConfig:
     modes: list[str] = field(default_factory=lambda: ["frozen", "finetune", "scratch", "oracle"])  # auto: on request
     m: list[int] = field(default_factory=lambda: [32])
     seeds: int = field(default=1, metadata=_range(1))
+    # train the cells that share a schedule (steps, batch, learning rate, folds) as one stacked model in one loop
+    # (cells.py); false: one model and loop per cell, as before
+    batch_cells: bool = True
+    # at most this many heads (cells × candidates × folds) per stacked model: on CPU a unit's step is cheapest in
+    # stacks of about 16–32 heads (benchmarks/bench_cells.py); larger groups are cut into several
+    group_heads: int = field(default=32, metadata=_range(1))
 
 
 @dataclass

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdmtransfer import data_checks
+from cdmtransfer.cells import cell_heads, group_key
 from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.plots import learning_curves
@@ -140,6 +141,62 @@ def run_cell(cfg_dict: dict, encoder_dir: str | None, lineage: dict, run_id: str
             "choice": choice}
 
 
+def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dict], run_ids: list[str],
+              work_dirs: list[str]) -> list[dict]:
+    """Train and evaluate cells that share cells.group_key as one stacked model in one loop (cells.train_cells);
+    like run_cell, in the sweep's process or a worker, touching no tracking store. Per cell run_cell's dict, or
+    {"error": why} for a cell that failed alone (a NaN loss)."""
+    from cdmtransfer.cells import Cell, train_cells
+    from cdmtransfer.config import from_dict
+    from cdmtransfer.stages import prepare_encoder
+
+    cfgs = [from_dict(Config, d, "sweep cell") for d in cfg_dicts]
+    device = setup_torch(cfgs[0])
+    taskset = build_taskset(cfgs[0])  # the task world is the same for every cell (suite.seed)
+    shared: dict = {}  # the pretrained encoder (and h*) loaded once: cells that keep it fixed share one call
+    cells = []
+    for cfg, lineage, run_id, work_dir in zip(cfgs, lineages, run_ids, work_dirs):
+        mode = cfg.adapt.mode
+        kind = "pretrained" if mode in PRETRAINED_MODES else mode
+        if kind == "scratch" or kind not in shared:
+            got = prepare_encoder(cfg, taskset, None, encoder_dir if kind == "pretrained" else None)
+            if kind != "scratch":
+                shared[kind] = got
+        enc, _, source_heads = got if kind == "scratch" else shared[kind]
+        x, y = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
+        cells.append(Cell(cfg, x, y, enc, run_id, Path(work_dir), lineage, source_heads, MetricRecorder()))
+    outs = train_cells(cells, taskset, device=device)
+    return [out if out is not None else {"error": cell.error} for cell, out in zip(cells, outs)]
+
+
+def _work_items(cells: list, batch: bool, jobs: int, max_heads: int = 32) -> list[list[int]]:
+    """Lists of cell indices, each trained in one call: the cells of one cells.group_key together (batch), else
+    one cell each; a group is cut into runs of at most `max_heads` heads (one cell at least), and large ones are
+    halved until every one of `jobs` workers has an item."""
+    if not batch:
+        return [[i] for i in range(len(cells))]
+    groups: dict = {}
+    for i, cell in enumerate(cells):
+        key = group_key(cell)
+        groups.setdefault(("alone", i) if key is None else key, []).append(i)
+    items = []
+    for ids in groups.values():
+        item, heads = [], 0
+        for i in ids:
+            own = cell_heads(cells[i])
+            if item and heads + own > max_heads:
+                items.append(item)
+                item, heads = [], 0
+            item.append(i)
+            heads += own
+        items.append(item)
+    while len(items) < jobs and max(map(len, items), default=0) > 1:
+        big = max(items, key=len)
+        items.remove(big)
+        items += [big[: len(big) // 2], big[len(big) // 2:]]
+    return items
+
+
 def default_jobs(cells: int) -> int:
     """Worker processes when --jobs is 0: one per spare core (one core left for the parent), at most one per cell."""
     return max(1, min(cells, (os.cpu_count() or 1) - 1))
@@ -235,7 +292,7 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
             parent.set_tags({TAG + "encoder_source": encoder})
         todo = [c for c in cells if _cell_key(c.adapt.mode, c.adapt.m, c.seed) not in done]
         rows = list(done.values()) + _run_cells(todo, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet,
-                                                taskset)
+                                                taskset, s.batch_cells)
         order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed): k for k, c in enumerate(cells)}
         rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"])])
         summary = summarise(rows)
@@ -255,8 +312,9 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     return SweepResult(parent.run_id, pre_id, rows, summary, skipped, tracker.store.uri, plots)
 
 
-def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset):
-    """Open one child run per cell, train the cells (in `jobs` worker processes when > 1), record each as it ends."""
+def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset, batch=True):
+    """Open one child run per cell, train the cells (batched by group: run_group; else one by one: run_cell; in
+    `jobs` worker processes when > 1), record each as it ends."""
     runs, rows = {}, []
     for i, cell in enumerate(cells):
         run = open_run(tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
@@ -272,8 +330,24 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
         return (cell.to_dict(), encoder_dir if uses_encoder else None, lineage if uses_encoder else {},
                 runs[i].run_id, str(runs[i].work_dir))
 
+    def call(item):  # what one work item runs, and its arguments
+        if not batch or group_key(cells[item[0]]) is None:
+            return run_cell, args(item[0])
+        cols = list(zip(*(args(i) for i in item)))
+        used = [d for d in cols[1] if d]
+        return run_group, (list(cols[0]), used[0] if used else None, list(cols[2]), list(cols[3]), list(cols[4]))
+
+    def finish(item, outs):
+        for i, out in zip(item, outs if isinstance(outs, list) else [outs]):
+            record(i, out)
+            pending.discard(i)
+
     def record(i, out):
         run, cell = runs[i], cells[i]
+        if "error" in out:  # this cell alone failed; the others of its group are recorded
+            print(f"error: {out['error']}", file=sys.stderr, flush=True)
+            close_run(run, "FAILED")
+            return
         for values, step in out["history"]:
             run.log_metrics(values, step)
         record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]), choice=out["choice"])
@@ -285,19 +359,21 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
                   file=sys.stderr, flush=True)
 
     pending = set(runs)
+    items = _work_items(cells, batch, jobs, cells[0].sweep.group_heads if cells else 32)
     try:
         if jobs <= 1:
-            for i in range(len(cells)):
-                record(i, run_cell(*args(i)))
-                pending.discard(i)
+            for item in items:
+                fn, a = call(item)
+                finish(item, fn(*a))
         else:
             context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP or SQLite state in workers
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = {pool.submit(run_cell, *args(i)): i for i in range(len(cells))}
+                futures = {}
+                for k, item in enumerate(items):
+                    fn, a = call(item)
+                    futures[pool.submit(fn, *a)] = k
                 for future in as_completed(futures):
-                    i = futures[future]
-                    record(i, future.result())
-                    pending.discard(i)
+                    finish(items[futures[future]], future.result())
     except KeyboardInterrupt:
         for i in pending:
             close_run(runs[i], "KILLED")

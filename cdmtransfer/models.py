@@ -98,10 +98,13 @@ class BatchedHeads(nn.Module):
             self.weights.append(nn.Parameter(torch.empty(K, fan_in, fan_out).uniform_(-bound, bound)))
             self.biases.append(nn.Parameter(torch.empty(K, 1, fan_out).uniform_(-bound, bound)))
         self.K = K
+        self.active: torch.Tensor | None = None  # when set, only these heads run (batched cells still training)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if self.active is not None:
+                w, b = w[self.active], b[self.active]
             z = torch.baddbmm(b, z, w)  # all K heads in one call: z_k ← b_k + z_k W_k
             if i < last:
                 z = nn.functional.silu(z)
@@ -291,7 +294,7 @@ def build_encoder(spec: dict) -> nn.Module:
     if spec["kind"] == "grid":
         from cdmtransfer.validation import GridEncoder  # noqa: PLC0415
 
-        return GridEncoder([build_encoder(p) for p in spec["parts"]], spec["copies"])
+        return GridEncoder([build_encoder(p) for p in spec["parts"]], spec["copies"], spec.get("sizes"))
     raise ValueError(f"unknown encoder kind {spec['kind']!r}")
 
 
@@ -307,7 +310,8 @@ def encoder_spec(encoder: nn.Module) -> dict:
         return {"kind": "fixed", "D_y": encoder.D_y, "d": encoder.d, "activation": encoder.activation}
     if hasattr(encoder, "parts"):  # validation.GridEncoder: adapt's fold models of several candidate settings
         return {"kind": "grid", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
-                "parts": [encoder_spec(p) for p in encoder.parts]}
+                "parts": [encoder_spec(p) for p in encoder.parts],
+                **({"sizes": list(encoder.sizes)} if getattr(encoder, "sizes", None) else {})}
     if hasattr(encoder, "copies"):  # validation.StackedEncoder: adapt's fold models
         return {"kind": "stacked", "D_y": encoder.D_y, "d": encoder.d, "copies": encoder.copies,
                 "base": encoder_spec(encoder._base)}

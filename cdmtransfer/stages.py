@@ -381,15 +381,34 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                                             work_dir / "checkpoints", f"adapt {a.mode}", metrics,
                                             stop_at=refit_steps)
     model_dir = export_model(work_dir / "model", result.ema.state_dict(), meta)
-    values, skipped = evaluate_model(result.ema.cpu(), taskset, cfg)
-    if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
-        adapt_samples_figure(result.ema, taskset, cfg, work_dir / "plots" / "samples.png")
-    values.update(final_loss=result.final_loss, train_seconds=result.seconds + (cv_result.seconds if cv_result else 0),
-                  trainable_parameters=sum(p.numel() for g in groups for p in g["params"]), steps=result.steps_run)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    cv_stats = None
     if cv_result is not None:
-        values.update(convergence_metrics(cv_result, prefix="cv_"))
+        cv_stats = {**convergence_metrics(cv_result, prefix="cv_"), "cv_seconds": cv_result.seconds}
+    values, skipped = adapt_values(cfg, taskset, result.ema, work_dir, cv_stats, candidates, chosen, cv, start,
+                                   final_loss=result.final_loss, seconds=result.seconds, steps=result.steps_run,
+                                   trainable=trainable)
+    if reg is not None:
+        values.update(reg.summary())  # mean of each regulariser term over the steps run
+    return values, skipped, model_dir, choice_info(a.mode, candidates, chosen, cv, a.select_margin)
+
+
+def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path, cv_stats: dict | None,
+                 candidates: list[Candidate], chosen: int, cv: list, start: int | None, *, final_loss: float,
+                 seconds: float, steps: int, trainable: int) -> tuple[dict, dict]:
+    """An adapted model's metrics (evaluate_model) and what its training reports: the refit's loss, steps and
+    seconds, cross-validation's `cv_stats` (convergence_metrics with prefix cv_, and cv_seconds; None without folds),
+    the candidates' losses and the chosen setting; with the skipped metrics' reasons. Also draws the samples figure."""
+    a = cfg.adapt
+    pick = candidates[chosen]
+    values, skipped = evaluate_model(ema.cpu(), taskset, cfg)
+    if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
+        adapt_samples_figure(ema, taskset, cfg, work_dir / "plots" / "samples.png")
+    values.update(final_loss=final_loss, train_seconds=seconds + (cv_stats["cv_seconds"] if cv_stats else 0),
+                  trainable_parameters=trainable, steps=steps)
+    if cv_stats is not None:
+        values.update(cv_stats)
         values["converged"] = values.pop("cv_converged")
-        values["cv_seconds"] = cv_result.seconds
         if len(candidates) > 1:  # the chosen candidate's own best, and every candidate's
             values["cv_val_loss"], values["cv_best_step"] = cv[chosen]
             values.update({f"cv_candidate_loss_{g}": loss for g, (loss, _) in enumerate(cv)})
@@ -401,9 +420,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     if pick.encoder_mult is not None:
         values.update(encoder_lr_mult=pick.encoder_mult, encoder_lr=pick.encoder_mult * a.lr,
                       head_from_source=float(pick.head_init == "source"))
-    if reg is not None:
-        values.update(reg.summary())  # mean of each regulariser term over the steps run
-    return values, skipped, model_dir, choice_info(a.mode, candidates, chosen, cv, a.select_margin)
+    return values, skipped
 
 
 def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, margin: float = 0.0) -> dict:

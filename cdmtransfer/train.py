@@ -120,13 +120,15 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
           ckpt_dir: Path, meta: dict, metrics=None, progress: Progress | None = None, resume: bool = False,
           label: str = "train", device: torch.device | None = None, dist: Dist = Dist(),
           validate: ValFn | None = None, stop_at: int | None = None,
-          clip: Callable[[], torch.Tensor] | None = None) -> TrainResult:
+          clip: Callable[[], torch.Tensor] | None = None,
+          on_step: Callable[[int, Validation, nn.Module], None] | None = None) -> TrainResult:
     """Train for at most `cfg.steps` steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`).
 
     With `validate`, stop early by validation and return the best EMA weights. `stop_at` ends the run at that step
     with the learning-rate schedule of the full `cfg.steps` (a refit to a length chosen elsewhere). `clip()`, when
     given, replaces the global gradient clipping (stacked candidates clip each its own: validation.candidate_clipper)
-    and returns the norm to log.
+    and returns the norm to log. `on_step(done, validation, ema)`, when given, is called after every step (batched cells:
+    cells.py snapshots a cell at its own stop and refit steps).
     Under torchrun (`dist.active`) gradients are averaged by DistributedDataParallel and only rank 0 logs,
     shows progress and writes checkpoints; every rank validates the same EMA weights, so all stop together.
     """
@@ -181,6 +183,8 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
             logged = _check(validate, ema, val, done, cfg)
             if metrics is not None:
                 metrics.log_metrics(logged, step=done)
+        if on_step is not None:
+            on_step(done, val, ema)
         end = done == last or val.stopped
         if done % cfg.checkpoint_every == 0 or end:
             if not math.isfinite(float(distributed.mean(running, dist))):  # never checkpoint diverged weights

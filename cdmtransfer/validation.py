@@ -83,30 +83,49 @@ def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proce
     `repeat` = G: the model stacks G candidates of K heads each (head g·K + k), all scored on task k's rows with the
     same noise, so candidates compare on equal terms; per_task then gives [G·K] values, else the [G] means.
     """
+    K = x.shape[0]
+    per_head = held_out_dsm(*validation_draws(x, process, draws, seed), y, counts,
+                            torch.arange(K, device=x.device).repeat(repeat), chunk_rows)
+
+    def validate(model: nn.Module) -> torch.Tensor:
+        per = per_head(model)
+        if per_task:
+            return per
+        return per.view(repeat, K).mean(1) if repeat > 1 else per.mean()
+
+    return validate
+
+
+def validation_draws(x: torch.Tensor, process: OUProcess, draws: int, seed: int):
+    """The fixed (x_t, t, ε) of a validation on rows x [K, n, d_x]: t [draws, K, n], ε and x_t [draws, K, n, d_x]."""
     K, n, _ = x.shape
     g = torch.Generator().manual_seed(seed)
     t = process.sample_t((draws, K, n), g).to(x.device)
     noise = torch.randn((draws, *x.shape), generator=g).to(x.device)
-    x_t = process.perturb(x, t, noise)
-    mask = (torch.arange(n, device=x.device)[None] < counts[:, None]).float().repeat(repeat, 1)  # [G·K, n]
-    per_chunk = max(1, chunk_rows // max(1, repeat * K * n))
-    tile = lambda a: a.repeat(repeat, *([1] * (a.dim() - 1)))  # noqa: E731  [K, ·] -> [G·K, ·], head g·K+k sees k
+    return process.perturb(x, t, noise), t, noise
+
+
+def held_out_dsm(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor, counts: torch.Tensor,
+                 select: torch.Tensor, chunk_rows: int = 8192):
+    """validate(model) → [H]: head h's held-out DSM on data row select[h] of the draws (`validation_draws`), rows
+    past counts[k] being padding; chunked over draws, each chunk batched over heads and rows."""
+    draws, K, n = t.shape
+    H = len(select)
+    mask = (torch.arange(n, device=t.device)[None] < counts[:, None]).float()[select]  # [H, n]
+    per_chunk = max(1, chunk_rows // max(1, H * n))
 
     @torch.no_grad()
     def validate(model: nn.Module) -> torch.Tensor:
-        total = torch.zeros(repeat * K, device=x.device)
+        total = torch.zeros(H, device=t.device)
         for i in range(0, draws, per_chunk):  # a loop over chunks of noise draws, each batched over tasks and rows
             j = min(draws, i + per_chunk)
             r = j - i
-            eps = model(tile(x_t[i:j].transpose(0, 1).reshape(K, r * n, -1)), tile(y.repeat(1, r, 1)),
-                        tile(t[i:j].transpose(0, 1).reshape(K, r * n)))
-            target = tile(noise[i:j].transpose(0, 1).reshape(K, r * n, -1))
-            loss = dsm_loss(eps, target).view(repeat * K, r, n)
+            eps = model(x_t[i:j].transpose(0, 1).reshape(K, r * n, -1)[select], y.repeat(1, r, 1)[select],
+                        t[i:j].transpose(0, 1).reshape(K, r * n)[select])
+            target = noise[i:j].transpose(0, 1).reshape(K, r * n, -1)[select]
+            loss = dsm_loss(eps, target).view(H, r, n)
             total += (loss * mask[:, None]).sum(dim=(1, 2))
-        per = total / (draws * mask.sum(1))
-        if per_task:
-            return per
-        return per.view(repeat, K).mean(1) if repeat > 1 else per.mean()
+        return total / (draws * mask.sum(1))
 
     return validate
 
@@ -123,12 +142,26 @@ class StackedEncoder(nn.Module):
             nn.Parameter(p.detach().clone().expand(copies, *p.shape).clone()) for p in params.values())
         self.__dict__["_base"] = copy.deepcopy(encoder).requires_grad_(False)  # the function; not a submodule
         self.d, self.D_y, self.copies = encoder.d, encoder.D_y, copies
+        self.active: torch.Tensor | None = None  # when set, only these copies run (batched cells still training)
+
+    @classmethod
+    def of(cls, encoders: list[nn.Module], copies: int) -> "StackedEncoder":
+        """`copies` copies of each of several encoders of one architecture, encoder i owning copies i·copies, …
+        (batched cells: every cell's own encoder, from its own start)."""
+        stacked = cls(encoders[0], copies * len(encoders))
+        with torch.no_grad():
+            for k, name in enumerate(stacked.names):
+                rows = [dict(e.named_parameters())[name].detach().expand(copies, *stacked.stacked[k].shape[1:])
+                        for e in encoders]
+                stacked.stacked[k].copy_(torch.cat(rows))
+        return stacked
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         def one(params, rows):
             return functional_call(self._base, dict(zip(self.names, params)), (rows,))
 
-        return vmap(one)(tuple(self.stacked), y)
+        params = tuple(self.stacked) if self.active is None else tuple(p[self.active] for p in self.stacked)
+        return vmap(one)(params, y)
 
 
 class GridEncoder(nn.Module):
@@ -136,13 +169,15 @@ class GridEncoder(nn.Module):
     a trainable candidate is a StackedEncoder (its own parameter group, so its own learning rate), a frozen one the
     plain encoder (no parameters to train). Adapt's cross-validation trains every candidate setting at once."""
 
-    def __init__(self, parts: list[nn.Module], copies: int):
+    def __init__(self, parts: list[nn.Module], copies: int, sizes: list[int] | None = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.copies, self.d, self.D_y = copies, parts[0].d, parts[0].D_y
+        self.sizes = sizes  # rows of each part when they differ (batched cells), else `copies` each
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(rows) for part, rows in zip(self.parts, y.split(self.copies))])
+        sizes = self.sizes or [self.copies] * len(self.parts)
+        return torch.cat([part(rows) for part, rows, n in zip(self.parts, y.split(sizes), sizes) if n])
 
 
 @dataclass(frozen=True)
@@ -186,6 +221,38 @@ def candidate_clipper(model: nn.Module, encoder_params: list[list[nn.Parameter]]
                 g.mul_(scale[k])
         return norms.max()
 
+    return clip
+
+
+def unit_clipper(model: nn.Module, parts: list[tuple[list[nn.Parameter], torch.Tensor]], U: int, max_norm: float):
+    """clip() for U stacked units (batched cells: cell × candidate), candidate_clipper generalised to encoders shared
+    by several units: unit u owns block u of every head tensor and, for each trainable part (params, ids), block k of
+    its tensors where ids[k] = u. Each unit's gradient is scaled by U (what a run of its own gets from its own mean
+    loss; clip.count when only that many units are in the loss) and clipped by its own norm; the norms stay in
+    clip.norms; returns the largest finite one."""
+    heads = list(model.heads.parameters())
+
+    @torch.no_grad()
+    def clip() -> torch.Tensor:
+        n = clip.count  # units in the loss (those still training; their mean loss is the loop's)
+        grads = [p.grad for p in heads if p.grad is not None]
+        sq = sum(g.view(U, -1).pow(2).sum(1) for g in grads) * n**2
+        for params, ids in parts:
+            owned = [p.grad.view(len(ids), -1).pow(2).sum(1) for p in params if p.grad is not None]
+            if owned:
+                sq = sq.index_add(0, ids, sum(owned) * n**2)
+        norms = sq.sqrt()
+        scale = n * ((max_norm / (norms + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms))
+        for g in grads:
+            g.view(U, -1).mul_(scale[:, None])
+        for params, ids in parts:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.view(len(ids), -1).mul_(scale[ids][:, None])
+        clip.norms = norms
+        return norms.nan_to_num(0.0, 0.0, 0.0).max()
+
+    clip.count = U
     return clip
 
 
