@@ -141,8 +141,9 @@ def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypa
 def test_kill_9_during_a_sweep_then_resume_completes_it(tmp_path, store):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY)
+    # group_heads=1: every cell is its own batched group, so the kill lands between groups and resume retrains some
     args = ["sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--seeds", 1, "--jobs", 1,
-            "--set", "adapt.steps=300", "--quiet", "--json"]
+            "--set", "adapt.steps=300", "--set", "sweep.group_heads=1", "--quiet", "--json"]
     full = cli(store, *args)
     out, err = full.communicate(timeout=300)
     assert full.returncode == 0, err
@@ -162,6 +163,10 @@ def test_kill_9_during_a_sweep_then_resume_completes_it(tmp_path, store):
     victim.wait()
     assert parent is not None and client.get_run(parent.info.run_id).info.status == "RUNNING"
 
+    finished = {r.info.run_id for r in client.search_runs(["1"], filter_string=f"tags.mlflow.parentRunId = "
+                                                                          f"'{parent.info.run_id}'")
+                if r.info.status == "FINISHED" and r.data.tags.get("cdmtransfer.stage") == "adapt"}
+    assert 2 <= len(finished) < 4  # killed mid-sweep: some cells done, some left to train
     resumed = cli(store, *args, "--resume", parent.info.run_id)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
