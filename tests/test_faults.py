@@ -18,8 +18,8 @@ from test_pipeline import TINY
 
 # patience 0: validation still runs and picks the weights kept, but never stops a run before the cap, so a run is
 # long enough to be killed mid-way (adapt is killed in its cross-validation phase, whose checkpoints are checkpoints-cv)
-LONG = ["--set", "pretrain.steps=800", "--set", "pretrain.checkpoint_every=100", "--set", "pretrain.patience=0",
-        "--set", "adapt.steps=800", "--set", "adapt.checkpoint_every=100", "--set", "adapt.patience=0"]
+LONG = ["--set", "pretrain.steps=400", "--set", "pretrain.checkpoint_every=50", "--set", "pretrain.patience=0",
+        "--set", "adapt.steps=400", "--set", "adapt.checkpoint_every=50", "--set", "adapt.patience=0"]
 
 
 def cli(store, *args, **kwargs):
@@ -73,7 +73,7 @@ def test_kill_9_then_resume_matches_uninterrupted(stage, tmp_path, store):
     a, b = weights(store, full_id), weights(store, run_id)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     history = [m.step for m in client.get_metric_history(run_id, "loss" if stage == "pretrain" else "cv/loss")]
-    assert history[-1] == 800
+    assert history[-1] == 400
 
 
 def test_sigterm_marks_run_killed(tmp_path, store):
