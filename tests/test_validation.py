@@ -9,7 +9,7 @@ from torch import nn
 
 from cdmtransfer.config import TrainConfig
 from cdmtransfer.diffusion import OUProcess, dsm_loss
-from cdmtransfer.models import MLPEncoder, Preconditioning, ScoreModel
+from cdmtransfer.models import ConvEncoder, MLPEncoder, Preconditioning, ScoreModel
 from cdmtransfer.train import train
 from cdmtransfer.validation import StackedEncoder, dsm_validation, fold_split, holdout_split
 
@@ -40,14 +40,18 @@ def test_folds_hold_out_each_sample_exactly_once():
     assert fold_split(1, 4) is None and fold_split(3, 4).count == 3
 
 
-def test_stacked_encoder_copies_are_independent_and_match_the_single_encoder():
+@pytest.mark.parametrize("kind", ["mlp", "conv"])  # mlp: the batched-matmul path; conv: torch.func's vmap
+def test_stacked_encoder_copies_are_independent_and_match_the_single_encoder(kind):
     torch.manual_seed(0)
-    enc = MLPEncoder(6, 3, 16, 2)
+    enc = MLPEncoder(16, 3, 16, 2) if kind == "mlp" else ConvEncoder(16, 3, 4, 1, (1, 4, 4))
     stacked = StackedEncoder(enc, 3)
-    y = torch.randn(3, 5, 6)
+    y = torch.randn(3, 5, 16)
     out = stacked(y)
     for f in range(3):
         torch.testing.assert_close(out[f], enc(y[f]))
+    stacked.active = torch.tensor([0, 2])  # only these copies run
+    torch.testing.assert_close(stacked(y[[0, 2]]), out[[0, 2]])
+    stacked.active = None
     loss = out[0].pow(2).sum()
     loss.backward()
     for p in stacked.stacked:
