@@ -202,7 +202,7 @@ def representation_errors(cfg, taskset, encoders: list, *, steps: int, draws: in
     from cdmtransfer.progress import Progress
     from cdmtransfer.stages import dsm_objective, score_model
     from cdmtransfer.train import train
-    from cdmtransfer.validation import GridEncoder, candidate_clipper, dsm_validation, holdout_split
+    from cdmtransfer.validation import GridEncoder, dsm_validation, holdout_split, unit_clipper
 
     G, p = len(encoders), cfg.pretrain
     (x, y, n), (xt, yt, nt) = task_stacks(taskset, cfg.suite.n_test)
@@ -222,7 +222,7 @@ def representation_errors(cfg, taskset, encoders: list, *, steps: int, draws: in
                        ckpt_dir=Path(tmp), meta={"stage": "diversity"},
                        progress=Progress(total=steps, label="diversity heads", enabled=not quiet),
                        validate=lambda ema: check(ema).mean(),  # one length for all: the mean over encoders
-                       clip=candidate_clipper(model, [[] for _ in range(G)], G, p.grad_clip))
+                       clip=unit_clipper(model, [], G, p.grad_clip))
     dsm, irreducible, excess = held_out_errors(result.ema.eval(), truth_scores(taskset.truth, process), xt, yt, nt,
                                                process, draws, seed + 29, G)
     return {"dsm": dsm, "irreducible": irreducible, "excess": excess, "steps": result.step,

@@ -34,8 +34,8 @@ from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
                                   resolve_store, tracked_run)
 from cdmtransfer.train import train
-from cdmtransfer.validation import (Candidate, GridEncoder, Prefixed, StackedEncoder, candidate_clipper, choose,
-                                    convergence_metrics, dsm_validation, fold_split, holdout_split)
+from cdmtransfer.validation import (Candidate, GridEncoder, Prefixed, StackedEncoder, choose,
+                                    convergence_metrics, dsm_validation, fold_split, holdout_split, unit_clipper)
 
 
 def setup_torch(cfg: Config) -> torch.device:
@@ -58,10 +58,11 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
     `regularizer` (regularizers.RegularizedObjective), when given, returns DSM plus its terms per sample instead.
     Under torchrun every rank draws the same global batch and keeps its slice `shard.rank::shard.world`.
     `repeat` = G: the model stacks G candidates of K heads; all G see the same rows, times and noise (common random
-    numbers: the draws are those of a run of K heads alone), and the losses are [G·K, batch].
+    numbers: the draws are those of a run of K heads alone), and the losses are [G·K, batch]. loss_fn.repeat may
+    drop later to the candidates still running (`_run_only`).
     """
     K, _, d_x = x.shape
-    tile = lambda a: a.repeat(repeat, *([1] * (a.dim() - 1))) if repeat > 1 else a  # noqa: E731
+    tile = lambda a: a.repeat(loss_fn.repeat, *([1] * (a.dim() - 1))) if loss_fn.repeat > 1 else a  # noqa: E731
 
     def loss_fn(model: ScoreModel, gen: torch.Generator) -> torch.Tensor:
         idx = (torch.rand(K, batch, generator=gen, device=x.device) * counts[:, None]).long()
@@ -78,6 +79,7 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
         weight = getattr(model, "module", model).dsm_weight(t)  # 1, or the EDM weight (models.Preconditioning)
         return weight * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
 
+    loss_fn.repeat = repeat
     return loss_fn
 
 
@@ -335,7 +337,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
 
     def run_stage(cands: list[Candidate], copies: int, x, y, n, ckpt: Path, label: str, sink, **kw):
         """Train len(cands) × copies heads, candidate g owning heads g·copies … (g + 1)·copies − 1, each candidate
-        exactly as a run of its own would train (same start, draws, gradient and clipping: `candidate_clipper`)."""
+        exactly as a run of its own would train (same start, draws, gradient and clipping: `unit_clipper`)."""
         G = len(cands)
         if G > 1:  # the random start of a lone run's `copies` heads, for every candidate whose head starts at random
             torch.manual_seed(cfg.seed + 2)
@@ -355,11 +357,20 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
         loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, a.batch_size, regularizer=reg,
                                 repeat=G)
-        clip = candidate_clipper(model, [[p for p in part.parameters() if p.requires_grad] for part in parts],
-                                 G, a.grad_clip) if G > 1 else None
+        clip, on_step = None, None
+        if G > 1:
+            owned = [(params, torch.full((copies,), g, device=device))  # a trainable encoder: `copies` blocks of g
+                     for g, part in enumerate(parts) if (params := [p for p in part.parameters() if p.requires_grad])]
+            clip = unit_clipper(model, owned, G, a.grad_clip)
+
+            def on_step(done, val, ema):  # a candidate that stopped stops computing (its results are kept)
+                live = [g for g, c in enumerate(val.candidates or []) if not c[3]]
+                if live and len(live) < loss_fn.repeat:
+                    _run_only(model, live, copies, loss_fn, clip)
         result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=ckpt, meta=meta,
                        metrics=with_reg_metrics(sink, reg), progress=_progress(a.steps, label, quiet),
-                       resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, clip=clip, **kw)
+                       resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, clip=clip,
+                       on_step=on_step, **kw)
         return model, groups, meta, result
 
     cv_result, chosen, cv = None, 0, []
@@ -449,6 +460,20 @@ def _short(c: Candidate) -> str:
     """A compact label for tables: frozen / ft×0.1, with +rand when the head started at random."""
     encoder = "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
     return encoder + ("+rand" if c.head_init == "random" else "")
+
+
+def _run_only(model: ScoreModel, live: list[int], copies: int, loss_fn, clip) -> None:
+    """From now on only candidates `live` of a stacked cross-validation run (forward, backward, loss): each is
+    unaffected, since the candidates share draws and clip their own gradients; a stopped one's weights take
+    optimizer steps without gradients, which nothing reads (its best loss and step were kept when it stopped).
+    Conv / U-Net heads have no head subset: every candidate runs to the end."""
+    if not hasattr(model.heads, "active"):
+        return
+    G = len(model.encoder.parts)
+    device = next(model.heads.parameters()).device
+    model.heads.active = torch.cat([torch.arange(g * copies, (g + 1) * copies) for g in live]).to(device)
+    model.encoder.sizes = [copies if g in live else 0 for g in range(G)]
+    loss_fn.repeat = clip.count = len(live)
 
 
 def _candidate_encoder(enc: torch.nn.Module, c: Candidate, mode: str, copies: int) -> torch.nn.Module:

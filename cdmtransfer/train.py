@@ -126,7 +126,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
 
     With `validate`, stop early by validation and return the best EMA weights. `stop_at` ends the run at that step
     with the learning-rate schedule of the full `cfg.steps` (a refit to a length chosen elsewhere). `clip()`, when
-    given, replaces the global gradient clipping (stacked candidates clip each its own: validation.candidate_clipper)
+    given, replaces the global gradient clipping (stacked candidates clip each its own: validation.unit_clipper)
     and returns the norm to log. `on_step(done, validation, ema)`, when given, is called after every step (batched cells:
     cells.py snapshots a cell at its own stop and refit steps).
     Under torchrun (`dist.active`) gradients are averaged by DistributedDataParallel and only rank 0 logs,

@@ -208,35 +208,10 @@ class Candidate:
         return ", ".join(p for p in (enc, f"head {self.head_init}") if p)
 
 
-def candidate_clipper(model: nn.Module, encoder_params: list[list[nn.Parameter]], G: int, max_norm: float):
-    """clip() for G stacked candidates trained on the mean loss over all their models: each candidate's gradient is
-    scaled by G (back to what a run of its own gets from its own mean loss) and clipped by its own norm, as
-    clip_grad_norm_ would clip it alone; returns the largest candidate norm. Head tensors hold G contiguous blocks
-    along dim 0 (one per candidate); encoder_params[g] are the parameters only candidate g trains."""
-    heads = list(model.heads.parameters())
-
-    @torch.no_grad()
-    def clip() -> torch.Tensor:
-        grads = [p.grad for p in heads if p.grad is not None]
-        sq = sum(g.view(G, -1).pow(2).sum(1) for g in grads) * G**2
-        owned = [[p.grad for p in ps if p.grad is not None] for ps in encoder_params]
-        sq = sq + torch.stack([sum((g.pow(2).sum() for g in gs), torch.zeros(())) for gs in owned]).to(sq) * G**2
-        norms = sq.sqrt()
-        scale = G * ((max_norm / (norms + 1e-6)).clamp(max=1.0) if max_norm > 0 else torch.ones_like(norms))
-        for g in grads:
-            g.view(G, -1).mul_(scale[:, None])
-        for k, gs in enumerate(owned):
-            for g in gs:
-                g.mul_(scale[k])
-        return norms.max()
-
-    return clip
-
-
 def unit_clipper(model: nn.Module, parts: list[tuple[list[nn.Parameter], torch.Tensor]], U: int, max_norm: float):
-    """clip() for U stacked units (batched cells: cell × candidate), candidate_clipper generalised to encoders shared
-    by several units: unit u owns block u of every head tensor and, for each trainable part (params, ids), block k of
-    its tensors where ids[k] = u. Each unit's gradient is scaled by U (what a run of its own gets from its own mean
+    """clip() for U stacked units (adapt's candidate settings; batched cells: cell × candidate) trained on the mean
+    loss over all of them, each clipped as clip_grad_norm_ would clip it alone: unit u owns block u of every head
+    tensor and, for each trainable part (params, ids), block k of its tensors where ids[k] = u. Each unit's gradient is scaled by U (what a run of its own gets from its own mean
     loss; clip.count when only that many units are in the loss) and clipped by its own norm; the norms stay in
     clip.norms; returns the largest finite one."""
     heads = list(model.heads.parameters())
