@@ -9,6 +9,7 @@ and how many 80% intervals hold m_true. Cases with m_true beyond the sweep count
 end is also beyond it, and enter the median only when both are finite.
 
     .venv/bin/python benchmarks/estimate_check.py --cases quickstart --seeds 2 [--dense quickstart=SWEEP_RUN_ID]
+    .venv/bin/python benchmarks/estimate_check.py --cases file --file-recipe /tmp/ft/recipe.yaml   # a user file
 
 Every case trains (held-out pretrains and sweeps, a pretrain and a dense sweep); quickstart takes about 12 min on 2
 shared cores, the Langevin and digits cases much longer.
@@ -42,6 +43,8 @@ CASES = {  # name: (recipe, overrides, error, ε values)
     "langevin-15": ("recipes/langevin.yaml", ["suite.langevin.beta_target=15"], "posterior_mean_mse", (0.2, 0.3)),
     "lsgmm": ("recipes/regularize-off.yaml", [], "posterior_mean_mse", (0.1, 0.2)),
     "digits": ("recipes/digits-denoise.yaml", [], "posterior_mean_mse", (0.1, 0.2)),
+    # a user's .npz (K = 8 sources, nonlinear h*): first `python benchmarks/file_task.py write /tmp/ft`
+    "file": ("/tmp/ft/recipe.yaml", [], "posterior_mean_mse", (0.15, 0.2, 0.4)),
 }
 
 
@@ -86,7 +89,10 @@ def main() -> None:
     ap.add_argument("--dense", action="append", default=[], metavar="CASE=SWEEP_RUN",
                     help="use this finished sweep as the case's dense target sweep")
     ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--file-recipe", default=None, help="the recipe of case `file` (benchmarks/file_task.py write)")
     args = ap.parse_args()
+    if args.file_recipe:
+        CASES["file"] = (args.file_recipe, *CASES["file"][1:])
     given = dict(item.split("=", 1) for item in args.dense)
     rows = []
     for name in args.cases.split(","):
