@@ -70,6 +70,23 @@ def test_finetune_picks_the_encoder_rate_validation_prefers(tmp_path):
         assert values[key] == pytest.approx(frozen[key], rel=1e-4), key
 
 
+def test_a_stopped_candidate_stops_computing_and_the_others_are_unchanged(tmp_path, monkeypatch):
+    import cdmtransfer.stages as stages
+
+    sets = ["adapt.mode=finetune", "adapt.encoder_lr_grid=[0, 1000]", "adapt.steps=400"]
+    calls, real = [], stages._run_only
+    monkeypatch.setattr(stages, "_run_only", lambda model, live, *a: calls.append(list(live)) or real(model, live, *a))
+    values, choice, _ = _adapt(tmp_path / "skip", "exact", sets)
+    assert calls and calls[0] == [0]  # the wrecked encoder rate stopped first, and from then on did not compute
+    monkeypatch.setattr(stages, "_run_only", lambda *a: None)  # every candidate runs to the end, as before
+    everyone, everyone_choice, _ = _adapt(tmp_path / "all", "exact", sets)
+    assert [c["cv_step"] for c in choice["candidates"]] == [c["cv_step"] for c in everyone_choice["candidates"]]
+    assert [c["cv_loss"] for c in choice["candidates"]] == pytest.approx(
+        [c["cv_loss"] for c in everyone_choice["candidates"]], rel=1e-5)
+    for key in ("score_error", "posterior_mean_mse"):
+        assert values[key] == pytest.approx(everyone[key], rel=1e-5), key
+
+
 def test_auto_chooses_the_mode_that_must_win(tmp_path):
     values, choice, moved = _adapt(tmp_path / "blind", "blind",
                                    ["adapt.mode=auto", "adapt.encoder_lr_grid=[1]", "adapt.head_init=source"])
