@@ -215,6 +215,8 @@ def _check(validate: ValFn, ema: nn.Module, val: Validation, step: int, cfg: Tra
         return {"val_loss": values[0]}
     if val.candidates is None:
         val.candidates = [[math.inf, 0, 0, False] for _ in values]
+    # a candidate that stopped counts with its best: its later weights are not trained (stages._run_only, cells)
+    values = [c[0] if c[3] else v for c, v in zip(val.candidates, values)]
     value = min((v for v in values if math.isfinite(v)), default=math.nan)
     val.update(value, step, ema, cfg, per=values)
     return {"val_loss": value, **{f"val_loss_{g}": v for g, v in enumerate(values)}}
