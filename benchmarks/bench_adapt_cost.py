@@ -13,6 +13,7 @@ run with validation costs at most 1.5x the old one.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,8 @@ OPTIONS = []
 RECIPE = str(ROOT / "recipes" / "quickstart.yaml")
 OLD = ["adapt.val_folds=1", "adapt.steps=1500", "adapt.batch_size=64", "adapt.lr=0.002"]
 MODES = ["frozen", "finetune", "auto"]
+RUNS = [("frozen", "now", []), ("frozen", "old", OLD), ("finetune", "now", []),  # (mode, kind, overrides), in order
+        ("finetune", "old", [*OLD, "adapt.encoder_lr=0.002"]), ("auto", "now", [])]
 
 
 def defaults(args) -> None:
@@ -32,31 +35,28 @@ def defaults(args) -> None:
 
 
 def run(args) -> dict:
-    import os
-
     import cdmtransfer as cdm
 
     samples: dict = {}
+    before = os.environ.get("CDMTRANSFER_HOME")
     with tempfile.TemporaryDirectory(prefix="bench-adapt-cost-") as home:
         os.environ["CDMTRANSFER_HOME"] = home
         enc = cdm.pretrain(RECIPE, quiet=True).run_id
         for rep in range(args.cost_reps):
             for m in args.cost_m:
-                for mode in MODES:
-                    for kind in ("now", "old"):
-                        if kind == "old" and mode == "auto":
-                            continue
-                        extra = OLD + (["adapt.encoder_lr=0.002"] if mode == "finetune" else []) if kind == "old" \
-                            else []
-                        t0 = time.perf_counter()
-                        res = cdm.adapt(RECIPE, [f"adapt.mode={mode}", f"adapt.m={m}", *extra], encoder=enc,
-                                        quiet=True)
-                        wall = time.perf_counter() - t0
-                        got = samples.setdefault((m, mode, kind), {"wall": [], "train": []})
-                        got["wall"].append(wall)
-                        got["train"].append(res.metrics["train_seconds"])
-                        log(f"adapt_cost: rep {rep} m={m} {mode} {kind}: {wall:.1f} s wall, "
-                            f"{res.metrics['train_seconds']:.1f} s train")
+                for mode, kind, extra in RUNS:
+                    t0 = time.perf_counter()
+                    res = cdm.adapt(RECIPE, [f"adapt.mode={mode}", f"adapt.m={m}", *extra], encoder=enc, quiet=True)
+                    wall = time.perf_counter() - t0
+                    got = samples.setdefault((m, mode, kind), {"wall": [], "train": []})
+                    got["wall"].append(wall)
+                    got["train"].append(res.metrics["train_seconds"])
+                    log(f"adapt_cost: rep {rep} m={m} {mode} {kind}: {wall:.1f} s wall, "
+                        f"{res.metrics['train_seconds']:.1f} s train")
+    if before is None:  # the temporary store is gone: later code in this process must not use it
+        os.environ.pop("CDMTRANSFER_HOME")
+    else:
+        os.environ["CDMTRANSFER_HOME"] = before
     rows = []
     for m in args.cost_m:
         for mode in MODES:
