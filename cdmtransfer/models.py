@@ -194,11 +194,16 @@ class ScoreModel(nn.Module):
     (2022), rewritten for the OU process (`Preconditioning`): it sees c_in·x_t (unit variance at every t) and its
     output is a unit-variance correction to the skip term of the denoiser D = c_skip x_t + c_out F. Either way
     forward() returns ε̂, so losses, samplers and metrics are the same code for both.
+
+    linear_mean: each head also owns a linear map μ_k(w) = A_k w + b_k of the code (`heads.mean`, zero at the start),
+    and sees x_t centred on it, x_t − α_t μ_k(w). With edm the denoiser becomes D = μ + c_skip (x_t − α_t μ) + c_out F:
+    for F = 0 it is the exact denoiser of x_0 | y ~ N(μ_k(h(y)), σ_d² I), so a linear-Gaussian model is the starting
+    point and F only learns what that model misses (at large t, D → μ: DSM there is least squares of x_0 on h(y)).
     """
 
     def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int,
                  head: str = "mlp", image_shape: tuple[int, ...] | None = None, parametrization: str = "eps",
-                 sigma_data: float = 1.0, head_config: dict | None = None):
+                 sigma_data: float = 1.0, head_config: dict | None = None, linear_mean: bool = False):
         super().__init__()
         if parametrization not in ("eps", "edm"):
             raise ValueError(f"unknown parametrization {parametrization!r}")
@@ -228,7 +233,11 @@ class ScoreModel(nn.Module):
             self.heads = BatchedHeads(K, d_x + encoder.d + time_dim, d_x, head_width, head_depth)
         else:
             raise ValueError(f"unknown head kind {head!r}")
-        self.d_x, self.head = d_x, head
+        self.d_x, self.head, self.linear_mean = d_x, head, bool(linear_mean)
+        if self.linear_mean:  # inside `heads`: copied, stacked, clipped and saved with each task's head
+            self.heads.mean = BatchedHeads(K, encoder.d, d_x, 1, 0)
+            nn.init.zeros_(self.heads.mean.weights[0])
+            nn.init.zeros_(self.heads.mean.biases[0])
 
     @property
     def head_sees_y(self) -> bool:
@@ -247,6 +256,10 @@ class ScoreModel(nn.Module):
     def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
                       y: torch.Tensor | None = None) -> torch.Tensor:
         """ε̂ for a precomputed code w = h(y) (heads only); pass y too when `head_sees_y`. Shapes [K, B, ·], t [K, B]."""
+        if self.linear_mean:  # x_t − α_t μ(w): ε̂ is unchanged by the shift, so the formulas below apply as written
+            mean = self.heads.mean
+            mean.active = getattr(self.heads, "active", None)
+            x_t = x_t - torch.exp(-t)[..., None] * mean(code)
         if self.precond is None:
             return self.head_output(x_t, code, t, y)
         c_in = self.precond.c_in(t)
@@ -322,7 +335,7 @@ def model_spec(model: ScoreModel) -> dict:
     """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe)."""
     spec = {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
             "time_dim": 2 * model.time.freqs.numel(), "parametrization": model.parametrization,
-            "sigma_data": model.sigma_data}
+            "sigma_data": model.sigma_data, "linear_mean": model.linear_mean}
     if model.head == "conv":
         return {**spec, "head": "conv", "head_width": model.heads.width, "head_depth": model.heads.depth,
                 "image_shape": list(model.heads.shape)}
@@ -335,7 +348,8 @@ def build_model(spec: dict) -> ScoreModel:
     """Inverse of model_spec; older specs without "head" / "parametrization" are MLP heads predicting ε."""
     return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
                       spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"),
-                      spec.get("parametrization", "eps"), spec.get("sigma_data", 1.0), spec.get("head_config"))
+                      spec.get("parametrization", "eps"), spec.get("sigma_data", 1.0), spec.get("head_config"),
+                      spec.get("linear_mean", False))
 
 
 def rebuild(spec, source: str, part: str = "model") -> nn.Module:

@@ -92,7 +92,7 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
         sigma_data = float(x_train.pow(2).mean().sqrt().clamp_min(1e-3))
     model = ScoreModel(encoder, K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
                        **head_options(m, taskset.image_shape), parametrization=m.parametrization,
-                       sigma_data=sigma_data)
+                       sigma_data=sigma_data, linear_mean=m.linear_mean)
     model.edm_weighting = m.edm_weighting
     return model
 
@@ -530,6 +530,10 @@ def load_head(model: ScoreModel, source: SourceHeads, task: int, into=None) -> N
     K_src = source.spec["K"]
     heads = {k[len("heads."):]: v for k, v in source.weights.items() if k.startswith("heads.")}
     own = model.heads.state_dict()
+    if bool(source.spec.get("linear_mean", False)) != model.linear_mean:
+        was = str(bool(source.spec.get("linear_mean", False))).lower()
+        raise ConfigError(f"adapt.head_init = source: the pretrained heads have model.linear_mean = {was}; use "
+                          f"--set model.linear_mean={was} (or adapt.head_init=random)")
     if source.spec.get("parametrization", "eps") != model.parametrization or set(heads) != set(own):
         raise ConfigError("adapt.head_init = source: the pretrained heads differ from the recipe's (head kind, "
                           "sizes or model.parametrization); use adapt.head_init=random")
