@@ -52,7 +52,8 @@ def group_key(cfg: Config) -> tuple | None:
             or cfg.model.head != "mlp":  # conv / U-Net heads: not yet tested stacked across cells
         return None
     others = {k: v for k, v in cfg.to_dict().items() if k not in ("adapt", "seed", "name", "tracking", "sweep")}
-    return (tuple(getattr(a, k) for k in LOOP_KEYS), folds.count, repr(sorted(others.items())))
+    oracle = a.mode == "oracle"  # its heads read h*(y), whose width need not be model.d (Langevin: d_x = 50 vs 10)
+    return (tuple(getattr(a, k) for k in LOOP_KEYS), folds.count, oracle, repr(sorted(others.items())))
 
 
 def cell_heads(cfg: Config) -> int:

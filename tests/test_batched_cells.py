@@ -4,6 +4,7 @@ One cell batched equals stages.train_adapt; cells are independent (another cell'
 result, bit for bit); one cell's NaN fails that cell alone; per-cell clipping."""
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,10 @@ def _cell(cfg, taskset, enc, source, work: Path, x=None):
                 source_heads=source if pretrained else None, sink=MetricRecorder())
 
 
-@pytest.mark.parametrize("mode", ["frozen", "finetune", "auto", "scratch", "oracle"])
-def test_one_cell_batched_equals_train_adapt(tmp_path, mode):
-    cfg, taskset, enc, source = _setup(mode)
+@pytest.mark.parametrize("mode, sets", [("frozen", ()), ("finetune", ()), ("auto", ()), ("scratch", ()),
+                                        ("oracle", ()), ("auto", ("model.linear_mean=true",))])
+def test_one_cell_batched_equals_train_adapt(tmp_path, mode, sets):
+    cfg, taskset, enc, source = _setup(mode, sets=sets)
     lone_enc = copy.deepcopy(_start(cfg, taskset, enc))
     rec = MetricRecorder()
     values, skipped, model_dir, choice = train_adapt(cfg, taskset, lone_enc, {}, "test", tmp_path / "lone", rec,
@@ -95,7 +97,7 @@ def _weights(out):
 
 
 def test_cells_are_independent(tmp_path):
-    specs = [("frozen", 0), ("scratch", 1), ("finetune", 2), ("oracle", 3)]
+    specs = [("frozen", 0), ("scratch", 1), ("finetune", 2), ("frozen", 3)]
     keys = {group_key(_setup(mode, seed)[0]) for mode, seed in specs}
     assert len(keys) == 1  # one schedule: one group, one loop
     _, base = _group(tmp_path / "a", specs)
@@ -177,3 +179,17 @@ def test_a_sweep_fails_the_nan_cell_and_records_the_others(store, monkeypatch, c
                                   filter_string=f"tags.mlflow.parentRunId = '{res.run_id}'")
     assert sorted((r.data.tags["cdmtransfer.seed"], r.info.status) for r in children) == [("0", "FINISHED"),
                                                                                            ("1", "FAILED")]
+
+
+def test_a_sweep_batches_oracle_cells_apart_when_h_star_is_wider_than_the_encoder(store):
+    """Langevin's h*(y) has d_x = 6 coordinates, the learned encoder model.d = 2: oracle heads read a wider code, so
+    they cannot stack with scratch's (this sweep failed on a shape mismatch when they shared a group)."""
+    import cdmtransfer
+
+    sets = TINY + ["suite.name=langevin", "suite.langevin.d_x=6", "suite.langevin.D_y=8", "sweep.modes=[scratch,oracle]",
+                   "sweep.m=[8]", "sweep.seeds=1"]
+    cfg = resolve_adapt(load_config(None, sets + ["adapt.mode=scratch"]))
+    assert group_key(cfg) != group_key(resolve_adapt(load_config(None, sets + ["adapt.mode=oracle"])))
+    res = cdmtransfer.sweep(None, sets)
+    assert sorted(r["mode"] for r in res.rows) == ["oracle", "scratch"]
+    assert all(math.isfinite(r["metrics"]["posterior_mean_mse"]) for r in res.rows), res.rows

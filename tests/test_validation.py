@@ -227,3 +227,49 @@ def test_choose_prefers_the_simplest_setting_within_the_margin():
     assert choose([1.0, 0.99, 0.97], 0.02) == 2  # a clear win for the third
     assert choose([1.0, 0.99, 0.985], 0.02) == 0  # a near tie: the simplest
     assert choose([float("nan"), 0.5, 0.4], 0.0) == 2 and choose([0.5, 0.5], 0.0) == 0
+
+
+def test_linear_mean_model_with_a_zero_network_is_the_exact_gaussian_denoiser():
+    # model.linear_mean: with F = 0 the head is the exact score of x_0 | y ~ N(μ(h(y)), σ_d² I), μ = A h(y) + b.
+    torch.manual_seed(0)
+    sd = 0.6
+    model = ScoreModel(MLPEncoder(4, 2, 8, 1), 2, 3, 16, 1, 4, parametrization="edm", sigma_data=sd, linear_mean=True)
+    with torch.no_grad():
+        model.heads.weights[-1].zero_()
+        model.heads.biases[-1].zero_()  # the network F outputs 0
+        model.heads.mean.weights[0].normal_()
+        model.heads.mean.biases[0].normal_()
+    x, y, t = torch.randn(2, 7, 3), torch.randn(2, 7, 4), torch.rand(2, 7) * 3 + 0.01
+    code = model.encoder(y)
+    mu = torch.baddbmm(model.heads.mean.biases[0], code, model.heads.mean.weights[0])  # per head k: b_k + w A_k
+    alpha, sigma2 = torch.exp(-t)[..., None], -torch.expm1(-2 * t)[..., None]
+    score = -(x - alpha * mu) / (alpha**2 * sd**2 + sigma2)  # x_t ~ N(α μ, (α² σ_d² + σ²) I)
+    torch.testing.assert_close(-model(x, y, t) / sigma2.sqrt(), score, rtol=1e-4, atol=1e-4)
+    # the mean map is part of each head: saved in the spec, rebuilt, and its gradient reaches A and b
+    from cdmtransfer.models import build_model, model_spec
+
+    again = build_model(model_spec(model))
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again(x, y, t), model(x, y, t))
+    model(x, y, t).pow(2).sum().backward()
+    assert model.heads.mean.weights[0].grad.abs().sum() > 0
+
+
+def test_source_head_loads_its_linear_mean_and_a_mismatched_recipe_is_named():
+    from cdmtransfer.errors import ConfigError
+    from cdmtransfer.models import model_spec
+    from cdmtransfer.stages import SourceHeads, load_head
+
+    torch.manual_seed(0)
+    pretrained = ScoreModel(MLPEncoder(5, 2, 8, 1), 3, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7,
+                            linear_mean=True)
+    with torch.no_grad():
+        pretrained.heads.mean.weights[0].normal_()
+    source = SourceHeads(model_spec(pretrained), pretrained.state_dict())
+    target = ScoreModel(pretrained.encoder, 2, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7, linear_mean=True)
+    load_head(target, source, task=3)
+    for k in range(2):
+        torch.testing.assert_close(target.heads.mean.weights[0][k], pretrained.heads.mean.weights[0][2])
+    plain = ScoreModel(pretrained.encoder, 2, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7)
+    with pytest.raises(ConfigError, match="model.linear_mean = true"):
+        load_head(plain, source, task=1)
