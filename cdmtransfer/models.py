@@ -265,6 +265,16 @@ class ScoreModel(nn.Module):
         c_in = self.precond.c_in(t)
         return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t, y), t)
 
+    def mean_fit_loss(self, code: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Per-sample ‖μ_k(w) − x_0‖² [K, B] of the linear mean (linear_mean; else 0): least squares of x_0 on the
+        code, the t → ∞ limit of the denoiser's regression, which the σ_t²-weighted DSM alone weighs by ~α_t²/σ_t²
+        only. Pass the code detached: it trains A_k, b_k, not the encoder."""
+        if not self.linear_mean:
+            return x0.new_zeros(x0.shape[:-1])
+        mean = self.heads.mean
+        mean.active = getattr(self.heads, "active", None)
+        return (mean(code) - x0).pow(2).sum(-1)
+
     def dsm_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight of ‖ε̂ − ε‖² in the training loss: the EDM weight (Preconditioning) when preconditioned
         and `edm_weighting` is on; else 1 (the paper's σ²-weighted score loss)."""

@@ -261,6 +261,9 @@ class RegularizedObjective:
         code = model.encoder(y)
         eps = model.eps_from_code(x_t, code, t, y)
         loss = model.dsm_weight(t) * dsm_loss(eps, noise)  # theory.md §1.4 (EDM-weighted when preconditioned)
+        if model.linear_mean:  # x_0 = (x_t − σ_t ε)/α_t
+            x0 = (x_t - OUProcess.sigma(t)[..., None] * noise) / OUProcess.alpha(t)[..., None]
+            loss = loss + model.mean_fit_loss(code.detach(), x0)
         self.calls += 1
         self.interval_calls += 1
         self._note("dsm", loss)

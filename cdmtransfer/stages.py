@@ -76,8 +76,13 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
         x0, yb, t, noise = tile(x0), tile(yb), tile(t), tile(noise)
         if regularizer is not None:
             return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
-        weight = getattr(model, "module", model).dsm_weight(t)  # 1, or the EDM weight (models.Preconditioning)
-        return weight * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)
+        net = getattr(model, "module", model)
+        loss = net.dsm_weight(t) * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)  # EDM weight or 1
+        if net.linear_mean:
+            with torch.no_grad():
+                code = net.encoder(yb)
+            loss = loss + net.mean_fit_loss(code, x0)
+        return loss
 
     loss_fn.repeat = repeat
     return loss_fn
