@@ -29,11 +29,11 @@ import torch
 
 from cdmtransfer.checkpoint import export_model
 from cdmtransfer.config import PRETRAINED_MODES, Config
-from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
 from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, load_head,
-                                pick_source_head, score_model)
+                                pick_source_head, score_model, training_loss)
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
 from cdmtransfer.validation import (Candidate, GridEncoder, StackedEncoder, choose, fold_split, held_out_dsm,
@@ -339,8 +339,7 @@ def _loss_fn(stage: Stage, x, y, counts, rows: int, process: OUProcess, batch: i
         x0 = torch.gather(x[live], 1, idx[..., None].expand(-1, -1, d_x))[stage.select]
         yb = torch.gather(y[live], 1, idx[..., None].expand(-1, -1, y.shape[-1]))[stage.select]
         t, noise = torch.cat(ts)[stage.select], torch.cat(noises)[stage.select]
-        weight = model.dsm_weight(t)
-        return sink.add(weight * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise))
+        return sink.add(training_loss(model, x0, yb, t, noise, process))
 
     return loss_fn
 

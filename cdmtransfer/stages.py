@@ -76,16 +76,23 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
         x0, yb, t, noise = tile(x0), tile(yb), tile(t), tile(noise)
         if regularizer is not None:
             return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
-        net = getattr(model, "module", model)
-        loss = net.dsm_weight(t) * dsm_loss(model(process.perturb(x0, t, noise), yb, t), noise)  # EDM weight or 1
-        if net.linear_mean:
-            with torch.no_grad():
-                code = net.encoder(yb)
-            loss = loss + net.mean_fit_loss(code, x0)
-        return loss
+        return training_loss(model, x0, yb, t, noise, process)
 
     loss_fn.repeat = repeat
     return loss_fn
+
+
+def training_loss(model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                  process: OUProcess) -> torch.Tensor:
+    """Per-sample loss [K, B] of one batch: the DSM (theory.md §1.4; EDM-weighted or not), plus the linear mean's
+    least squares when the model has one (models.ScoreModel.mean_fit_loss). `model` may be wrapped (DDP)."""
+    net = getattr(model, "module", model)
+    loss = net.dsm_weight(t) * dsm_loss(model(process.perturb(x0, t, noise), y, t), noise)
+    if net.linear_mean:
+        with torch.no_grad():
+            code = net.encoder(y)
+        loss = loss + net.mean_fit_loss(code, x0)
+    return loss
 
 
 def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet, x_train: torch.Tensor,
