@@ -5,7 +5,11 @@ in `skipped` with the reason.
 - score_error: E_t E‖s_θ(x_t, y, t) − ∇log p_t(x_t|y)‖², t ~ Unif[T0, T]: the quantity the theorems bound
   (theory.md §1.3, L_P(s)); score_error_weighted is the same with the σ_t² weight used in training.
 - posterior_mean_mse: mean of N conditional samples vs the true x, averaged over coordinates (theory.md §4);
-  posterior_mean_mse_floor is the same for the exact posterior mean, where the suite knows it.
+  posterior_mean_mse_floor is the same for the exact posterior mean, where the suite knows it. The mean of N
+  samples adds their variance/N to the error of the model's own posterior mean: posterior_mean_mse_mc estimates
+  that part (unbiased sample variance / N, averaged), so posterior_mean_mse − posterior_mean_mse_mc is an unbiased
+  estimate of the error of the model's exact posterior mean, the quantity the point-estimate references compare to.
+- linear_mean_mse (model.linear_mean): the error of the heads' linear mean μ(h(y)) alone, used as a point estimate.
 - sliced_w2: sliced Wasserstein-2 between model and true conditional samples, averaged over conditions;
   sliced_w2_floor is the same between two independent true sample sets (the finite-sample floor).
 - suite extras (TaskSet.extra_metrics): psnr of the posterior mean (digits, mnist); centre accuracy ID/OOD and
@@ -83,7 +87,7 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int, generator: torch.Ge
 
 
 FLAGS = "flags"  # key of `skipped` holding {metric: reason} for metrics computed but not to be taken as results
-SAMPLE_METRICS = ("posterior_mean_mse", "posterior_mean_mse_excess", "sliced_w2", "psnr", "centre_accuracy_id",
+SAMPLE_METRICS = ("posterior_mean_mse", "posterior_mean_mse_mc", "posterior_mean_mse_excess", "sliced_w2", "psnr", "centre_accuracy_id",
                   "centre_accuracy_ood")
 
 
@@ -159,6 +163,13 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
     x_true, y = taskset.test_x[:n_cond], taskset.test_y[:n_cond]
     draws = spread.add(conditional_samples(model, y, e.posterior_samples, process, e.sampler_steps, e.sampler, gen))
     metrics["posterior_mean_mse"] = float((draws.mean(1) - x_true).pow(2).mean())
+    if draws.shape[1] > 1:  # E(x̄_N − x)² = (E[x|y]_model − x)² + tr Var/N
+        metrics["posterior_mean_mse_mc"] = float(draws.var(1).mean() / draws.shape[1])
+    if model.linear_mean:
+        with torch.no_grad():
+            code = model.encoder(y)
+            mu = model.mean_of_code(code.expand(model.heads.K, *code.shape))[0]  # adapted models: K = 1
+        metrics["linear_mean_mse"] = float((mu - x_true).pow(2).mean())
     exact_mean = getattr(taskset.truth, "mean", None)
     if exact_mean is not None:
         metrics["posterior_mean_mse_floor"] = float((exact_mean(0, y) - x_true).pow(2).mean())

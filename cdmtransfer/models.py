@@ -257,9 +257,7 @@ class ScoreModel(nn.Module):
                       y: torch.Tensor | None = None) -> torch.Tensor:
         """ε̂ for a precomputed code w = h(y) (heads only); pass y too when `head_sees_y`. Shapes [K, B, ·], t [K, B]."""
         if self.linear_mean:  # x_t − α_t μ(w): ε̂ is unchanged by the shift, so the formulas below apply as written
-            mean = self.heads.mean
-            mean.active = getattr(self.heads, "active", None)
-            x_t = x_t - torch.exp(-t)[..., None] * mean(code)
+            x_t = x_t - torch.exp(-t)[..., None] * self.mean_of_code(code)
         if self.precond is None:
             return self.head_output(x_t, code, t, y)
         c_in = self.precond.c_in(t)
@@ -271,9 +269,13 @@ class ScoreModel(nn.Module):
         only. Pass the code detached: it trains A_k, b_k, not the encoder."""
         if not self.linear_mean:
             return x0.new_zeros(x0.shape[:-1])
+        return (self.mean_of_code(code) - x0).pow(2).sum(-1)
+
+    def mean_of_code(self, code: torch.Tensor) -> torch.Tensor:
+        """μ_k(w) = A_k w + b_k [K, B, d_x] of the heads that run (linear_mean)."""
         mean = self.heads.mean
         mean.active = getattr(self.heads, "active", None)
-        return (mean(code) - x0).pow(2).sum(-1)
+        return mean(code)
 
     def dsm_weight(self, t: torch.Tensor) -> torch.Tensor:
         """Per-sample weight of ‖ε̂ − ε‖² in the training loss: the EDM weight (Preconditioning) when preconditioned

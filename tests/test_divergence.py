@@ -75,13 +75,15 @@ def test_blown_up_model_is_flagged(taskset):
     metrics, skipped = evaluate_model(blown_up(taskset, 10.0), taskset, make_cfg())
     assert metrics["diverged"] == 1.0
     assert metrics["sample_spread_ratio"] > 3
-    assert set(flagged(skipped)) == {"posterior_mean_mse", "posterior_mean_mse_excess", "sliced_w2"}  # from samples only
+    assert set(flagged(skipped)) == {"posterior_mean_mse", "posterior_mean_mse_mc", "posterior_mean_mse_excess",
+                                     "sliced_w2"}  # from samples only
     assert all("diverged" in why for why in flagged(skipped).values())
     assert "score_error" in metrics and "score_error" not in flagged(skipped)  # not from samples: not flagged
     line = divergence_warning("adapt scratch m=8 seed=0", metrics, skipped, 3.0)
     assert line.startswith("warning: adapt scratch m=8 seed=0: samples diverged (spread ")
     assert "threshold 3" in line
-    assert line.endswith("posterior_mean_mse, sliced_w2, posterior_mean_mse_excess are not results")
+    assert line.endswith("posterior_mean_mse, posterior_mean_mse_mc, sliced_w2, posterior_mean_mse_excess "
+                         "are not results")
     assert "\n" not in line
 
 
@@ -100,7 +102,8 @@ def test_threshold_is_evaluate_divergence_ratio(taskset):
     assert loose["sample_spread_ratio"] == strict["sample_spread_ratio"]  # the same evaluation noise
     assert loose["diverged"] == 0.0 and FLAGS not in loose_skipped
     assert strict["diverged"] == 1.0
-    assert set(flagged(strict_skipped)) == {"posterior_mean_mse", "posterior_mean_mse_excess", "sliced_w2"}
+    assert set(flagged(strict_skipped)) == {"posterior_mean_mse", "posterior_mean_mse_mc", "posterior_mean_mse_excess",
+                                            "sliced_w2"}
 
 
 def test_sample_spread_exact_values():
@@ -131,7 +134,8 @@ def test_diverged_adapt_run_is_tagged_and_warned(store, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, result.stderr
     assert warnings[0].startswith("warning: adapt scratch m=8 seed=0: samples diverged (spread ")
-    assert warnings[0].endswith("posterior_mean_mse, sliced_w2, posterior_mean_mse_excess are not results")
+    assert warnings[0].endswith("posterior_mean_mse, posterior_mean_mse_mc, sliced_w2, posterior_mean_mse_excess "
+                                "are not results")
     table = {line.split("│")[1].strip(): line.split("│")[2].strip()
              for line in result.stdout.splitlines() if line.count("│") >= 3}
     assert table["posterior_mean_mse"].endswith(" !") and table["sliced_w2"].endswith(" !")
@@ -151,6 +155,20 @@ def test_diverged_adapt_run_is_tagged_and_warned(store, tmp_path):
     ev_warnings = [line for line in ev.stderr.splitlines() if line.startswith("warning:")]
     assert len(ev_warnings) == 1 and f"evaluate {run_id}: samples diverged" in ev_warnings[0]
     out = json.loads(ev.stdout)
-    assert set(out["info"]["skipped"][FLAGS]) == {"posterior_mean_mse", "sliced_w2", "posterior_mean_mse_excess"}
+    assert set(out["info"]["skipped"][FLAGS]) == {"posterior_mean_mse", "posterior_mean_mse_mc", "sliced_w2",
+                                                  "posterior_mean_mse_excess"}
     run = client.get_run(run_id)
     assert run.data.tags[TAG + "diverged"] == "true" and run.data.metrics["eval/diverged"] == 1.0
+
+
+def test_posterior_mean_mse_mc_removes_the_sampling_noise_of_few_samples(taskset):
+    # The exact model's mean of N samples is off by Var/N: with N = 2 the raw error is far above N = 32's, while the
+    # estimate with posterior_mean_mse_mc taken off is the same (the error of the model's own posterior mean).
+    raw, debiased = {}, {}
+    for n in (2, 32):
+        metrics, _ = evaluate_model(ExactModel(taskset.truth, taskset.D_y, taskset.d_x), taskset,
+                                    make_cfg(posterior_samples=n, posterior_conditions=64))
+        raw[n], debiased[n] = metrics["posterior_mean_mse"], metrics["posterior_mean_mse"] - metrics[
+            "posterior_mean_mse_mc"]
+    assert raw[2] - raw[32] > 0.05
+    assert abs(debiased[2] - debiased[32]) < 0.25 * (raw[2] - raw[32])
