@@ -170,9 +170,9 @@ class ModelConfig:
     # eps: the head predicts the noise ε directly with the paper's σ²-weighted loss
     parametrization: Literal["edm", "eps"] = "edm"
     edm_weighting: bool = False  # edm: weight ‖ε̂ − ε‖² by w_t (unit-scale F-space loss); false: the paper's weighting
-    # each head also learns a linear map μ_k(h(y)) and sees x_t centred on it: a linear-Gaussian denoiser is its
-    # starting point and the network learns the rest (models.ScoreModel)
-    linear_mean: bool = False
+    # each head also learns a linear map μ_k(h(y)) (least squares on the code) and sees x_t centred on it: a
+    # linear-Gaussian denoiser is its starting point and the network learns the rest (models.ScoreModel)
+    linear_mean: bool = True
     # head = unet: U-Net heads (unet.py; head_width = channels of the first level, head_depth = residual blocks per
     # level) with a channel multiplier per resolution level, pixel patch p (0: 2 when both sides are >= 16, else 1),
     # optionally a zero-initialised output layer; head_sees_y: the condition y (an image of x's size, e.g. the noisy
