@@ -87,8 +87,8 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, n_proj: int, generator: torch.Ge
 
 
 FLAGS = "flags"  # key of `skipped` holding {metric: reason} for metrics computed but not to be taken as results
-SAMPLE_METRICS = ("posterior_mean_mse", "posterior_mean_mse_mc", "posterior_mean_mse_excess", "sliced_w2", "psnr", "centre_accuracy_id",
-                  "centre_accuracy_ood")
+SAMPLE_METRICS = ("posterior_mean_mse", "posterior_mean_mse_mc", "posterior_mean_mse_excess", "sliced_w2", "psnr",
+                  "centre_accuracy_id", "centre_accuracy_ood")
 
 
 class SampleSpread:

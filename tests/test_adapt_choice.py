@@ -73,7 +73,7 @@ def test_finetune_picks_the_encoder_rate_validation_prefers(tmp_path):
 def test_a_stopped_candidate_stops_computing_and_the_others_are_unchanged(tmp_path, monkeypatch):
     import cdmtransfer.stages as stages
 
-    sets = ["adapt.mode=finetune", "adapt.encoder_lr_grid=[0, 1000]", "adapt.steps=400"]
+    sets = ["adapt.mode=finetune", "adapt.encoder_lr_grid=[0, 100000]", "adapt.steps=400"]
     calls, real = [], stages._run_only
     monkeypatch.setattr(stages, "_run_only", lambda model, live, *a: calls.append(list(live)) or real(model, live, *a))
     values, choice, _ = _adapt(tmp_path / "skip", "exact", sets)

@@ -152,7 +152,8 @@ def test_modes_and_oracle_and_dry_run(recipe, store):
     assert auto.exit_code == 0 and "auto chose " in auto.stdout and "8 settings compared" in auto.stdout
     run = client(store).get_run(auto.stdout.split("run id: ")[1].split()[0])
     assert run.data.tags[TAG + "mode"] == "auto" and run.data.tags[TAG + "choice"] in ("frozen", "finetune")
-    assert run.data.metrics["cv_val_loss"] == min(run.data.metrics[f"cv_candidate_loss_{g}"] for g in range(8))
+    losses = [run.data.metrics[f"cv_candidate_loss_{g}"] for g in range(8)]  # the chosen: simplest within 3%
+    assert run.data.metrics["cv_val_loss"] in losses and run.data.metrics["cv_val_loss"] <= 1.03 * min(losses)
     assert "cv_candidates.json" in {a.path for a in client(store).list_artifacts(run.info.run_id)}
     dry = cli("adapt", recipe, "--mode", "scratch", "--m", 5, "--set", "adapt.steps=7", "--dry-run")
     assert dry.exit_code == 0

@@ -298,6 +298,8 @@ class DecoderModel(torch.nn.Module):
         self.encoder, self.truth = encoder, truth
         self.styles = 3 * torch.randn(K, truth.B.shape[2], generator=torch.Generator().manual_seed(8))
 
+    linear_mean = False  # no linear mean of the code (ScoreModel's model.linear_mean)
+
     def dsm_weight(self, t):  # the paper's weighting, as ScoreModel's default
         return torch.ones_like(t)
 
