@@ -86,12 +86,18 @@ def training_loss(model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noi
                   process: OUProcess) -> torch.Tensor:
     """Per-sample loss [K, B] of one batch: the DSM (theory.md §1.4; EDM-weighted or not), plus the linear mean's
     least squares when the model has one (models.ScoreModel.mean_fit_loss). `model` may be wrapped (DDP)."""
-    net = getattr(model, "module", model)
-    loss = net.dsm_weight(t) * dsm_loss(model(process.perturb(x0, t, noise), y, t), noise)
+    net, x_t, code = getattr(model, "module", model), process.perturb(x0, t, noise), None
+    if net is model:  # model(x_t, y, t) = eps_from_code(x_t, h(y), t, y): one encoder pass serves both terms
+        code = net.encoder(y)
+        eps = net.eps_from_code(x_t, code, t, y)
+    else:  # DDP: the forward goes through the wrapper, which syncs the gradients
+        eps = model(x_t, y, t)
+    loss = net.dsm_weight(t) * dsm_loss(eps, noise)
     if net.linear_mean:
-        with torch.no_grad():
-            code = net.encoder(y)
-        loss = loss + net.mean_fit_loss(code, x0)
+        if code is None:
+            with torch.no_grad():
+                code = net.encoder(y)
+        loss = loss + net.mean_fit_loss(code.detach(), x0)
     return loss
 
 
