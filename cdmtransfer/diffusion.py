@@ -52,6 +52,19 @@ def dsm_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return (eps_pred - noise).pow(2).sum(dim=-1)
 
 
+def model_dsm_terms(model, x0: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A score model's per-sample training loss [K, B] on x_t = perturb(x0, t, noise), with the code h(y) and ε̂ it
+    used: the DSM (EDM-weighted when the model says so), plus the linear mean's least squares when it has one
+    (models.ScoreModel.mean_fit_loss). One encoder pass serves both terms."""
+    code = model.encoder(y)
+    eps = model.eps_from_code(x_t, code, t, y)
+    loss = model.dsm_weight(t) * dsm_loss(eps, noise)
+    if model.linear_mean:
+        loss = loss + model.mean_fit_loss(code, x0)
+    return loss, code, eps
+
+
 def time_grid(steps: int, T0: float, T: float, device=None) -> torch.Tensor:
     """Decreasing times T = t_0 > … > t_steps = T0, evenly spaced in log t (finer near T0 where the score is sharp)."""
     return torch.exp(torch.linspace(math.log(T), math.log(T0), steps + 1, device=device))

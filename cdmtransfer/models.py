@@ -266,10 +266,10 @@ class ScoreModel(nn.Module):
     def mean_fit_loss(self, code: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Per-sample ‖μ_k(w) − x_0‖² [K, B] of the linear mean (linear_mean; else 0): least squares of x_0 on the
         code, the t → ∞ limit of the denoiser's regression, which the σ_t²-weighted DSM alone weighs by ~α_t²/σ_t²
-        only. Pass the code detached: it trains A_k, b_k, not the encoder."""
+        only. The code is detached: this term trains A_k, b_k, not the encoder."""
         if not self.linear_mean:
             return x0.new_zeros(x0.shape[:-1])
-        return (self.mean_of_code(code) - x0).pow(2).sum(-1)
+        return (self.mean_of_code(code.detach()) - x0).pow(2).sum(-1)
 
     def mean_of_code(self, code: torch.Tensor) -> torch.Tensor:
         """μ_k(w) = A_k w + b_k [K, B, d_x] of the heads that run (linear_mean)."""

@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.diffusion import OUProcess, dsm_loss, model_dsm_terms
 from cdmtransfer.errors import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,16 +254,12 @@ class RegularizedObjective:
         self.interval, self.interval_calls = {}, 0
         return {f"reg/{n}": v for n, v in zip(names, values)}
 
-    def __call__(self, model, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+    def __call__(self, model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                  generator: torch.Generator) -> torch.Tensor:
         r = self.reg
-        K, B, _ = x_t.shape
-        code = model.encoder(y)
-        eps = model.eps_from_code(x_t, code, t, y)
-        loss = model.dsm_weight(t) * dsm_loss(eps, noise)  # theory.md §1.4 (EDM-weighted when preconditioned)
-        if model.linear_mean:  # x_0 = (x_t − σ_t ε)/α_t
-            x0 = (x_t - OUProcess.sigma(t)[..., None] * noise) / OUProcess.alpha(t)[..., None]
-            loss = loss + model.mean_fit_loss(code.detach(), x0)
+        K, B, _ = x0.shape
+        x_t = self.process.perturb(x0, t, noise)
+        loss, code, eps = model_dsm_terms(model, x0, x_t, y, t, noise)  # theory.md §1.4 (+ the linear mean's LS)
         self.calls += 1
         self.interval_calls += 1
         self._note("dsm", loss)

@@ -21,7 +21,7 @@ import torch
 from cdmtransfer import data_checks, distributed
 from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
 from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
-from cdmtransfer.diffusion import OUProcess, dsm_loss
+from cdmtransfer.diffusion import OUProcess, dsm_loss, model_dsm_terms
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError, DataError, one_line
 from cdmtransfer.metrics import divergence_warning, evaluate_model
@@ -75,7 +75,7 @@ def dsm_objective(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proces
             x0, yb, t, noise = x0[:, part], yb[:, part], t[:, part], noise[:, part]
         x0, yb, t, noise = tile(x0), tile(yb), tile(t), tile(noise)
         if regularizer is not None:
-            return regularizer(model, process.perturb(x0, t, noise), yb, t, noise, gen)
+            return regularizer(model, x0, yb, t, noise, gen)
         return training_loss(model, x0, yb, t, noise, process)
 
     loss_fn.repeat = repeat
@@ -86,18 +86,15 @@ def training_loss(model, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noi
                   process: OUProcess) -> torch.Tensor:
     """Per-sample loss [K, B] of one batch: the DSM (theory.md §1.4; EDM-weighted or not), plus the linear mean's
     least squares when the model has one (models.ScoreModel.mean_fit_loss). `model` may be wrapped (DDP)."""
-    net, x_t, code = getattr(model, "module", model), process.perturb(x0, t, noise), None
-    if net is model:  # model(x_t, y, t) = eps_from_code(x_t, h(y), t, y): one encoder pass serves both terms
-        code = net.encoder(y)
-        eps = net.eps_from_code(x_t, code, t, y)
-    else:  # DDP: the forward goes through the wrapper, which syncs the gradients
-        eps = model(x_t, y, t)
-    loss = net.dsm_weight(t) * dsm_loss(eps, noise)
+    net, x_t = getattr(model, "module", model), process.perturb(x0, t, noise)
+    if net is model:
+        return model_dsm_terms(model, x0, x_t, y, t, noise)[0]
+    # DDP: the forward goes through the wrapper, which syncs the gradients
+    loss = net.dsm_weight(t) * dsm_loss(model(x_t, y, t), noise)
     if net.linear_mean:
-        if code is None:
-            with torch.no_grad():
-                code = net.encoder(y)
-        loss = loss + net.mean_fit_loss(code.detach(), x0)
+        with torch.no_grad():
+            code = net.encoder(y)
+        loss = loss + net.mean_fit_loss(code, x0)
     return loss
 
 
@@ -548,8 +545,9 @@ def load_head(model: ScoreModel, source: SourceHeads, task: int, into=None) -> N
     K_src = source.spec["K"]
     heads = {k[len("heads."):]: v for k, v in source.weights.items() if k.startswith("heads.")}
     own = model.heads.state_dict()
-    if bool(source.spec.get("linear_mean", False)) != model.linear_mean:
-        was = str(bool(source.spec.get("linear_mean", False))).lower()
+    source_linear = bool(source.spec.get("linear_mean", False))
+    if source_linear != model.linear_mean:
+        was = str(source_linear).lower()
         raise ConfigError(f"adapt.head_init = source: the pretrained heads have model.linear_mean = {was}; use "
                           f"--set model.linear_mean={was} (or adapt.head_init=random)")
     if source.spec.get("parametrization", "eps") != model.parametrization or set(heads) != set(own):
