@@ -32,8 +32,8 @@ from cdmtransfer.config import PRETRAINED_MODES, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
-from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, load_head,
-                                pick_source_head, score_model, training_loss)
+from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, fit_linear_means,
+                                load_head, pick_source_head, score_model, training_loss)
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
 from cdmtransfer.validation import (Candidate, GridEncoder, StackedEncoder, choose, fold_split, held_out_dsm,
@@ -165,9 +165,10 @@ def run_only(stage: Stage, on: list[int], rows: int, clip=None) -> None:
         clip.count = len(on)
 
 
-def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: TaskSet, device) -> Stage:
+def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: TaskSet, device, data: list) -> Stage:
     """The stacked model: unit u owns heads u·copies … (u + 1)·copies − 1, started as its cell's run starts them
-    (torch seed cfg.seed + 2, or the chosen source head), and its cell's encoder (a copy where it trains)."""
+    (torch seed cfg.seed + 2, or the chosen source head; linear means fitted to the cell's `data`[c] = (x, y, counts)
+    of its `copies` heads), and its cell's encoder (a copy where it trains)."""
     parts = _parts(units, cells)
     order = [i for _, ids in parts for i in ids]
     units = [units[i] for i in order]
@@ -195,7 +196,7 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     sd = None
     if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its own cell's σ_d
         sd = model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
-    heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset) for u in units]
+    heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset, data[u.cell]) for u in units]
     model.heads.load_state_dict({name: torch.cat([h[name] for h in heads]) for name in heads[0]})
     for enc, (key, _) in zip(encoders, parts):
         enc.requires_grad_(key[0] == "train")
@@ -214,12 +215,14 @@ def _sigma_data(cell: Cell) -> float:
     return float(cell.x.pow(2).mean().sqrt().clamp_min(1e-3))
 
 
-def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet) -> dict:
-    """The `copies` heads a lone run of this cell and candidate starts from (stages.train_adapt's run_stage)."""
+def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data: tuple) -> dict:
+    """The `copies` heads a lone run of this cell and candidate starts from (stages.train_adapt's run_stage), on
+    `data` = (x, y, counts) of those heads."""
     torch.manual_seed(cell.cfg.seed + 2)
     model = score_model(cell.cfg, cell.enc, copies, taskset, cell.x, cell.sigma_data)
     if cand.head_init == "source":
         load_head(model, cell.source_heads, cell.start)
+    fit_linear_means(model, cell.enc, *data, range(copies))
     return model.heads.state_dict()
 
 
@@ -286,7 +289,8 @@ class CellSink:
     def log_metrics(self, values: dict, step: int) -> None:
         if "loss" in values:
             for c in range(len(self.cells)):
-                self._emit(c, self._train_values(c, step, values["grad_norm"]), step)
+                if c not in self.done:  # an ended cell's last values (end) stay its own
+                    self._emit(c, self._train_values(c, step, values["grad_norm"]), step)
             self.sum.zero_()
             self.steps = 0
             self.check()
@@ -396,8 +400,8 @@ def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
     """Stage 1: every cell's G candidates × F folds; per cell (chosen candidate, [(loss, step)], cv_stats)."""
     a = cells[0].cfg.adapt
     units = [Unit(c, cand, _rate(cell, cand)) for c, cell in enumerate(cells) for cand in cell.candidates]
-    stage = build_stage(cells, units, F, taskset, device)
     split = [fold_split(cell.cfg.adapt.m, a.val_folds).gather(cell.x, cell.y) for cell in cells]
+    stage = build_stage(cells, units, F, taskset, device, [s[0] for s in split])
     x, y, n = _pack([s[0] for s in split], device)
     draws = [validation_draws(xv, process, a.val_draws, cell.cfg.seed + 17) for (_, (xv, _, _)), cell in
              zip(split, cells)]  # each cell's own fixed validation noise, as its own run draws it
@@ -462,14 +466,19 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
     F = fold_split(a.m, a.val_folds).count
     units = [Unit(c, cell.candidates[cv[c][0]], _rate(cell, cell.candidates[cv[c][0]])) for c, cell in enumerate(cells)]
     stop = [min(cell.cfg.adapt.steps, math.ceil(cv[c][1][cv[c][0]][1] * F / (F - 1))) for c, cell in enumerate(cells)]
-    stage = build_stage(cells, units, 1, taskset, device)
-    x, y, n = _pack([(cell.x[None], cell.y[None], torch.tensor([len(cell.x)])) for cell in cells], device)
+    data = [(cell.x[None], cell.y[None], torch.tensor([len(cell.x)])) for cell in cells]
+    stage = build_stage(cells, units, 1, taskset, device, data)
+    x, y, n = _pack(data, device)
     U = len(stage.units)
     clip = unit_clipper(stage.model, stage.trainable, U, a.grad_clip) if U > 1 else None
     sink = CellSink(cells, stage, "", a, clip)
     unit_of = {u.cell: i for i, u in enumerate(stage.units)}
     kept: dict[int, object] = {c: _extract(stage, unit_of[c], cells[c], taskset, stage.model)
                                for c in range(len(cells)) if stop[c] == 0}
+    for c in kept:  # chosen at step 0 (the start beat every trained step): nothing to train, nothing more to log
+        sink.end(c, 0)
+    if kept and len(kept) < len(cells):
+        run_only(stage, [u for u in range(U) if stop[stage.units[u].cell] > 0], 1, clip)
 
     def on_step(done: int, _val, ema) -> None:  # a cell's refit ends at its own step: keep its EMA weights then
         for c in range(len(cells)):

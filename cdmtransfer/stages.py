@@ -29,6 +29,7 @@ from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_param
                                 model_spec, rebuild)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
+from cdmtransfer.references import ridge_gcv
 from cdmtransfer.regularizers import check_regularizers, make_objective, with_reg_metrics
 from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
@@ -110,6 +111,30 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
                        sigma_data=sigma_data, linear_mean=m.linear_mean)
     model.edm_weighting = m.edm_weighting
     return model
+
+
+@torch.no_grad()
+def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     counts: torch.Tensor, into) -> None:
+    """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
+    squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
+    first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
+    by GCV (references.ridge_gcv), b_k unpenalised. With F = 0 the model then starts as the linear-Gaussian model
+    x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient steps that early stopping
+    cuts short at small m; mean_fit_loss refines it as training goes (the code moves where the encoder trains)."""
+    if not model.linear_mean:
+        return
+    W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]  # [K, d, d_x], [K, 1, d_x]
+    code = enc(y.to(W.device)).double()
+    x = x.to(W.device).double()
+    for i, k in enumerate(into):  # once per head at the start, on [n, d] matrices: not a hot loop
+        n = int(counts[i])
+        if n < 2:
+            continue
+        start = W[k].double()
+        fit = ridge_gcv(code[i, :n], x[i, :n] - code[i, :n] @ start)
+        W[k] = (start + fit.coef).to(W)
+        B[k, 0] = fit.intercept.to(B)
 
 
 def _progress(cfg_steps: int, label: str, quiet: bool) -> Progress:
@@ -367,6 +392,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 load_head(model, source_heads, start, into=into)
             elif G > 1:
                 set_heads(model, fresh, into)
+            fit_linear_means(model, enc, x, y, n, into)
         groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
@@ -430,8 +456,12 @@ def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path,
     values, skipped = evaluate_model(ema.cpu(), taskset, cfg)
     if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
         adapt_samples_figure(ema, taskset, cfg, work_dir / "plots" / "samples.png")
-    values.update(final_loss=final_loss, train_seconds=seconds + (cv_stats["cv_seconds"] if cv_stats else 0),
+    values.update(train_seconds=seconds + (cv_stats["cv_seconds"] if cv_stats else 0),
                   trainable_parameters=trainable, steps=steps)
+    if steps > 0:
+        values["final_loss"] = final_loss
+    else:
+        skipped["final_loss"] = "cross-validation chose the starting weights (best step 0): no training step ran"
     if cv_stats is not None:
         values.update(cv_stats)
         values["converged"] = values.pop("cv_converged")
