@@ -121,7 +121,8 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
     by GCV (references.ridge_gcv), b_k unpenalised. With F = 0 the model then starts as the linear-Gaussian model
     x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient steps that early stopping
-    cuts short at small m; mean_fit_loss refines it as training goes (the code moves where the encoder trains)."""
+    cuts short at small m; mean_fit_loss refines it as training goes (the code moves where the encoder trains).
+    Not for scratch: least squares on a random encoder's code made it worse (Gaussian suites, m = 8)."""
     if not model.linear_mean:
         return
     W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]  # [K, d, d_x], [K, 1, d_x]
@@ -392,7 +393,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 load_head(model, source_heads, start, into=into)
             elif G > 1:
                 set_heads(model, fresh, into)
-            fit_linear_means(model, enc, x, y, n, into)
+            if a.mode != "scratch":  # a random encoder's code says nothing yet: its mean is learned with it
+                fit_linear_means(model, enc, x, y, n, into)
         groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
