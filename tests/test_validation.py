@@ -273,3 +273,32 @@ def test_source_head_loads_its_linear_mean_and_a_mismatched_recipe_is_named():
     plain = ScoreModel(pretrained.encoder, 2, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7)
     with pytest.raises(ConfigError, match="model.linear_mean = true"):
         load_head(plain, source, task=1)
+
+
+def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_rows():
+    from cdmtransfer.stages import fit_linear_means
+
+    torch.manual_seed(0)
+    enc = MLPEncoder(5, 3, 8, 1)
+    model = ScoreModel(enc, 3, 4, 16, 1, 4, parametrization="edm", sigma_data=0.7, linear_mean=True)
+    y = torch.randn(2, 40, 5)
+    with torch.no_grad():
+        code = enc(y)
+    A, b = torch.randn(2, 3, 4), torch.randn(2, 1, 4)
+    x = torch.baddbmm(b, code, A) + 1e-3 * torch.randn(2, 40, 4)
+    x[1, 30:] = 1e6  # rows past head 1's count are padding: they must not matter
+    fit_linear_means(model, enc, x, y, torch.tensor([40, 30]), into=[2, 0])
+    W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]
+    for k, i in ((2, 0), (0, 1)):  # head `into[i]` fitted on rows i
+        torch.testing.assert_close(W[k], A[i], rtol=0, atol=0.02)
+        torch.testing.assert_close(B[k], b[i], rtol=0, atol=0.02)
+    assert W[1].abs().sum() == 0 and B[1].abs().sum() == 0  # a head not listed keeps its start
+    # pure noise: GCV shrinks A toward the head's starting map (here a source head's); the intercept puts the fit
+    # through the rows' means
+    start = torch.randn(3, 4)
+    with torch.no_grad():
+        W[1] = start
+    noise = torch.randn(1, 40, 4)
+    fit_linear_means(model, enc, noise, y[:1], torch.tensor([40]), into=[1])
+    assert (W[1] - start).abs().max() < 0.2 * start.abs().max()
+    torch.testing.assert_close(code[0].mean(0) @ W[1] + B[1, 0], noise[0].mean(0), rtol=0, atol=1e-5)
