@@ -195,7 +195,8 @@ class ScoreModel(nn.Module):
     output is a unit-variance correction to the skip term of the denoiser D = c_skip x_t + c_out F. Either way
     forward() returns ε̂, so losses, samplers and metrics are the same code for both.
 
-    linear_mean: each head also owns a linear map μ_k(w) = A_k w + b_k of the code (`heads.mean`, zero at the start),
+    linear_mean: each head also owns a linear map μ_k(w) = A_k w + b_k of the code (`heads.mean`; zero when built,
+    adapt starts a new head's at least squares on its rows: stages.fit_linear_means),
     and sees x_t centred on it, x_t − α_t μ_k(w). With edm the denoiser becomes D = μ + c_skip (x_t − α_t μ) + c_out F:
     for F = 0 it is the exact denoiser of x_0 | y ~ N(μ_k(h(y)), σ_d² I), so a linear-Gaussian model is the starting
     point and F only learns what that model misses (at large t, D → μ: DSM there is least squares of x_0 on h(y)).
