@@ -22,6 +22,7 @@ rows) take seconds and no pooled copy of the data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ class LinearFit:
     intercept: torch.Tensor  # [d_x]
     coef: torch.Tensor  # [D, d_x]
     lam: float = 0.0
+    gcv: float = math.nan  # ridge_gcv: the GCV estimate of the fit's mean squared prediction error per row
 
     def predict(self, features: torch.Tensor) -> torch.Tensor:
         return self.intercept + features.double() @ self.coef
@@ -95,7 +97,8 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> Linear
     keep = s > s.max() * 1e-10 if s.numel() and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
     U, s, Vh = U[:, keep], s[keep], Vh[keep]
     if s.numel() == 0:  # constant features: the intercept alone
-        return LinearFit(x_mean, torch.zeros(F.shape[1], X.shape[1], dtype=torch.float64), float("inf"))
+        return LinearFit(x_mean, torch.zeros(F.shape[1], X.shape[1], dtype=torch.float64), float("inf"),
+                         float(Xc.pow(2).sum() / n / (1 - 1 / n) ** 2))
     proj = U.T @ Xc  # [r, d_x]
     p2 = proj.pow(2).sum(1)  # [r]
     outside = float(Xc.pow(2).sum() - p2.sum())  # residual energy no λ can fit
@@ -108,7 +111,7 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> Linear
     best = int(torch.argmin(gcv))
     lam = float(lams[best])
     coef = Vh.T @ ((s / (s2 + lam))[:, None] * proj)  # [D, d_x]
-    return LinearFit(x_mean - f_mean @ coef, coef, lam)
+    return LinearFit(x_mean - f_mean @ coef, coef, lam, float(gcv[best]))
 
 
 def _mse(pred: torch.Tensor, x: torch.Tensor) -> float:

@@ -119,10 +119,12 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
     squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
     first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
-    by GCV (references.ridge_gcv), b_k unpenalised. With F = 0 the model then starts as the linear-Gaussian model
-    x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient steps that early stopping
-    cuts short at small m; mean_fit_loss refines it as training goes (the code moves where the encoder trains).
-    Not for scratch: least squares on a random encoder's code made it worse (Gaussian suites, m = 8)."""
+    by GCV (references.ridge_gcv), b_k unpenalised; the starting map is kept untouched when its own error on the rows
+    (an honest estimate: it was not fitted to them) is below the fit's GCV error. With F = 0 the model then starts as
+    the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
+    steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
+    the encoder trains). Not for scratch: least squares on a random encoder's code made it worse (Gaussian suites,
+    m = 8)."""
     if not model.linear_mean:
         return
     W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]  # [K, d, d_x], [K, 1, d_x]
@@ -133,7 +135,10 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
         if n < 2:
             continue
         start = W[k].double()
-        fit = ridge_gcv(code[i, :n], x[i, :n] - code[i, :n] @ start)
+        residual = x[i, :n] - code[i, :n] @ start
+        fit = ridge_gcv(code[i, :n], residual)
+        if (residual - B[k, 0].double()).pow(2).sum(1).mean() <= fit.gcv:  # the start predicts these rows better
+            continue
         W[k] = (start + fit.coef).to(W)
         B[k, 0] = fit.intercept.to(B)
 

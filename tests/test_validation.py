@@ -302,3 +302,14 @@ def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_r
     fit_linear_means(model, enc, noise, y[:1], torch.tensor([40]), into=[1])
     assert (W[1] - start).abs().max() < 0.2 * start.abs().max()
     torch.testing.assert_close(code[0].mean(0) @ W[1] + B[1, 0], noise[0].mean(0), rtol=0, atol=1e-5)
+    # a start that already predicts the rows (a source head fitted to this kind of task) is kept as it is
+    with torch.no_grad():
+        W[1], B[1, 0] = A[0], b[0, 0]
+    kept = W[1].clone(), B[1].clone()
+    near = torch.baddbmm(b[:1], code[:1, :8], A[:1]) + 0.05 * torch.randn(1, 8, 4)
+    from cdmtransfer.references import ridge_gcv
+
+    fit = ridge_gcv(code[0, :8], near[0] - code[0, :8] @ A[0])
+    assert (fit.intercept - b[0, 0]).abs().max() > 1e-3  # the fit would move the map
+    fit_linear_means(model, enc, near, y[:1, :8], torch.tensor([8]), into=[1])
+    assert torch.equal(W[1], kept[0]) and torch.equal(B[1], kept[1])
