@@ -6,7 +6,9 @@ target sweep (frozen and scratch, `--seeds` seeds, the recipe's own pretrain): t
 mean curve, interpolated log-log between measured points, reaches ε; "> max m" when it does not within the sweep.
 Prints one row per (case, mode, ε), misses included, and the summary the issue asks for: median |log2(pred/true)|
 and how many 80% intervals hold m_true. Cases with m_true beyond the sweep count as held when the interval's upper
-end is also beyond it, and enter the median only when both are finite.
+end is also beyond it, and enter the median only when both are finite. Cases already at ε at the sweep's first m
+(m_true ≤ 8, left-censored) count as held when the interval's lower end is ≤ 8, and enter the median with
+log2(pred/8), a lower bound of the error, when the prediction is above 8 (else they are consistent and left out).
 
     .venv/bin/python benchmarks/estimate_check.py --cases quickstart --seeds 2 [--dense quickstart=SWEEP_RUN_ID]
     .venv/bin/python benchmarks/estimate_check.py --cases file --file-recipe /tmp/ft/recipe.yaml   # a user file
@@ -91,6 +93,8 @@ def main() -> None:
                     help="use this finished sweep as the case's dense target sweep")
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--file-recipe", default=None, help="the recipe of case `file` (benchmarks/file_task.py write)")
+    ap.add_argument("--holdout-steps", type=int, default=None,
+                    help="step cap of the held-out pretrains (default: estimate's, 1000)")
     args = ap.parse_args()
     if args.file_recipe:
         CASES["file"] = (args.file_recipe, *CASES["file"][1:])
@@ -101,22 +105,29 @@ def main() -> None:
         cfg = load_config(recipe, sets)
         truth = curves_of(dense_sweep(cfg, args.seeds, args.tracking_uri, given.get(name)), error)
         for eps in eps_values:
+            steps = {} if args.holdout_steps is None else {"steps": args.holdout_steps}
             pred, _ = source_estimate(cfg, Epsilon(eps), error, holdouts=default_holdouts(cfg.suite.K),
-                                      tracking_uri=args.tracking_uri)
+                                      tracking_uri=args.tracking_uri, **steps)
             for mode, r in pred.items():
                 true = m_true(truth[mode], eps)
+                first = float(truth[mode].m[0])
                 lo, hi = (math.inf if v is None else v for v in r["interval"])
                 point = math.inf if r["m"] is None else r["m"]
-                held = lo <= true <= hi or (math.isinf(true) and hi > truth[mode].m.max())
-                ratio = math.log2(point / true) if math.isfinite(point) and math.isfinite(true) else None
-                rows.append((name, mode, eps, point, lo, hi, true, ratio, held))
+                if true <= first:  # left-censored: m_true ≤ first
+                    held = lo <= first
+                    ratio = math.log2(point / first) if first < point < math.inf else None
+                else:
+                    held = lo <= true <= hi or (math.isinf(true) and hi > truth[mode].m.max())
+                    ratio = math.log2(point / true) if math.isfinite(point) and math.isfinite(true) else None
+                rows.append((name, mode, eps, point, lo, hi, true, ratio, held, first))
     print("| case | mode | ε | predicted m [80%] | m_true (dense sweep) | log2(pred/true) | held |")
     print("|---|---|---|---|---|---|---|")
-    for name, mode, eps, point, lo, hi, true, ratio, held in rows:
+    for name, mode, eps, point, lo, hi, true, ratio, held, first in rows:
         fmt = lambda v: "never" if math.isinf(v) else f"{v:.0f}"  # noqa: E731
-        print(f"| {name} | {mode} | {eps:g} | {fmt(point)} [{fmt(lo)}, {fmt(hi)}] | "
-              f"{fmt(true) if math.isfinite(true) else '> ' + str(DENSE[-1])} | "
-              f"{'–' if ratio is None else f'{ratio:+.2f}'} | {'yes' if held else 'no'} |")
+        shown = f"≤ {first:.0f}" if true <= first else fmt(true) if math.isfinite(true) else f"> {DENSE[-1]}"
+        bound = "≥ " if true <= first and ratio is not None else ""
+        print(f"| {name} | {mode} | {eps:g} | {fmt(point)} [{fmt(lo)}, {fmt(hi)}] | {shown} | "
+              f"{'–' if ratio is None else f'{bound}{ratio:+.2f}'} | {'yes' if held else 'no'} |")
     ratios = [abs(r[7]) for r in rows if r[7] is not None]
     print(f"\nmedian |log2(pred/true)| = {np.median(ratios):.2f} over {len(ratios)} finite cases; "
           f"intervals held m_true in {sum(r[8] for r in rows)}/{len(rows)}")
