@@ -272,8 +272,10 @@ def estimate(recipe: RecipeArg,
                  "--holdout", min=0, metavar="L", rich_help_panel=SOURCES,
                  help="Source tasks held out in turn as stand-in targets (default min(3, K − 1); 0: none, theory "
                       "and target-only fits).")] = None,
-             holdout_steps: Annotated[int, typer.Option(min=1, rich_help_panel=SOURCES,
-                                                        help="Step cap of the held-out pretrains.")] = 1000,
+             holdout_steps: Annotated[Optional[int], typer.Option(
+                 min=1, rich_help_panel=SOURCES,
+                 help="Step cap of the held-out pretrains (default: the recipe's pretrain.steps; they stop by "
+                      "validation either way).")] = None,
              ladder: Annotated[str, typer.Option(metavar="M1,M2,..", rich_help_panel=SOURCES,
                                                  help="Target sizes of the held-out sweeps.")] = "8,16,32,64",
              seeds: Annotated[int, typer.Option(min=1, rich_help_panel=SOURCES,
@@ -372,7 +374,8 @@ def estimate(recipe: RecipeArg,
 
         note("estimate", "measuring task diversity (pretrains on K, K/2 sources and n, n/4 rows; heads refit per "
                          "encoder)", not (quiet or json_out))
-        report.diversity = measure(cfg, pretrain_steps=min(holdout_steps, cfg.pretrain.steps), quiet=quiet or json_out)
+        caps = {"pretrain_steps": min(holdout_steps, cfg.pretrain.steps)} if holdout_steps else {}  # else its own
+        report.diversity = measure(cfg, **caps, quiet=quiet or json_out)
     from cdmtransfer import report as rep
     from cdmtransfer.estimate import log_estimate
 

@@ -182,8 +182,8 @@ def predicted_tables(out: Console, report, quiet: bool = False) -> None:
     out.print(fits)
     secs = ev.get("seconds", {})
     reused = sum(r["reused"] for r in ev.get("runs", []))
-    out.print(f"held-out runs: {len(ev.get('runs', []))} sweeps ({reused} reused), pretrains capped at "
-              f"{ev.get('pretrain_steps_cap')} steps; training {secs.get('training', 0):.0f} s, statistics "
+    out.print(f"held-out runs: {len(ev.get('runs', []))} sweeps ({reused} reused), pretrains stopped by validation, "
+              f"capped at {ev.get('pretrain_steps_cap')} steps; training {secs.get('training', 0):.0f} s, statistics "
               f"{secs.get('statistics', 0):.1f} s")
 
 
