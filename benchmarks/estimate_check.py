@@ -94,18 +94,18 @@ def main() -> None:
     ap.add_argument("--tracking-uri", default=None)
     ap.add_argument("--file-recipe", default=None, help="the recipe of case `file` (benchmarks/file_task.py write)")
     ap.add_argument("--holdout-steps", type=int, default=None,
-                    help="step cap of the held-out pretrains (default: estimate's, 1000)")
+                    help="step cap of the held-out pretrains (default: estimate's, the recipe's pretrain.steps)")
     args = ap.parse_args()
     if args.file_recipe:
         CASES["file"] = (args.file_recipe, *CASES["file"][1:])
     given = dict(item.split("=", 1) for item in args.dense)
+    steps = {} if args.holdout_steps is None else {"steps": args.holdout_steps}
     rows = []
     for name in args.cases.split(","):
         recipe, sets, error, eps_values = CASES[name]
         cfg = load_config(recipe, sets)
         truth = curves_of(dense_sweep(cfg, args.seeds, args.tracking_uri, given.get(name)), error)
         for eps in eps_values:
-            steps = {} if args.holdout_steps is None else {"steps": args.holdout_steps}
             pred, _ = source_estimate(cfg, Epsilon(eps), error, holdouts=default_holdouts(cfg.suite.K),
                                       tracking_uri=args.tracking_uri, **steps)
             for mode, r in pred.items():

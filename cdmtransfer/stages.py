@@ -115,7 +115,7 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
 
 @torch.no_grad()
 def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     counts: torch.Tensor, into) -> None:
+                     counts: torch.Tensor, into, mode: str) -> None:
     """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
     squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
     first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
@@ -123,9 +123,9 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     (an honest estimate: it was not fitted to them) is below the fit's GCV error. With F = 0 the model then starts as
     the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
     steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
-    the encoder trains). Not for scratch: least squares on a random encoder's code made it worse (Gaussian suites,
-    m = 8)."""
-    if not model.linear_mean:
+    the encoder trains). Not for `mode` scratch: a random encoder's code says nothing yet, and least squares on it
+    made the Gaussian suites worse at m = 8; its mean is learned with the encoder."""
+    if not model.linear_mean or mode == "scratch":
         return
     W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]  # [K, d, d_x], [K, 1, d_x]
     code = enc(y.to(W.device)).double()
@@ -398,8 +398,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 load_head(model, source_heads, start, into=into)
             elif G > 1:
                 set_heads(model, fresh, into)
-            if a.mode != "scratch":  # a random encoder's code says nothing yet: its mean is learned with it
-                fit_linear_means(model, enc, x, y, n, into)
+            fit_linear_means(model, enc, x, y, n, into, a.mode)
         groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
