@@ -68,10 +68,13 @@ def dense_sweep(cfg, seeds: int, tracking_uri: str | None, run_id: str | None) -
     from cdmtransfer.config import Config, from_dict
     from cdmtransfer.curves import sweep
 
+    from cdmtransfer.tasks import build_taskset
+
     tracker = open_tracker(cfg, tracking_uri)
     if run_id is None:
         data = cfg.to_dict()
-        data["sweep"] = {"modes": ["frozen", "scratch"], "m": list(DENSE), "seeds": seeds}
+        pool = build_taskset(cfg).target_x.shape[0]  # digits: 100 target rows, so the ladder ends at 64
+        data["sweep"] = {"modes": ["frozen", "scratch"], "m": [m for m in DENSE if m <= pool], "seeds": seeds}
         cfg = from_dict(Config, data, "dense sweep")
         key = config_key(cfg)
         found = tracker.client.search_runs([tracker.experiment_id],
@@ -100,11 +103,12 @@ def main() -> None:
         CASES["file"] = (args.file_recipe, *CASES["file"][1:])
     given = dict(item.split("=", 1) for item in args.dense)
     steps = {} if args.holdout_steps is None else {"steps": args.holdout_steps}
-    rows = []
+    rows, last = [], {}
     for name in args.cases.split(","):
         recipe, sets, error, eps_values = CASES[name]
         cfg = load_config(recipe, sets)
         truth = curves_of(dense_sweep(cfg, args.seeds, args.tracking_uri, given.get(name)), error)
+        last[name] = max(float(c.m.max()) for c in truth.values())
         for eps in eps_values:
             pred, _ = source_estimate(cfg, Epsilon(eps), error, holdouts=default_holdouts(cfg.suite.K),
                                       tracking_uri=args.tracking_uri, **steps)
@@ -124,7 +128,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, mode, eps, point, lo, hi, true, ratio, held, first in rows:
         fmt = lambda v: "never" if math.isinf(v) else f"{v:.0f}"  # noqa: E731
-        shown = f"≤ {first:.0f}" if true <= first else fmt(true) if math.isfinite(true) else f"> {DENSE[-1]}"
+        shown = f"≤ {first:.0f}" if true <= first else fmt(true) if math.isfinite(true) else f"> {last[name]:.0f}"
         bound = "≥ " if true <= first and ratio is not None else ""
         print(f"| {name} | {mode} | {eps:g} | {fmt(point)} [{fmt(lo)}, {fmt(hi)}] | {shown} | "
               f"{'–' if ratio is None else f'{bound}{ratio:+.2f}'} | {'yes' if held else 'no'} |")

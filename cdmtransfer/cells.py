@@ -32,8 +32,8 @@ from cdmtransfer.config import PRETRAINED_MODES, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
-from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, fit_linear_means,
-                                load_head, pick_source_head, score_model, training_loss)
+from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_scale, adapt_values, choice_info,
+                                fit_linear_means, load_head, pick_source_head, score_model, training_loss)
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
 from cdmtransfer.validation import (Candidate, GridEncoder, StackedEncoder, choose, fold_split, held_out_dsm,
@@ -78,18 +78,18 @@ class Cell:
     sink: object = None  # its metrics (MetricRecorder)
     candidates: list = field(default_factory=list)
     start: int | None = None  # the source head its heads start from
-    sigma_data: float | None = None  # the source heads' σ_d, when its heads may start from them
+    sigma_data: float | None = None  # its heads' σ_d (stages.adapt_scale); None: its m samples' RMS
     error: str | None = None  # why it failed (a NaN loss), else None
 
 
-def prepare_cells(cells: list[Cell], process: OUProcess) -> None:
+def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> None:
     """Each cell's candidate settings, source head and σ_d, as stages.train_adapt computes them."""
     for cell in cells:
         a = cell.cfg.adapt
         cell.candidates = adapt_candidates(a, cell.source_heads is not None)
         uses_source = any(c.head_init == "source" for c in cell.candidates)
         cell.start = pick_source_head(cell.source_heads, cell.x, cell.y, process, a) if uses_source else None
-        cell.sigma_data = cell.source_heads.spec.get("sigma_data") if uses_source else None
+        cell.sigma_data = adapt_scale(cell.cfg, taskset, cell.source_heads if uses_source else None)
 
 
 @dataclass
@@ -366,7 +366,7 @@ def train_cells(cells: list[Cell], taskset: TaskSet, *, device=None) -> list[dic
     (`Cell.error` says why). All cells share group_key."""
     a = cells[0].cfg.adapt
     process = OUProcess(cells[0].cfg.diffusion.T0, cells[0].cfg.diffusion.T)
-    prepare_cells(cells, process)
+    prepare_cells(cells, taskset, process)
     folds = fold_split(a.m, a.val_folds)
     F = folds.count
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-cells-") as tmp:

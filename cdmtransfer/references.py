@@ -80,6 +80,22 @@ def pooled_linear(source_x: torch.Tensor, source_y: torch.Tensor, source_n: torc
     return LinearFit(mu_x - mu_y @ coef, coef, lam)
 
 
+def residual_rms(source_x: torch.Tensor, source_y: torch.Tensor, source_n: torch.Tensor) -> float:
+    """RMS per coordinate of what a linear map of y leaves of x, task by task: each source's ridge fit of x on y
+    (`ridge_gcv`, its GCV error: an out-of-sample estimate), pooled over the sources' rows. The scale of x around a
+    head's linear mean μ_k(h(y)) (models.Preconditioning's σ_d for heads with one); padding rows ignored."""
+    sq, rows = 0.0, 0
+    for k in range(source_x.shape[0]):  # once per source before training, on [n_k, D_y] matrices: not a hot loop
+        n_k = int(source_n[k])
+        if n_k >= 2:
+            gcv = ridge_gcv(source_y[k, :n_k], source_x[k, :n_k]).gcv
+            if math.isfinite(gcv):
+                sq, rows = sq + n_k * max(gcv, 0.0), rows + n_k
+    if rows == 0:
+        raise ValueError("residual_rms needs a source with at least 2 rows (and a finite fit)")
+    return math.sqrt(sq / rows / source_x.shape[-1])
+
+
 def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> LinearFit:
     """Ridge regression of x [n, d_x] on features [n, D] with an unpenalised intercept, the ridge λ chosen by GCV.
 
@@ -101,7 +117,7 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> Linear
                          float(Xc.pow(2).sum() / n / (1 - 1 / n) ** 2))
     proj = U.T @ Xc  # [r, d_x]
     p2 = proj.pow(2).sum(1)  # [r]
-    outside = float(Xc.pow(2).sum() - p2.sum())  # residual energy no λ can fit
+    outside = max(float(Xc.pow(2).sum() - p2.sum()), 0.0)  # residual energy no λ can fit (≥ 0 up to rounding)
     s2 = s.pow(2)
     lams = float(s2.max()) * torch.logspace(-10, 6, grid, dtype=torch.float64)
     shrink = lams[:, None] / (s2[None] + lams[:, None])  # [G, r]: 1 − s²/(s²+λ)

@@ -29,7 +29,7 @@ from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_param
                                 model_spec, rebuild)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
-from cdmtransfer.references import ridge_gcv
+from cdmtransfer.references import residual_rms, ridge_gcv
 from cdmtransfer.regularizers import check_regularizers, make_objective, with_reg_metrics
 from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
@@ -113,6 +113,29 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
     return model
 
 
+def pretrain_scale(cfg: Config, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> float | None:
+    """σ_d of the pretrained heads (models.Preconditioning) from the sources' training rows: with a linear mean, the
+    RMS of what each source's linear fit of x on y leaves (references.residual_rms), the part of x the heads model
+    around μ_k(h(y)), so that F = 0 is a linear-Gaussian model of about the right width (floored at 1% of x's RMS,
+    for x linear in y);
+    else None: x's own RMS (score_model)."""
+    if not (cfg.model.linear_mean and cfg.model.parametrization == "edm"):
+        return None
+    rms = float(x[torch.arange(x.shape[1]) < counts[:, None]].pow(2).mean().sqrt())
+    return max(residual_rms(x, y, counts), 0.01 * rms, 1e-3)
+
+
+def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None) -> float | None:
+    """σ_d of an adapt run's heads: the source heads' own when its heads may start from them (`source_heads` given);
+    for fresh heads whose linear mean starts at least squares (every mode but scratch), the pretrain's rule on the
+    sources' rows (pretrain_scale); else None: the m samples' RMS (score_model)."""
+    if source_heads is not None:
+        return source_heads.spec.get("sigma_data")
+    if cfg.adapt.mode == "scratch" or not bool((taskset.source_n >= 2).any()):
+        return None
+    return pretrain_scale(cfg, taskset.source_x, taskset.source_y, taskset.source_n)
+
+
 @torch.no_grad()
 def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                      counts: torch.Tensor, into, mode: str) -> None:
@@ -183,8 +206,8 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     taskset = build_taskset(cfg)
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = holdout_split(taskset.source_n, cfg.pretrain.val_fraction, cfg.suite.seed)
-    x_real = taskset.source_x[train_rows.mask]  # the training rows, for σ_d
-    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, x_real).to(device)
+    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[train_rows.mask],
+                        pretrain_scale(cfg, *train_rows.gather(taskset.source_x, taskset.source_y))).to(device)
     check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
         return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume, train_rows, val_rows)
@@ -379,7 +402,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     candidates = adapt_candidates(a, source_heads is not None)
     uses_source = any(c.head_init == "source" for c in candidates)
     start = pick_source_head(source_heads, x_m, y_m, process, a) if uses_source else None
-    sigma_data = source_heads.spec.get("sigma_data") if uses_source else None  # the source heads' own scale
+    sigma_data = adapt_scale(cfg, taskset, source_heads if uses_source else None)
 
     def run_stage(cands: list[Candidate], copies: int, x, y, n, ckpt: Path, label: str, sink, **kw):
         """Train len(cands) × copies heads, candidate g owning heads g·copies … (g + 1)·copies − 1, each candidate

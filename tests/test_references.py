@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cdmtransfer.config import Config
-from cdmtransfer.references import ENCODER, ORACLE, POOLED, TARGET, pooled_linear, reference_metrics, ridge_gcv
+from cdmtransfer.references import (ENCODER, ORACLE, POOLED, TARGET, pooled_linear, residual_rms,
+                                   reference_metrics, ridge_gcv)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tasks.base import TaskSet, stack_sources
 from cdmtransfer.typed import from_dict
@@ -65,6 +66,23 @@ def test_padding_rows_are_ignored():
     first = reference_metrics(TaskSet("a", X, Y, n, x_test, y_test, x_test, y_test), x_test, y_test)[0][POOLED]
     second = reference_metrics(TaskSet("b", X2, Y2, n, x_test, y_test, x_test, y_test), x_test, y_test)[0][POOLED]
     assert first == second
+
+
+def test_residual_rms_is_the_noise_each_source_s_own_linear_fit_leaves():
+    g = torch.Generator().manual_seed(3)
+    sizes, xs, ys = (3000, 400, 2000), [], []
+    for n_k in sizes:  # each source its own map: one pooled map would leave most of x
+        y = torch.randn(n_k, D_Y, generator=g)
+        xs.append(y @ torch.randn(D_Y, D_X, generator=g) + NOISE * torch.randn(n_k, D_X, generator=g))
+        ys.append(y)
+    X, Y, n = stack_sources(xs, ys)
+    rms = residual_rms(X, Y, n)
+    assert abs(rms - NOISE) < 0.03 * NOISE  # GCV: out of sample, about NOISE·(1 + (D_Y + 1)/(2 n_k))
+    pooled = pooled_linear(X, Y, n)
+    pooled_rms = float((pooled.predict(Y[0]) - X[0].double()).pow(2).mean().sqrt())
+    assert pooled_rms > 3 * rms
+    X[1, 400:] = 1e6  # padding rows
+    assert residual_rms(X, Y, n) == rms
 
 
 def _explicit_gcv(F, X, lam):

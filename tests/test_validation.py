@@ -313,3 +313,29 @@ def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_r
     assert (fit.intercept - b[0, 0]).abs().max() > 1e-3  # the fit would move the map
     fit_linear_means(model, enc, near, y[:1, :8], torch.tensor([8]), into=[1], mode="frozen")
     assert torch.equal(W[1], kept[0]) and torch.equal(B[1], kept[1])
+
+
+def test_heads_with_a_linear_mean_are_scaled_to_what_a_linear_map_of_y_leaves():
+    # models.Preconditioning's σ_d: with a linear mean the heads model x around μ_k(h(y)), so their scale is the
+    # residual of each source's linear fit (stages.pretrain_scale), not x's own RMS; adapt's fresh heads use the same
+    # rule, source-started heads keep their source's σ_d, scratch (μ starts at 0 on a random code) x's RMS.
+    from types import SimpleNamespace
+
+    from cdmtransfer.config import load_config
+    from cdmtransfer.references import residual_rms
+    from cdmtransfer.stages import adapt_scale, pretrain_scale
+    from cdmtransfer.tasks import build_taskset
+
+    sets = ["suite.K=3", "suite.n=256", "suite.gaussian.noise=0.1"]
+    cfg = load_config(None, sets)
+    taskset = build_taskset(cfg)
+    x, y, n = taskset.source_x, taskset.source_y, taskset.source_n
+    sd = pretrain_scale(cfg, x, y, n)
+    assert sd == residual_rms(x, y, n)
+    assert sd < 0.5 * float(x.pow(2).mean().sqrt())  # x is mostly a linear map of y here
+    for off in ("model.linear_mean=false", "model.parametrization=eps"):
+        assert pretrain_scale(load_config(None, sets + [off]), x, y, n) is None
+    assert adapt_scale(load_config(None, sets + ["adapt.mode=oracle"]), taskset, None) == sd
+    assert adapt_scale(load_config(None, sets + ["adapt.mode=scratch"]), taskset, None) is None
+    source = SimpleNamespace(spec={"sigma_data": 0.7})
+    assert adapt_scale(load_config(None, sets + ["adapt.mode=frozen"]), taskset, source) == 0.7
