@@ -172,14 +172,17 @@ class Preconditioning:
     def _alpha_sigma(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.exp(-t)[..., None], torch.sqrt(-torch.expm1(-2 * t))[..., None]
 
-    def c_in(self, t: torch.Tensor) -> torch.Tensor:
+    def c_in(self, t: torch.Tensor, sd=None) -> torch.Tensor:
+        """c_in for the model's σ_d, or for `sd` (one per coordinate [K, 1, d_x]: ScoreModel's covariance)."""
         alpha, sigma = self._alpha_sigma(t)
-        return torch.rsqrt(alpha**2 * self.sd**2 + sigma**2)
+        sd = self.sd if sd is None else sd
+        return torch.rsqrt(alpha**2 * sd**2 + sigma**2)
 
-    def eps(self, x_t: torch.Tensor, F: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eps(self, x_t: torch.Tensor, F: torch.Tensor, t: torch.Tensor, sd=None) -> torch.Tensor:
         alpha, sigma = self._alpha_sigma(t)
-        c_in = torch.rsqrt(alpha**2 * self.sd**2 + sigma**2)
-        return c_in * (sigma * c_in * x_t - alpha * self.sd * F)
+        sd = self.sd if sd is None else sd
+        c_in = torch.rsqrt(alpha**2 * sd**2 + sigma**2)
+        return c_in * (sigma * c_in * x_t - alpha * sd * F)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self._alpha_sigma(t)
@@ -200,11 +203,18 @@ class ScoreModel(nn.Module):
     and sees x_t centred on it, x_t − α_t μ_k(w). With edm the denoiser becomes D = μ + c_skip (x_t − α_t μ) + c_out F:
     for F = 0 it is the exact denoiser of x_0 | y ~ N(μ_k(h(y)), σ_d² I), so a linear-Gaussian model is the starting
     point and F only learns what that model misses (at large t, D → μ: DSM there is least squares of x_0 on h(y)).
+
+    mean_covariance = full (with linear_mean, edm and MLP heads): each head also owns a covariance Σ_k = U_k diag(s_k²)
+    U_kᵀ (buffers `heads.mean.basis` [K, d_x, d_x] and `heads.mean.scale` [K, 1, d_x]: set in closed form, never by
+    gradient: stages.set_covariances, fit_linear_means). The head works in Σ_k's eigenbasis, z = U_kᵀ(x_t − α_t μ),
+    with the preconditioning's σ_d per coordinate (s_k): for F = 0 the denoiser is the exact one of
+    x_0 | y ~ N(μ_k(h(y)), Σ_k). Built as U = I, s = σ_d: the same model as without it.
     """
 
     def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int,
                  head: str = "mlp", image_shape: tuple[int, ...] | None = None, parametrization: str = "eps",
-                 sigma_data: float = 1.0, head_config: dict | None = None, linear_mean: bool = False):
+                 sigma_data: float = 1.0, head_config: dict | None = None, linear_mean: bool = False,
+                 mean_covariance: str = "scalar"):
         super().__init__()
         if parametrization not in ("eps", "edm"):
             raise ValueError(f"unknown parametrization {parametrization!r}")
@@ -239,6 +249,13 @@ class ScoreModel(nn.Module):
             self.heads.mean = BatchedHeads(K, encoder.d, d_x, 1, 0)
             nn.init.zeros_(self.heads.mean.weights[0])
             nn.init.zeros_(self.heads.mean.biases[0])
+        if mean_covariance not in ("scalar", "full"):
+            raise ValueError(f"unknown mean_covariance {mean_covariance!r}")
+        self.full_covariance = (mean_covariance == "full" and self.linear_mean and self.precond is not None
+                                and head == "mlp")
+        if self.full_covariance:  # buffers: saved and stacked with each head, not trained
+            self.heads.mean.register_buffer("basis", torch.eye(d_x).expand(K, d_x, d_x).clone())
+            self.heads.mean.register_buffer("scale", torch.full((K, 1, d_x), self.sigma_data))
 
     @property
     def head_sees_y(self) -> bool:
@@ -261,8 +278,20 @@ class ScoreModel(nn.Module):
             x_t = x_t - torch.exp(-t)[..., None] * self.mean_of_code(code)
         if self.precond is None:
             return self.head_output(x_t, code, t, y)
+        if self.full_covariance:  # in Σ_k's eigenbasis (ε is N(0, I) there too), σ_d per coordinate, then back
+            basis, sd = self.covariance()
+            z = torch.bmm(x_t, basis)
+            c_in = self.precond.c_in(t, sd)
+            return torch.bmm(self.precond.eps(z, self.head_output(c_in * z, code, t, y), t, sd), basis.transpose(1, 2))
         c_in = self.precond.c_in(t)
         return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t, y), t)
+
+    def covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U_k [K, d_x, d_x], s_k [K, 1, d_x]) of the heads that run (mean_covariance = full): Σ_k = U diag(s²) Uᵀ."""
+        mean, active = self.heads.mean, getattr(self.heads, "active", None)
+        if active is None:
+            return mean.basis, mean.scale
+        return mean.basis[active], mean.scale[active]
 
     def mean_fit_loss(self, code: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Per-sample ‖μ_k(w) − x_0‖² [K, B] of the linear mean (linear_mean; else 0): least squares of x_0 on the
@@ -348,7 +377,8 @@ def model_spec(model: ScoreModel) -> dict:
     """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe)."""
     spec = {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
             "time_dim": 2 * model.time.freqs.numel(), "parametrization": model.parametrization,
-            "sigma_data": model.sigma_data, "linear_mean": model.linear_mean}
+            "sigma_data": model.sigma_data, "linear_mean": model.linear_mean,
+            "mean_covariance": "full" if model.full_covariance else "scalar"}
     if model.head == "conv":
         return {**spec, "head": "conv", "head_width": model.heads.width, "head_depth": model.heads.depth,
                 "image_shape": list(model.heads.shape)}
@@ -362,7 +392,7 @@ def build_model(spec: dict) -> ScoreModel:
     return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
                       spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"),
                       spec.get("parametrization", "eps"), spec.get("sigma_data", 1.0), spec.get("head_config"),
-                      spec.get("linear_mean", False))
+                      spec.get("linear_mean", False), spec.get("mean_covariance", "scalar"))
 
 
 def rebuild(spec, source: str, part: str = "model") -> nn.Module:

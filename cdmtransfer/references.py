@@ -101,7 +101,8 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> Linear
 
     GCV(λ) = (1/n)‖(I − H_λ) X‖² / (1 − tr(H_λ)/n)², H_λ the hat matrix (intercept included), one λ shared by the
     d_x outputs, minimised over a log grid of λ/s_max² ∈ [1e-10, 1e6] in closed form through the SVD of the centred
-    features. Works for n ≤ D (GCV never picks λ → 0 there: the denominator vanishes as the fit interpolates).
+    features, among the ridges whose fit keeps tr(H_λ) ≤ n/2 (near interpolation GCV's denominator vanishes and its
+    estimate with it). Works for n ≤ D.
     """
     F, X = features.double(), x.double()
     n = F.shape[0]
@@ -124,6 +125,9 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> Linear
     rss = outside + (shrink.pow(2) * p2[None]).sum(1)
     dof = 1 + (1 - shrink).sum(1)  # tr(H): intercept + Σ s²/(s²+λ)
     gcv = (rss / n) / (1 - dof / n).clamp_min(1e-12).pow(2)
+    # GCV is unreliable as the fit nears interpolation (its denominator → 0; at n = 8 it picked near-zero ridges
+    # that tested 6× worse than it said): only ridges leaving at least half the rows' degrees of freedom compete
+    gcv = torch.where(dof <= n / 2, gcv, torch.full_like(gcv, math.inf)) if bool((dof <= n / 2).any()) else gcv
     best = int(torch.argmin(gcv))
     lam = float(lams[best])
     coef = Vh.T @ ((s / (s2 + lam))[:, None] * proj)  # [D, d_x]

@@ -108,7 +108,7 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
         sigma_data = float(x_train.pow(2).mean().sqrt().clamp_min(1e-3))
     model = ScoreModel(encoder, K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
                        **head_options(m, taskset.image_shape), parametrization=m.parametrization,
-                       sigma_data=sigma_data, linear_mean=m.linear_mean)
+                       sigma_data=sigma_data, linear_mean=m.linear_mean, mean_covariance=m.mean_covariance)
     model.edm_weighting = m.edm_weighting
     return model
 
@@ -138,7 +138,7 @@ def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None)
 
 @torch.no_grad()
 def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     counts: torch.Tensor, into, mode: str) -> None:
+                     counts: torch.Tensor, into, mode: str, fresh: bool = False) -> None:
     """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
     squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
     first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
@@ -147,9 +147,15 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
     steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
     the encoder trains). Not for `mode` scratch: a random encoder's code says nothing yet, and least squares on it
-    made the Gaussian suites worse at m = 8; its mean is learned with the encoder."""
+    made the Gaussian suites worse at m = 8; its mean is learned with the encoder. `fresh` (new random heads, not a
+    source head's): with a full covariance their network's output layer starts at 0, so step 0 is exactly the fitted
+    linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays."""
     if not model.linear_mean or mode == "scratch":
         return
+    if fresh and model.full_covariance:
+        for k in into:
+            model.heads.weights[-1][k] = 0.0
+            model.heads.biases[-1][k] = 0.0
     W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]  # [K, d, d_x], [K, 1, d_x]
     code = enc(y.to(W.device)).double()
     x = x.to(W.device).double()
@@ -164,6 +170,46 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
             continue
         W[k] = (start + fit.coef).to(W)
         B[k, 0] = fit.intercept.to(B)
+        if model.full_covariance:  # and the covariance around the new mean, shrunk toward the head's start
+            basis, scale = model.heads.mean.basis[k].double(), model.heads.mean.scale[k, 0].double()
+            set_covariance(model, k, residual_covariance(residual - fit.predict(code[i, :n]), fit.gcv,
+                                                         (basis * scale.pow(2)) @ basis.T))
+
+
+def residual_covariance(residual: torch.Tensor, error: float, prior: torch.Tensor) -> torch.Tensor:
+    """Σ̂ of the rows' residuals [n, d_x] around a fitted mean, its trace set to the fit's out-of-sample error per row
+    (`error`: GCV; in-sample residuals are too small), shrunk toward `prior` by w = d_x/(d_x + n): half-way at n = d_x,
+    little by n = 16 d_x."""
+    n, d = residual.shape
+    S = residual.T @ residual / n
+    if not (math.isfinite(error) and error > 0 and float(torch.trace(S)) > 0):
+        return prior
+    S = S * (error / float(torch.trace(S)))
+    w = d / (d + n)
+    return (1 - w) * S + w * prior
+
+
+def set_covariance(model: ScoreModel, k: int, cov: torch.Tensor) -> None:
+    """Head k's Σ_k = U diag(s²) Uᵀ (model.mean_covariance = full) from a covariance matrix; s floored at 1% of σ_d
+    (as pretrain_scale: a direction x never varies in would make the F = 0 denoiser a point mass)."""
+    lam, U = torch.linalg.eigh(0.5 * (cov + cov.T))
+    lam = lam.clamp_min((0.01 * model.sigma_data) ** 2)
+    model.heads.mean.basis[k] = U.to(model.heads.mean.basis)
+    model.heads.mean.scale[k, 0] = lam.sqrt().to(model.heads.mean.scale)
+
+
+@torch.no_grad()
+def set_source_covariances(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
+    """Pretrain: each source head's Σ_k from its own rows (model.mean_covariance = full; else nothing): the residual
+    covariance of the source's ridge fit of x on y (references.ridge_gcv), shrunk toward σ_d² I."""
+    if not model.full_covariance:
+        return
+    prior = model.sigma_data**2 * torch.eye(model.d_x, dtype=torch.float64)
+    for k in range(x.shape[0]):  # once per source before training: not a hot loop
+        n = int(counts[k])
+        if n >= 2:
+            fit = ridge_gcv(y[k, :n], x[k, :n])
+            set_covariance(model, k, residual_covariance(x[k, :n].double() - fit.predict(y[k, :n]), fit.gcv, prior))
 
 
 def _progress(cfg_steps: int, label: str, quiet: bool) -> Progress:
@@ -206,8 +252,11 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     taskset = build_taskset(cfg)
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = holdout_split(taskset.source_n, cfg.pretrain.val_fraction, cfg.suite.seed)
+    rows = train_rows.gather(taskset.source_x, taskset.source_y)
     model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[train_rows.mask],
-                        pretrain_scale(cfg, *train_rows.gather(taskset.source_x, taskset.source_y))).to(device)
+                        pretrain_scale(cfg, *rows))
+    set_source_covariances(model, *rows)
+    model = model.to(device)
     check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
         return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume, train_rows, val_rows)
@@ -421,7 +470,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 load_head(model, source_heads, start, into=into)
             elif G > 1:
                 set_heads(model, fresh, into)
-            fit_linear_means(model, enc, x, y, n, into, a.mode)
+            fit_linear_means(model, enc, x, y, n, into, a.mode, fresh=c.head_init != "source")
         groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
@@ -609,6 +658,10 @@ def load_head(model: ScoreModel, source: SourceHeads, task: int, into=None) -> N
         was = str(source_linear).lower()
         raise ConfigError(f"adapt.head_init = source: the pretrained heads have model.linear_mean = {was}; use "
                           f"--set model.linear_mean={was} (or adapt.head_init=random)")
+    source_cov = source.spec.get("mean_covariance", "scalar")
+    if source_cov != ("full" if model.full_covariance else "scalar"):
+        raise ConfigError(f"adapt.head_init = source: the pretrained heads have model.mean_covariance = {source_cov}; "
+                          f"use --set model.mean_covariance={source_cov} (or adapt.head_init=random)")
     if source.spec.get("parametrization", "eps") != model.parametrization or set(heads) != set(own):
         raise ConfigError("adapt.head_init = source: the pretrained heads differ from the recipe's (head kind, "
                           "sizes or model.parametrization); use adapt.head_init=random")

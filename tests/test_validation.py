@@ -273,6 +273,10 @@ def test_source_head_loads_its_linear_mean_and_a_mismatched_recipe_is_named():
     plain = ScoreModel(pretrained.encoder, 2, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7)
     with pytest.raises(ConfigError, match="model.linear_mean = true"):
         load_head(plain, source, task=1)
+    full = ScoreModel(pretrained.encoder, 2, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7, linear_mean=True,
+                      mean_covariance="full")  # a pretrain made before model.mean_covariance
+    with pytest.raises(ConfigError, match="model.mean_covariance = scalar"):
+        load_head(full, source, task=1)
 
 
 def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_rows():
@@ -339,3 +343,69 @@ def test_heads_with_a_linear_mean_are_scaled_to_what_a_linear_map_of_y_leaves():
     assert adapt_scale(load_config(None, sets + ["adapt.mode=scratch"]), taskset, None) is None
     source = SimpleNamespace(spec={"sigma_data": 0.7})
     assert adapt_scale(load_config(None, sets + ["adapt.mode=frozen"]), taskset, source) == 0.7
+
+
+def test_full_covariance_head_with_a_zero_network_is_the_exact_gaussian_denoiser():
+    # model.mean_covariance = full: with F = 0 head k is the exact score of x_0 | y ~ N(μ_k(h(y)), Σ_k), any Σ_k
+    from cdmtransfer.models import build_model, model_spec
+    from cdmtransfer.stages import set_covariance
+
+    torch.manual_seed(0)
+    model = ScoreModel(MLPEncoder(4, 2, 8, 1), 2, 3, 16, 1, 4, parametrization="edm", sigma_data=0.6,
+                       linear_mean=True, mean_covariance="full")
+    covs = []
+    with torch.no_grad():
+        model.heads.weights[-1].zero_()
+        model.heads.biases[-1].zero_()
+        model.heads.mean.weights[0].normal_()
+        model.heads.mean.biases[0].normal_()
+        for k in range(2):
+            L = torch.randn(3, 3, dtype=torch.float64)
+            covs.append(L @ L.T + 0.1 * torch.eye(3, dtype=torch.float64))
+            set_covariance(model, k, covs[-1])
+    x, y, t = torch.randn(2, 7, 3), torch.randn(2, 7, 4), torch.rand(2, 7) * 3 + 0.01
+    mu = torch.baddbmm(model.heads.mean.biases[0], model.encoder(y), model.heads.mean.weights[0])
+    alpha, sigma2 = torch.exp(-t)[..., None, None], -torch.expm1(-2 * t)[..., None, None]
+    cov_t = alpha**2 * torch.stack(covs).float()[:, None] + sigma2 * torch.eye(3)  # Cov(x_t) per head and row
+    score = -torch.linalg.solve(cov_t, (x - alpha[..., 0] * mu)[..., None])[..., 0]
+    torch.testing.assert_close(-model(x, y, t) / sigma2[..., 0].sqrt(), score, rtol=1e-4, atol=1e-4)
+    again = build_model(model_spec(model))  # Σ_k is saved with the head
+    again.load_state_dict(model.state_dict())
+    torch.testing.assert_close(again(x, y, t), model(x, y, t))
+    spec = {k: v for k, v in model_spec(model).items() if k != "mean_covariance"}
+    assert not build_model(spec).full_covariance  # models saved before the option: Σ = σ_d² I, as they were trained
+    plain = ScoreModel(model.encoder, 2, 3, 16, 1, 4, parametrization="edm", sigma_data=0.6, linear_mean=True)
+    built = ScoreModel(model.encoder, 2, 3, 16, 1, 4, parametrization="edm", sigma_data=0.6, linear_mean=True,
+                       mean_covariance="full")
+    built.load_state_dict({**plain.state_dict(), **{k: v for k, v in built.state_dict().items() if "basis" in k
+                                                    or "scale" in k}})
+    torch.testing.assert_close(built(x, y, t), plain(x, y, t))  # as built (U = I, s = σ_d): the scalar model
+
+
+def test_source_and_new_heads_get_the_residual_covariance_of_their_rows():
+    from cdmtransfer.stages import fit_linear_means, set_source_covariances
+
+    torch.manual_seed(1)
+    enc = MLPEncoder(5, 3, 8, 1)
+    L = torch.tensor([[1.0, 0, 0, 0], [0.8, 0.3, 0, 0], [0, 0, 0.5, 0], [0, 0, 0.2, 0.1]])
+    cov = L @ L.T
+    n = 4000
+    y = torch.randn(2, n, 5)
+    with torch.no_grad():
+        code = enc(y)
+    A = torch.randn(2, 3, 4)
+    x = torch.bmm(code, A) + torch.randn(2, n, 4) @ L.T
+    model = ScoreModel(enc, 3, 4, 16, 1, 4, parametrization="edm", sigma_data=0.7, linear_mean=True,
+                       mean_covariance="full")
+    fit_linear_means(model, enc, x, y, torch.tensor([n, n]), into=[2, 0], mode="frozen")
+    mean = model.heads.mean
+    for k in (2, 0):
+        fitted = (mean.basis[k] * mean.scale[k, 0].pow(2)) @ mean.basis[k].T
+        torch.testing.assert_close(fitted, cov, rtol=0, atol=0.08)
+    torch.testing.assert_close(mean.basis[1], torch.eye(4))  # a head not listed keeps its start
+    # pretrain: each source head's Σ_k from a ridge fit of x on y itself (here x is linear in y)
+    xs = y @ torch.randn(5, 4) + torch.randn(2, n, 4) @ L.T
+    set_source_covariances(model, xs, y, torch.tensor([n, n, 0]))
+    for k in (0, 1):
+        fitted = (mean.basis[k] * mean.scale[k, 0].pow(2)) @ mean.basis[k].T
+        torch.testing.assert_close(fitted, cov, rtol=0, atol=0.08)
