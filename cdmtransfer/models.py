@@ -206,7 +206,7 @@ class ScoreModel(nn.Module):
 
     mean_covariance = full (with linear_mean, edm and MLP heads): each head also owns a covariance Σ_k = U_k diag(s_k²)
     U_kᵀ (buffers `heads.mean.basis` [K, d_x, d_x] and `heads.mean.scale` [K, 1, d_x]: set in closed form, never by
-    gradient: stages.set_covariances, fit_linear_means). The head works in Σ_k's eigenbasis, z = U_kᵀ(x_t − α_t μ),
+    gradient: stages.set_source_covariances in pretrain, stages.fit_linear_means in adapt). The head works in Σ_k's eigenbasis, z = U_kᵀ(x_t − α_t μ),
     with the preconditioning's σ_d per coordinate (s_k): for F = 0 the denoiser is the exact one of
     x_0 | y ~ N(μ_k(h(y)), Σ_k). Built as U = I, s = σ_d: the same model as without it.
     """

@@ -114,11 +114,10 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
 
 
 def pretrain_scale(cfg: Config, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> float | None:
-    """σ_d of the pretrained heads (models.Preconditioning) from the sources' training rows: with a linear mean, the
+    """σ_d of the pretrained heads (models.Preconditioning) from the sources' training rows. With a linear mean: the
     RMS of what each source's linear fit of x on y leaves (references.residual_rms), the part of x the heads model
-    around μ_k(h(y)), so that F = 0 is a linear-Gaussian model of about the right width (floored at 1% of x's RMS,
-    for x linear in y);
-    else None: x's own RMS (score_model)."""
+    around μ_k(h(y)), so that F = 0 is a linear-Gaussian model of about the right width; floored at 1% of x's RMS
+    (x linear in y). Else None: x's own RMS (score_model)."""
     if not (cfg.model.linear_mean and cfg.model.parametrization == "edm"):
         return None
     rms = float(x[torch.arange(x.shape[1]) < counts[:, None]].pow(2).mean().sqrt())
