@@ -162,7 +162,7 @@ def run_only(stage: Stage, on: list[int], rows: int, clip=None) -> None:
     where = {c: k for k, c in enumerate(stage.live_cells)}
     stage.select = torch.cat([torch.arange(rows) + where[units[u].cell] * rows for u in on]).to(device)
     if clip is not None:
-        clip.count = len(on)
+        clip.count = 1  # the loss is already a sum of the units' own means (_loss_fn's reduce)
 
 
 def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: TaskSet, device, data: list) -> Stage:
@@ -233,6 +233,15 @@ def _pack(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], device):
     x = torch.cat([pad(x) for x, _, _ in parts]).to(device)
     y = torch.cat([pad(y) for _, y, _ in parts]).to(device)
     return x, y, torch.cat([c for _, _, c in parts]).to(device)
+
+
+def cell_clipper(stage: Stage, U: int, max_norm: float):
+    """Per-unit clipping (validation.unit_clipper) of a loss that sums the units' own means (_loss_fn): count 1."""
+    if U == 1:
+        return None
+    clip = unit_clipper(stage.model, stage.trainable, U, max_norm)
+    clip.count = 1
+    return clip
 
 
 def _select(stage: Stage, rows: int, device) -> torch.Tensor:
@@ -345,6 +354,9 @@ def _loss_fn(stage: Stage, x, y, counts, rows: int, process: OUProcess, batch: i
         t, noise = torch.cat(ts)[stage.select], torch.cat(noises)[stage.select]
         return sink.add(training_loss(model, x0, yb, t, noise, process))
 
+    # Σ over running units of each unit's own mean loss: every unit's gradient is bit for bit its lone run's, however
+    # many units still run (a mean over all of them, undone by ×n in the clipper, rounds differently for each n)
+    loss_fn.reduce = lambda losses: losses.view(len(stage.on), -1).mean(1).sum()
     return loss_fn
 
 
@@ -417,7 +429,7 @@ def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
     def validate(model):
         return per_head(model).view(U, F).mean(1)
 
-    clip = unit_clipper(stage.model, stage.trainable, U, a.grad_clip) if U > 1 else None
+    clip = cell_clipper(stage, U, a.grad_clip)
     sink = CellSink(cells, stage, "cv/", a, clip)
     of_cell = sink.of_cell
 
@@ -470,7 +482,7 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
     stage = build_stage(cells, units, 1, taskset, device, data)
     x, y, n = _pack(data, device)
     U = len(stage.units)
-    clip = unit_clipper(stage.model, stage.trainable, U, a.grad_clip) if U > 1 else None
+    clip = cell_clipper(stage, U, a.grad_clip)
     sink = CellSink(cells, stage, "", a, clip)
     unit_of = {u.cell: i for i, u in enumerate(stage.units)}
     kept: dict[int, object] = {c: _extract(stage, unit_of[c], cells[c], taskset, stage.model)

@@ -174,9 +174,8 @@ class ModelConfig:
     # linear-Gaussian denoiser is its starting point and the network learns the rest (models.ScoreModel)
     linear_mean: bool = True
     # full: each head's linear-Gaussian start also has a covariance Σ_k (residual covariance of x around the linear
-    # fit, in closed form), so F = 0 is x | y ~ N(μ_k(h(y)), Σ_k) (MLP heads with edm only); scalar: Σ_k = σ_d² I.
-    # Opt-in for now: with it, batched cells are equal to ~1e-8, not bit for bit, when a neighbour stops (README)
-    mean_covariance: Literal["full", "scalar"] = "scalar"
+    # fit, in closed form), so F = 0 is x | y ~ N(μ_k(h(y)), Σ_k) (MLP heads with edm only); scalar: Σ_k = σ_d² I
+    mean_covariance: Literal["full", "scalar"] = "full"
     # head = unet: U-Net heads (unet.py; head_width = channels of the first level, head_depth = residual blocks per
     # level) with a channel multiplier per resolution level, pixel patch p (0: 2 when both sides are >= 16, else 1),
     # optionally a zero-initialised output layer; head_sees_y: the condition y (an image of x's size, e.g. the noisy

@@ -159,7 +159,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * scale
         losses = loss_fn(net, generator)
-        loss = losses.mean()
+        loss = losses.mean() if getattr(loss_fn, "reduce", None) is None else loss_fn.reduce(losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip is not None:
