@@ -67,7 +67,6 @@ def dense_sweep(cfg, seeds: int, tracking_uri: str | None, run_id: str | None) -
     """Rows of the dense target sweep: the given run, a finished one with the same config, or a new one."""
     from cdmtransfer.config import Config, from_dict
     from cdmtransfer.curves import sweep
-
     from cdmtransfer.tasks import build_taskset
 
     tracker = open_tracker(cfg, tracking_uri)

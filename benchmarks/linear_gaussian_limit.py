@@ -2,7 +2,7 @@
 
 For each m and seed, the m target samples (the same subsets adapt draws) fit x | y ~ N(μ̂(f(y)), Σ̂) in closed form:
 μ̂ ridge least squares of x on the features f(y) (GCV, references.ridge_gcv), Σ̂ either isotropic (the GCV error per
-coordinate) or the residual covariance shrunk toward it (stages.residual_covariance, the rule the heads start from
+coordinate) or the residual covariance shrunk toward it (head_start.residual_covariance, the rule the heads start from
 with model.mean_covariance = full). Features: the pretrained encoder ĥ (what `frozen` sees) and the true h* (what
 `oracle` sees). Its exact score −(α²Σ̂ + σ²I)⁻¹(x_t − αμ̂) is scored like metrics.score_metrics (E_t ‖s − s*‖² on the
 test pairs, t ~ U[T0, T]). No diffusion training: a head that scores above this is losing to a linear model.
@@ -24,7 +24,7 @@ from cdmtransfer.config import load_config  # noqa: E402
 from cdmtransfer.diffusion import OUProcess  # noqa: E402
 from cdmtransfer.references import ridge_gcv  # noqa: E402
 from cdmtransfer.runs import load_model_dir  # noqa: E402
-from cdmtransfer.stages import residual_covariance  # noqa: E402
+from cdmtransfer.head_start import residual_covariance  # noqa: E402
 from cdmtransfer.tasks import build_taskset  # noqa: E402
 
 

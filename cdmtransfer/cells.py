@@ -32,8 +32,9 @@ from cdmtransfer.config import PRETRAINED_MODES, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
-from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_scale, adapt_values, choice_info,
-                                fit_linear_means, load_head, pick_source_head, score_model, training_loss)
+from cdmtransfer.head_start import adapt_scale, fit_linear_means
+from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, load_head, pick_source_head,
+                                score_model, training_loss)
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
 from cdmtransfer.validation import (Candidate, GridEncoder, StackedEncoder, choose, fold_split, held_out_dsm,
@@ -78,7 +79,7 @@ class Cell:
     sink: object = None  # its metrics (MetricRecorder)
     candidates: list = field(default_factory=list)
     start: int | None = None  # the source head its heads start from
-    sigma_data: float | None = None  # its heads' σ_d (stages.adapt_scale); None: its m samples' RMS
+    sigma_data: float | None = None  # its heads' σ_d (head_start.adapt_scale); None: its m samples' RMS
     error: str | None = None  # why it failed (a NaN loss), else None
 
 
@@ -132,7 +133,7 @@ class Stage:
     select: torch.Tensor | None = None  # data row of every running head, rows of live cells stacked in order
 
 
-def run_only(stage: Stage, on: list[int], rows: int, clip=None) -> None:
+def run_only(stage: Stage, on: list[int], rows: int) -> None:
     """From now on only units `on` run (forward, backward, loss): a unit that stopped (its candidate in
     cross-validation, its cell in the refit) costs no more compute. Its weights still take optimizer steps without
     gradients, which nothing reads: its results (best loss and step; refit weights) were kept when it stopped."""
@@ -161,8 +162,6 @@ def run_only(stage: Stage, on: list[int], rows: int, clip=None) -> None:
     stage.live_cells = sorted({units[u].cell for u in on})
     where = {c: k for k, c in enumerate(stage.live_cells)}
     stage.select = torch.cat([torch.arange(rows) + where[units[u].cell] * rows for u in on]).to(device)
-    if clip is not None:
-        clip.count = 1  # the loss is already a sum of the units' own means (_loss_fn's reduce)
 
 
 def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: TaskSet, device, data: list) -> Stage:
@@ -442,7 +441,7 @@ def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
                 sink.end(c, done)
         on = [u for u in stage.on if not _unit_state(val, u)[2] and units_cell_live(u)]
         if on and on != stage.on:
-            run_only(stage, on, F, clip)
+            run_only(stage, on, F)
 
     def units_cell_live(u: int) -> bool:
         return cells[stage.units[u].cell].error is None
@@ -490,7 +489,7 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
     for c in kept:  # chosen at step 0 (the start beat every trained step): nothing to train, nothing more to log
         sink.end(c, 0)
     if kept and len(kept) < len(cells):
-        run_only(stage, [u for u in range(U) if stop[stage.units[u].cell] > 0], 1, clip)
+        run_only(stage, [u for u in range(U) if stop[stage.units[u].cell] > 0], 1)
 
     def on_step(done: int, _val, ema) -> None:  # a cell's refit ends at its own step: keep its EMA weights then
         for c in range(len(cells)):
@@ -499,7 +498,7 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
                 sink.end(c, done)
         on = [u for u in stage.on if stop[stage.units[u].cell] > done and cells[stage.units[u].cell].error is None]
         if on and on != stage.on:
-            run_only(stage, on, 1, clip)
+            run_only(stage, on, 1)
 
     loss_fn = _loss_fn(stage, x, y, n, 1, process, a.batch_size, sink, _generators(cells, device))
     result = None

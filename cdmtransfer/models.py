@@ -199,16 +199,16 @@ class ScoreModel(nn.Module):
     forward() returns ε̂, so losses, samplers and metrics are the same code for both.
 
     linear_mean: each head also owns a linear map μ_k(w) = A_k w + b_k of the code (`heads.mean`; zero when built,
-    adapt starts a new head's at least squares on its rows: stages.fit_linear_means),
+    adapt starts a new head's at least squares on its rows: head_start.fit_linear_means),
     and sees x_t centred on it, x_t − α_t μ_k(w). With edm the denoiser becomes D = μ + c_skip (x_t − α_t μ) + c_out F:
     for F = 0 it is the exact denoiser of x_0 | y ~ N(μ_k(h(y)), σ_d² I), so a linear-Gaussian model is the starting
     point and F only learns what that model misses (at large t, D → μ: DSM there is least squares of x_0 on h(y)).
 
     mean_covariance = full (with linear_mean, edm and MLP heads): each head also owns a covariance Σ_k = U_k diag(s_k²)
-    U_kᵀ (buffers `heads.mean.basis` [K, d_x, d_x] and `heads.mean.scale` [K, 1, d_x]: set in closed form, never by
-    gradient: stages.set_source_covariances in pretrain, stages.fit_linear_means in adapt). The head works in Σ_k's eigenbasis, z = U_kᵀ(x_t − α_t μ),
-    with the preconditioning's σ_d per coordinate (s_k): for F = 0 the denoiser is the exact one of
-    x_0 | y ~ N(μ_k(h(y)), Σ_k). Built as U = I, s = σ_d: the same model as without it.
+    U_kᵀ (buffers `heads.mean.basis` [K, d_x, d_x] and `heads.mean.scale` [K, 1, d_x]), set in closed form and never
+    by gradient (head_start.set_source_covariances in pretrain, head_start.fit_linear_means in adapt). The head works
+    in Σ_k's eigenbasis, z = U_kᵀ(x_t − α_t μ), with the preconditioning's σ_d per coordinate (s_k): for F = 0 the
+    denoiser is the exact one of x_0 | y ~ N(μ_k(h(y)), Σ_k). Built as U = I, s = σ_d: the same model as without it.
     """
 
     def __init__(self, encoder: nn.Module, K: int, d_x: int, head_width: int, head_depth: int, time_dim: int,

@@ -280,7 +280,7 @@ def test_source_head_loads_its_linear_mean_and_a_mismatched_recipe_is_named():
 
 
 def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_rows():
-    from cdmtransfer.stages import fit_linear_means
+    from cdmtransfer.head_start import fit_linear_means
 
     torch.manual_seed(0)
     enc = MLPEncoder(5, 3, 8, 1)
@@ -321,13 +321,13 @@ def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_r
 
 def test_heads_with_a_linear_mean_are_scaled_to_what_a_linear_map_of_y_leaves():
     # models.Preconditioning's σ_d: with a linear mean the heads model x around μ_k(h(y)), so their scale is the
-    # residual of each source's linear fit (stages.pretrain_scale), not x's own RMS; adapt's fresh heads use the same
+    # residual of each source's linear fit (head_start.pretrain_scale), not x's own RMS; adapt's fresh heads use the same
     # rule, source-started heads keep their source's σ_d, scratch (μ starts at 0 on a random code) x's RMS.
     from types import SimpleNamespace
 
     from cdmtransfer.config import load_config
     from cdmtransfer.references import residual_rms
-    from cdmtransfer.stages import adapt_scale, pretrain_scale
+    from cdmtransfer.head_start import adapt_scale, pretrain_scale
     from cdmtransfer.tasks import build_taskset
 
     sets = ["suite.K=3", "suite.n=256", "suite.gaussian.noise=0.1"]
@@ -348,7 +348,7 @@ def test_heads_with_a_linear_mean_are_scaled_to_what_a_linear_map_of_y_leaves():
 def test_full_covariance_head_with_a_zero_network_is_the_exact_gaussian_denoiser():
     # model.mean_covariance = full: with F = 0 head k is the exact score of x_0 | y ~ N(μ_k(h(y)), Σ_k), any Σ_k
     from cdmtransfer.models import build_model, model_spec
-    from cdmtransfer.stages import set_covariance
+    from cdmtransfer.head_start import set_covariance
 
     torch.manual_seed(0)
     model = ScoreModel(MLPEncoder(4, 2, 8, 1), 2, 3, 16, 1, 4, parametrization="edm", sigma_data=0.6,
@@ -383,7 +383,7 @@ def test_full_covariance_head_with_a_zero_network_is_the_exact_gaussian_denoiser
 
 
 def test_source_and_new_heads_get_the_residual_covariance_of_their_rows():
-    from cdmtransfer.stages import fit_linear_means, set_source_covariances
+    from cdmtransfer.head_start import fit_linear_means, set_source_covariances
 
     torch.manual_seed(1)
     enc = MLPEncoder(5, 3, 8, 1)

@@ -1,0 +1,120 @@
+"""A new head's closed-form start: the linear-Gaussian model x | y ~ N(μ_k(h(y)), Σ_k) that every head with a linear
+mean begins from (models.ScoreModel: linear_mean, mean_covariance), so that the network F only learns what it misses.
+
+- pretrain_scale / adapt_scale: the preconditioning's σ_d, the RMS of what a linear map of y leaves of x;
+- set_source_covariances: pretrain's Σ_k per source head, from each source's ridge fit of x on y;
+- fit_linear_means: adapt's μ_k (and Σ_k) per new head, least squares on its own rows, shrunk toward its start.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from cdmtransfer.config import Config
+from cdmtransfer.models import ScoreModel
+from cdmtransfer.references import residual_rms, ridge_gcv
+from cdmtransfer.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from cdmtransfer.stages import SourceHeads
+
+
+def pretrain_scale(cfg: Config, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> float | None:
+    """σ_d of the pretrained heads (models.Preconditioning) from the sources' training rows. With a linear mean: the
+    RMS of what each source's linear fit of x on y leaves (references.residual_rms), the part of x the heads model
+    around μ_k(h(y)), so that F = 0 is a linear-Gaussian model of about the right width; floored at 1% of x's RMS
+    (x linear in y). Else None: x's own RMS (score_model)."""
+    if not (cfg.model.linear_mean and cfg.model.parametrization == "edm"):
+        return None
+    rms = float(x[torch.arange(x.shape[1]) < counts[:, None]].pow(2).mean().sqrt())
+    return max(residual_rms(x, y, counts), 0.01 * rms, 1e-3)
+
+
+def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None) -> float | None:
+    """σ_d of an adapt run's heads: the source heads' own when its heads may start from them (`source_heads` given);
+    for fresh heads whose linear mean starts at least squares (every mode but scratch), the pretrain's rule on the
+    sources' rows (pretrain_scale); else None: the m samples' RMS (score_model)."""
+    if source_heads is not None:
+        return source_heads.spec.get("sigma_data")
+    if cfg.adapt.mode == "scratch" or not bool((taskset.source_n >= 2).any()):
+        return None
+    return pretrain_scale(cfg, taskset.source_x, taskset.source_y, taskset.source_n)
+
+
+@torch.no_grad()
+def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     counts: torch.Tensor, into, mode: str, fresh: bool = False) -> None:
+    """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
+    squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
+    first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
+    by GCV (references.ridge_gcv), b_k unpenalised; the starting map is kept untouched when its own error on the rows
+    (an honest estimate: it was not fitted to them) is below the fit's GCV error. With F = 0 the model then starts as
+    the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
+    steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
+    the encoder trains). Not for `mode` scratch: a random encoder's code says nothing yet, and least squares on it
+    made the Gaussian suites worse at m = 8; its mean is learned with the encoder. `fresh` (new random heads, not a
+    source head's): with a full covariance their network's output layer starts at 0, so step 0 is exactly the fitted
+    linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays."""
+    if not model.linear_mean or mode == "scratch":
+        return
+    if fresh and model.full_covariance:
+        for k in into:
+            model.heads.weights[-1][k] = 0.0
+            model.heads.biases[-1][k] = 0.0
+    W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]  # [K, d, d_x], [K, 1, d_x]
+    code = enc(y.to(W.device)).double()
+    x = x.to(W.device).double()
+    for i, k in enumerate(into):  # once per head at the start, on [n, d] matrices: not a hot loop
+        n = int(counts[i])
+        if n < 2:
+            continue
+        start = W[k].double()
+        residual = x[i, :n] - code[i, :n] @ start
+        fit = ridge_gcv(code[i, :n], residual)
+        if (residual - B[k, 0].double()).pow(2).sum(1).mean() <= fit.gcv:  # the start predicts these rows better
+            continue
+        W[k] = (start + fit.coef).to(W)
+        B[k, 0] = fit.intercept.to(B)
+        if model.full_covariance:  # and the covariance around the new mean, shrunk toward the head's start
+            basis, scale = model.heads.mean.basis[k].double(), model.heads.mean.scale[k, 0].double()
+            set_covariance(model, k, residual_covariance(residual - fit.predict(code[i, :n]), fit.gcv,
+                                                         (basis * scale.pow(2)) @ basis.T))
+
+
+def residual_covariance(residual: torch.Tensor, error: float, prior: torch.Tensor) -> torch.Tensor:
+    """Σ̂ of the rows' residuals [n, d_x] around a fitted mean, its trace set to the fit's out-of-sample error per row
+    (`error`: GCV; in-sample residuals are too small), shrunk toward `prior` by w = d_x/(d_x + n): half-way at n = d_x,
+    little by n = 16 d_x."""
+    n, d = residual.shape
+    S = residual.T @ residual / n
+    if not (math.isfinite(error) and error > 0 and float(torch.trace(S)) > 0):
+        return prior
+    S = S * (error / float(torch.trace(S)))
+    w = d / (d + n)
+    return (1 - w) * S + w * prior
+
+
+def set_covariance(model: ScoreModel, k: int, cov: torch.Tensor) -> None:
+    """Head k's Σ_k = U diag(s²) Uᵀ (model.mean_covariance = full) from a covariance matrix; s floored at 1% of σ_d
+    (as pretrain_scale: a direction x never varies in would make the F = 0 denoiser a point mass)."""
+    lam, U = torch.linalg.eigh(0.5 * (cov + cov.T))
+    lam = lam.clamp_min((0.01 * model.sigma_data) ** 2)
+    model.heads.mean.basis[k] = U.to(model.heads.mean.basis)
+    model.heads.mean.scale[k, 0] = lam.sqrt().to(model.heads.mean.scale)
+
+
+@torch.no_grad()
+def set_source_covariances(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
+    """Pretrain: each source head's Σ_k from its own rows (model.mean_covariance = full; else nothing): the residual
+    covariance of the source's ridge fit of x on y (references.ridge_gcv), shrunk toward σ_d² I."""
+    if not model.full_covariance:
+        return
+    prior = model.sigma_data**2 * torch.eye(model.d_x, dtype=torch.float64)
+    for k in range(x.shape[0]):  # once per source before training: not a hot loop
+        n = int(counts[k])
+        if n >= 2:
+            fit = ridge_gcv(y[k, :n], x[k, :n])
+            set_covariance(model, k, residual_covariance(x[k, :n].double() - fit.predict(y[k, :n]), fit.gcv, prior))
