@@ -37,11 +37,11 @@ from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, cho
                                 score_model, training_loss)
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
-from cdmtransfer.validation import (Candidate, GridEncoder, StackedEncoder, choose, fold_split, held_out_dsm,
-                                    unit_clipper, validation_draws)
+from cdmtransfer.validation import (Candidate, GridEncoder, RowLosses, StackedEncoder, choose, fold_split,
+                                    held_out_dsm, unit_clipper, validation_draws)
 
 LOOP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "grad_clip", "ema_decay", "warmup_steps", "log_every",
-             "checkpoint_every", "val_every", "patience", "min_delta", "val_draws")
+             "checkpoint_every", "val_every", "patience", "min_delta", "min_delta_se", "val_draws")
 
 
 def group_key(cfg: Config) -> tuple | None:
@@ -422,11 +422,13 @@ def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
     t = torch.cat([pad(d[1], (0, n_v - d[1].shape[2]), value=1.0) for d in draws], 1).to(device)
     noise = torch.cat([pad(d[2], (0, 0, 0, n_v - d[2].shape[2])) for d in draws], 1).to(device)
     _, yv, nv = _pack([s[1] for s in split], device)
-    per_head = held_out_dsm(x_t, t, noise, yv, nv, _select(stage, F, device))
+    select = _select(stage, F, device)
+    per_head = held_out_dsm(x_t, t, noise, yv, nv, select)
+    head_counts = nv[select]
     U = len(stage.units)
 
     def validate(model):
-        return per_head(model).view(U, F).mean(1)
+        return RowLosses.of_heads(per_head(model), head_counts, U)
 
     clip = cell_clipper(stage, U, a.grad_clip)
     sink = CellSink(cells, stage, "cv/", a, clip)

@@ -210,6 +210,9 @@ class TrainConfig:
     val_every: int = field(default=100, metadata=_range(1))
     patience: int = field(default=8, metadata=_range(0))
     min_delta: float = field(default=1e-3, metadata=_range(0.0))
+    # ... and, where the validation is scored row by row, by more than min_delta_se standard errors of the gain (its
+    # paired row-by-row difference from the best): an improvement smaller than its own noise does not count
+    min_delta_se: float = field(default=0.0, metadata=_range(0.0))
     val_draws: int = field(default=16, metadata=_range(1))
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))  # pretrain: rows held out per source task
 
@@ -222,6 +225,9 @@ class AdaptConfig(TrainConfig):
     batch_size: Optional[int] = field(default=None, metadata=_range(1))
     lr: Optional[float] = field(default=None, metadata=_range(0.0, lo_open=True))
     val_every: int = field(default=25, metadata=_range(1))  # small m overfits within a few hundred steps
+    # a few held-out samples make a noisy check: a step must beat the best (at first the closed-form start) by more
+    # than one standard error of its gain to be chosen
+    min_delta_se: float = field(default=1.0, metadata=_range(0.0))
     # frozen: ĥ fixed (the paper's estimator); finetune: ĥ trained too, its learning rate chosen by cross-validation;
     # auto: frozen or finetune (and the head's start) chosen by cross-validation; scratch; oracle (the true h*)
     mode: Literal["frozen", "finetune", "auto", "scratch", "oracle"] = "frozen"

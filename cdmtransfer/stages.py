@@ -209,7 +209,7 @@ def _pretrain_loop(cfg: Config, taskset: TaskSet, model: ScoreModel, process: OU
     if val_rows is not None:
         xv, yv, nv = val_rows.gather(taskset.source_x, taskset.source_y)
         validate = dsm_validation(xv.to(device), yv.to(device), nv.to(device), process, cfg.pretrain.val_draws,
-                                  seed=cfg.seed + 17)
+                                  seed=cfg.seed + 17, rows=True)
     result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
                    ckpt_dir=ckpt_dir, meta=meta, metrics=with_reg_metrics(metrics, reg),
                    progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
@@ -398,7 +398,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
         G = len(candidates)
         (xt, yt, nt), (xv, yv, nv) = folds.gather(x_m, y_m)
         validate = dsm_validation(xv.to(device), yv.to(device), nv.to(device), process, a.val_draws,
-                                  seed=cfg.seed + 17, repeat=G)
+                                  seed=cfg.seed + 17, repeat=G, rows=True)
         _, _, _, cv_result = run_stage(candidates, folds.count, xt, yt, nt,
                                        work_dir / "checkpoints-cv", f"adapt {a.mode} (cv)", Prefixed(metrics, "cv/"),
                                        validate=validate)

@@ -27,10 +27,12 @@ from cdmtransfer.config import TrainConfig
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import DataError, TrainingError
 from cdmtransfer.progress import Progress
+from cdmtransfer.validation import RowLosses
 
 LossFn = Callable[[nn.Module, torch.Generator], torch.Tensor]
 # EMA model -> held-out loss (deterministic given the weights): a scalar, or one value per candidate [G] when the
-# model stacks G candidate settings (each keeps its own best and stops by its own patience; the run ends when all have)
+# model stacks G candidate settings (each keeps its own best and stops by its own patience; the run ends when all have),
+# or the check row by row (validation.RowLosses: G candidates' rows, so that an improvement must exceed its noise)
 ValFn = Callable[[nn.Module], torch.Tensor]
 
 
@@ -58,20 +60,33 @@ class Validation:
     stopped: bool = False
     best_state: dict | None = None  # EMA weights at best_step
     candidates: list | None = None  # per candidate: [best loss, best step, bad, stopped], when the loss is a vector
+    best_rows: torch.Tensor | None = None  # per candidate, its best check row by row [G, R] (a RowLosses validation)
 
-    def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig, per: list | None = None) -> None:
-        """Record one check: a relative improvement over min_delta keeps these EMA weights as the best.
+    def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig, per: list | None = None,
+               rows: RowLosses | None = None) -> None:
+        """Record one check: an improvement over the best by more than min_delta (relative) and min_delta_se standard
+        errors (of the paired gain over the rows, when `rows` gives them) keeps these EMA weights as the best.
 
         `per`: G candidates' losses (`value` is their minimum). Each candidate keeps its own best loss and step and
         stops by the same rule as a run of its own would, its later checks ignored; the run stops when all have.
         """
-        for c, v in zip(self.candidates or [], per or []):
+        se = [0.0] * len(per or [value])
+        if rows is not None:
+            if self.best_rows is None:
+                self.best_rows = rows.values.clone()
+            se = rows.gain_se(self.best_rows).tolist()
+        for g, (c, v) in enumerate(zip(self.candidates or [], per or [])):
             if not c[3]:
-                c[:3] = [v, step, 0] if _improves(v, c[0], cfg) else [c[0], c[1], c[2] + 1]
+                better = _improves(v, c[0], cfg, se[g])
+                c[:3] = [v, step, 0] if better else [c[0], c[1], c[2] + 1]
                 c[3] = _stops(c[2], step, c[1], cfg)
-        if _improves(value, self.best, cfg):
+                if better and rows is not None:
+                    self.best_rows[g] = rows.values[g]
+        if _improves(value, self.best, cfg, 0.0 if self.candidates else se[0]):
             self.best, self.best_step, self.bad = value, step, 0
             self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+            if rows is not None and not self.candidates:
+                self.best_rows[0] = rows.values[0]
         else:
             self.bad += 1
         self.stopped = (all(c[3] for c in self.candidates) if self.candidates
@@ -79,19 +94,23 @@ class Validation:
 
     def to_state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
-                "best_state": self.best_state or {}, "candidates": self.candidates or []}
+                "best_state": self.best_state or {}, "candidates": self.candidates or [],
+                "best_rows": self.best_rows}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "Validation":
         if not state:
             return cls()
         return cls(float(state["best"]), int(state["best_step"]), int(state["bad"]), bool(state["stopped"]),
-                   state["best_state"] or None, [list(c) for c in state.get("candidates", [])] or None)
+                   state["best_state"] or None, [list(c) for c in state.get("candidates", [])] or None,
+                   state.get("best_rows"))
 
 
-def _improves(value: float, best: float, cfg: TrainConfig) -> bool:
-    """A finite value improves on the best by more than min_delta (relative); the first finite value always does."""
-    return math.isfinite(value) and (not math.isfinite(best) or value < best - cfg.min_delta * abs(best))
+def _improves(value: float, best: float, cfg: TrainConfig, se: float) -> bool:
+    """A finite value improves on the best by more than min_delta (relative) and min_delta_se × `se` (the standard
+    error of the gain); the first finite value always does."""
+    margin = max(cfg.min_delta * abs(best), cfg.min_delta_se * se) if math.isfinite(best) else 0.0
+    return math.isfinite(value) and (not math.isfinite(best) or value < best - margin)
 
 
 def _stops(bad: int, step: int, best_step: int, cfg: TrainConfig) -> bool:
@@ -209,16 +228,18 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
 def _check(validate: ValFn, ema: nn.Module, val: Validation, step: int, cfg: TrainConfig) -> dict:
     """One validation check; returns what to log (val_loss, and val_loss_<g> per candidate)."""
     with torch.no_grad():
-        values = validate(ema).reshape(-1).tolist()
+        result = validate(ema)
+    rows = result if isinstance(result, RowLosses) else None
+    values = (result.mean() if rows is not None else result).reshape(-1).tolist()
     if len(values) == 1:
-        val.update(values[0], step, ema, cfg)
+        val.update(values[0], step, ema, cfg, rows=rows)
         return {"val_loss": values[0]}
     if val.candidates is None:
         val.candidates = [[math.inf, 0, 0, False] for _ in values]
     # a candidate that stopped counts with its best: its later weights are not trained (stages._run_only, cells)
     values = [c[0] if c[3] else v for c, v in zip(val.candidates, values)]
     value = min((v for v in values if math.isfinite(v)), default=math.nan)
-    val.update(value, step, ema, cfg, per=values)
+    val.update(value, step, ema, cfg, per=values, rows=rows)
     return {"val_loss": value, **{f"val_loss_{g}": v for g, v in enumerate(values)}}
 
 

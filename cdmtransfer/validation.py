@@ -75,9 +75,9 @@ def fold_split(m: int, folds: int) -> Folds | None:
 
 
 def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, process: OUProcess, draws: int,
-                   seed: int, chunk_rows: int = 8192, per_task: bool = False, repeat: int = 1):
+                   seed: int, chunk_rows: int = 8192, per_task: bool = False, repeat: int = 1, rows: bool = False):
     """validate(model) → mean over tasks of the held-out ε-space DSM, E_t ‖ε̂_k(x_t, y, t) − ε‖² (theory.md §1.3)
-    (`per_task`: the [K] values instead).
+    (`per_task`: the [K] values instead; `rows`: the check row by row, `RowLosses`, whose mean is the same value).
 
     x [K, n, d_x], y [K, n, D_y], counts [K] (rows past counts[k] are padding). `draws` (t, ε) pairs per row are
     drawn once here, so the value depends on the weights alone; evaluated in chunks of draws to bound memory.
@@ -85,14 +85,16 @@ def dsm_validation(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, proce
     same noise, so candidates compare on equal terms; per_task then gives [G·K] values, else the [G] means.
     """
     K = x.shape[0]
-    per_head = held_out_dsm(*validation_draws(x, process, draws, seed), y, counts,
-                            torch.arange(K, device=x.device).repeat(repeat), chunk_rows)
+    per_row = held_out_dsm(*validation_draws(x, process, draws, seed), y, counts,
+                           torch.arange(K, device=x.device).repeat(repeat), chunk_rows)
+    head_counts = counts.repeat(repeat)
 
-    def validate(model: nn.Module) -> torch.Tensor:
-        per = per_head(model)
+    def validate(model: nn.Module):
+        per = per_row(model)
         if per_task:
-            return per
-        return per.view(repeat, K).mean(1) if repeat > 1 else per.mean()
+            return per.sum(1) / head_counts  # padding rows hold 0
+        losses = RowLosses.of_heads(per, head_counts, repeat)
+        return losses if rows else (losses.mean() if repeat > 1 else losses.mean()[0])
 
     return validate
 
@@ -108,8 +110,9 @@ def validation_draws(x: torch.Tensor, process: OUProcess, draws: int, seed: int)
 
 def held_out_dsm(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: torch.Tensor, counts: torch.Tensor,
                  select: torch.Tensor, chunk_rows: int = 8192):
-    """validate(model) → [H]: head h's held-out DSM on data row select[h] of the draws (`validation_draws`), rows
-    past counts[k] being padding; chunked over draws, each chunk batched over heads and rows."""
+    """validate(model) → [H, n]: head h's held-out DSM on each data row of task select[h] (`validation_draws`),
+    averaged over the row's draws, 0 on rows past counts (padding); chunked over draws, each chunk batched over
+    heads and rows."""
     draws, K, n = t.shape
     H = len(select)
     mask = (torch.arange(n, device=t.device)[None] < counts[:, None]).float()[select]  # [H, n]
@@ -117,18 +120,48 @@ def held_out_dsm(x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, y: tor
 
     @torch.no_grad()
     def validate(model: nn.Module) -> torch.Tensor:
-        total = torch.zeros(H, device=t.device)
+        total = torch.zeros(H, n, device=t.device)
         for i in range(0, draws, per_chunk):  # a loop over chunks of noise draws, each batched over tasks and rows
             j = min(draws, i + per_chunk)
             r = j - i
             eps = model(x_t[i:j].transpose(0, 1).reshape(K, r * n, -1)[select], y.repeat(1, r, 1)[select],
                         t[i:j].transpose(0, 1).reshape(K, r * n)[select])
             target = noise[i:j].transpose(0, 1).reshape(K, r * n, -1)[select]
-            loss = dsm_loss(eps, target).view(H, r, n)
-            total += (loss * mask[:, None]).sum(dim=(1, 2))
-        return total / (draws * mask.sum(1))
+            total += dsm_loss(eps, target).view(H, r, n).sum(1)
+        return total * mask / draws
 
     return validate
+
+
+@dataclass
+class RowLosses:
+    """One validation check row by row: values [G, R], each held-out row's DSM averaged over its noise draws, and
+    weights [G, R] (each candidate's sum to 1; 0 on padding), so that candidate g's loss is its weighted mean. Two
+    checks score the same rows with the same noise, so their difference is a paired mean with a standard error."""
+
+    values: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def of_heads(cls, per_row: torch.Tensor, counts: torch.Tensor, groups: int) -> "RowLosses":
+        """Per-row losses of H heads [H, n] (rows past counts[h] padding) as `groups` candidates of H/groups heads
+        each: a candidate's loss is the mean over its heads (tasks, or folds) of each head's mean over its rows."""
+        H, n = per_row.shape
+        mask = torch.arange(n, device=per_row.device)[None] < counts[:, None]
+        weights = mask / counts.clamp_min(1)[:, None] / (H // groups)
+        return cls(per_row.reshape(groups, -1), weights.reshape(groups, -1))
+
+    def mean(self) -> torch.Tensor:
+        return (self.values * self.weights).sum(1)
+
+    def gain_se(self, before: torch.Tensor) -> torch.Tensor:
+        """[G] the standard error of the gain mean(before) − mean(self), from the rows' paired differences
+        (`before`: an earlier check's values [G, R] on the same rows and noise)."""
+        diff = before - self.values
+        gain = (self.weights * diff).sum(1, keepdim=True)
+        rows = (self.weights > 0).sum(1)
+        var = (self.weights**2 * (diff - gain) ** 2).sum(1) * rows / (rows - 1).clamp_min(1)
+        return var.sqrt()
 
 
 class StackedEncoder(nn.Module):
