@@ -459,7 +459,10 @@ def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
         cell = cells[c]
         by_cand = {stage.units[u].cand: _unit_state(val, u) for u in ids}
         losses = [by_cand[cand][:2] for cand in cell.candidates]  # (best loss, its step) in candidate order
-        chosen = choose([loss for loss, _ in losses], cell.cfg.adapt.select_margin)
+        order = [next(u for u in ids if stage.units[u].cand == cand) for cand in cell.candidates]
+        rows = val.best_rows and RowLosses(val.best_rows.values[order], val.best_rows.weights[order])
+        chosen = choose([loss for loss, _ in losses], cell.cfg.adapt.select_margin, rows,
+                        cell.cfg.adapt.min_delta_se)
         stopped = all(by_cand[cand][2] for cand in cell.candidates)
         best, best_step = losses[0]  # a lone candidate's; several: the chosen one's replaces it (adapt_values)
         cv_stats = {"cv_best_step": float(best_step), "cv_steps_run": float(sink.done.get(c, result.steps_run)),

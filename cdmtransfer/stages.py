@@ -403,7 +403,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                                        work_dir / "checkpoints-cv", f"adapt {a.mode} (cv)", Prefixed(metrics, "cv/"),
                                        validate=validate)
         cv = cv_result.candidates or [(cv_result.val_loss, cv_result.step)]
-        chosen = choose([loss for loss, _ in cv], a.select_margin)
+        chosen = choose([loss for loss, _ in cv], a.select_margin, cv_result.rows, a.min_delta_se)
         refit_steps = min(a.steps, math.ceil(cv[chosen][1] * folds.count / (folds.count - 1)))
     else:
         refit_steps = a.steps

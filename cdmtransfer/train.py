@@ -48,6 +48,7 @@ class TrainResult:
     val_loss: float | None = None  # the best validation loss (None without validation)
     converged: bool | None = None  # stopped because validation stopped improving (False: hit the step cap first)
     candidates: list | None = None  # per-candidate validation: [(best loss, its step)] (None for a scalar loss)
+    rows: RowLosses | None = None  # each candidate's best check row by row (a RowLosses validation)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Validation:
     stopped: bool = False
     best_state: dict | None = None  # EMA weights at best_step
     candidates: list | None = None  # per candidate: [best loss, best step, bad, stopped], when the loss is a vector
-    best_rows: torch.Tensor | None = None  # per candidate, its best check row by row [G, R] (a RowLosses validation)
+    best_rows: RowLosses | None = None  # per candidate, its best check row by row (a RowLosses validation)
 
     def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig, per: list | None = None,
                rows: RowLosses | None = None) -> None:
@@ -73,20 +74,20 @@ class Validation:
         se = [0.0] * len(per or [value])
         if rows is not None:
             if self.best_rows is None:
-                self.best_rows = rows.values.clone()
-            se = rows.gain_se(self.best_rows).tolist()
+                self.best_rows = RowLosses(rows.values.clone(), rows.weights)
+            se = rows.gain_se(self.best_rows.values).tolist()
         for g, (c, v) in enumerate(zip(self.candidates or [], per or [])):
             if not c[3]:
                 better = _improves(v, c[0], cfg, se[g])
                 c[:3] = [v, step, 0] if better else [c[0], c[1], c[2] + 1]
                 c[3] = _stops(c[2], step, c[1], cfg)
                 if better and rows is not None:
-                    self.best_rows[g] = rows.values[g]
+                    self.best_rows.values[g] = rows.values[g]
         if _improves(value, self.best, cfg, 0.0 if self.candidates else se[0]):
             self.best, self.best_step, self.bad = value, step, 0
             self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
             if rows is not None and not self.candidates:
-                self.best_rows[0] = rows.values[0]
+                self.best_rows.values[0] = rows.values[0]
         else:
             self.bad += 1
         self.stopped = (all(c[3] for c in self.candidates) if self.candidates
@@ -95,7 +96,7 @@ class Validation:
     def to_state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
                 "best_state": self.best_state or {}, "candidates": self.candidates or [],
-                "best_rows": self.best_rows}
+                "best_rows": vars(self.best_rows) if self.best_rows is not None else {}}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "Validation":
@@ -103,7 +104,7 @@ class Validation:
             return cls()
         return cls(float(state["best"]), int(state["best_step"]), int(state["bad"]), bool(state["stopped"]),
                    state["best_state"] or None, [list(c) for c in state.get("candidates", [])] or None,
-                   state.get("best_rows"))
+                   RowLosses(**state["best_rows"]) if state.get("best_rows") else None)
 
 
 def _improves(value: float, best: float, cfg: TrainConfig, se: float) -> bool:
@@ -222,6 +223,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         ema.load_state_dict(val.best_state)
         result.step, result.val_loss, result.converged = val.best_step, val.best, val.stopped
         result.candidates = [(c[0], c[1]) for c in val.candidates] if val.candidates else None
+        result.rows = val.best_rows
     return result
 
 

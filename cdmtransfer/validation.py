@@ -273,14 +273,21 @@ def unit_clipper(model: nn.Module, parts: list[tuple[list[nn.Parameter], torch.T
     return clip
 
 
-def choose(losses: list[float], margin: float = 0.0) -> int:
-    """The first (simplest) candidate whose cross-validated loss is within `margin` (relative) of the lowest: a more
-    complex setting must win by more than the margin, which keeps selection noise from picking it on a near tie."""
+def choose(losses: list[float], margin: float = 0.0, rows: RowLosses | None = None,
+           se_margin: float = 0.0) -> int:
+    """The first (simplest) candidate whose cross-validated loss is within `margin` (relative) of the lowest, and,
+    given each candidate's best check row by row (`rows`, scored on the same rows and noise), within `se_margin`
+    standard errors of their paired difference (the one-standard-error rule): a more complex setting must win by
+    more than the selection noise, so that noise does not pick it on a near tie."""
     finite = [v for v in losses if math.isfinite(v)]
     if not finite:
         return 0
-    bar = min(finite) * (1 + margin)
-    return next(i for i, v in enumerate(losses) if math.isfinite(v) and v <= bar)
+    best = min(finite)
+    se = [0.0] * len(losses)
+    if rows is not None:
+        se = rows.gain_se(rows.values[losses.index(best)].expand_as(rows.values)).tolist()
+    return next(i for i, v in enumerate(losses) if math.isfinite(v) and v <= best + max(margin * best,
+                                                                                         se_margin * se[i]))
 
 
 class Prefixed:
