@@ -229,6 +229,57 @@ def test_choose_prefers_the_simplest_setting_within_the_margin():
     assert choose([float("nan"), 0.5, 0.4], 0.0) == 2 and choose([0.5, 0.5], 0.0) == 0
 
 
+def test_row_losses_mean_is_the_validation_loss_and_the_gain_has_the_paired_standard_error():
+    from cdmtransfer.validation import RowLosses
+
+    process = OUProcess(0.01, 4.0)
+    x, y, counts = torch.randn(3, 5, 2), torch.zeros(3, 5, 1), torch.tensor([5, 3, 4])
+    model = lambda x_t, y, t: 0.5 * x_t  # noqa: E731
+    rows = dsm_validation(x, y, counts, process, draws=4, seed=1, rows=True)(model)
+    assert float(rows.mean()) == pytest.approx(float(dsm_validation(x, y, counts, process, 4, 1)(model)), rel=1e-6)
+    assert (rows.weights > 0).sum() == 12 and float(rows.weights.sum()) == pytest.approx(1.0)
+    # equal weights: the standard error of a mean of paired differences, s / √n
+    before = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    now = RowLosses(torch.tensor([[0.5, 2.0, 2.0, 4.5]]), torch.full((1, 4), 0.25))
+    diff = (before - now.values)[0]
+    assert float(now.gain_se(before)) == pytest.approx(float(diff.std() / 2.0))
+
+
+def test_an_improvement_within_its_noise_does_not_count_and_a_clear_one_does():
+    from cdmtransfer.train import Validation
+    from cdmtransfer.validation import RowLosses
+
+    ema = nn.Linear(1, 1)
+    w = torch.full((1, 4), 0.25)
+    start = RowLosses(torch.tensor([[1.0, 1.0, 1.0, 1.0]]), w)
+    noisy = RowLosses(torch.tensor([[0.2, 1.5, 0.3, 1.6]]), w)  # mean 0.9: a gain of 0.1 ± 0.35
+    clear = RowLosses(torch.tensor([[0.8, 0.9, 0.8, 0.9]]), w)  # mean 0.85: a gain of 0.15 ± 0.03
+    for se_margin, best_step in ((1.0, 0), (0.0, 1)):
+        cfg, val = TrainConfig(min_delta_se=se_margin), Validation()
+        val.update(float(start.mean()), 0, ema, cfg, rows=start)
+        val.update(float(noisy.mean()), 1, ema, cfg, rows=noisy)
+        assert val.best_step == best_step
+    val.update(float(clear.mean()), 2, ema, cfg, rows=clear)
+    assert val.best_step == 2
+    # the same rule per candidate: candidate 0 has the noisy gain, candidate 1 the clear one
+    val = Validation(candidates=[[math.inf, 0, 0, False] for _ in range(2)])
+    two = lambda a, b: RowLosses(torch.cat([a.values, b.values]), w.expand(2, 4))  # noqa: E731
+    for step, rows in enumerate((two(start, start), two(noisy, clear))):
+        val.update(float(rows.mean().min()), step, ema, TrainConfig(min_delta_se=1.0), per=rows.mean().tolist(),
+                   rows=rows)
+    assert [c[1] for c in val.candidates] == [0, 1]
+
+
+def test_choose_by_one_standard_error_keeps_the_simpler_setting_on_a_noisy_win():
+    from cdmtransfer.validation import RowLosses, choose
+
+    w = torch.full((3, 4), 0.25)
+    rows = RowLosses(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.2, 1.5, 0.3, 1.6], [0.8, 0.9, 0.8, 0.9]]), w)
+    losses = rows.mean().tolist()  # [1.0, 0.9, 0.85]
+    assert choose(losses[:2], 0.0) == 1 and choose(losses[:2], 0.0, RowLosses(rows.values[:2], w[:2]), 1.0) == 0
+    assert choose([losses[0], losses[2]], 0.0, RowLosses(rows.values[[0, 2]], w[:2]), 1.0) == 1  # a clear win wins
+
+
 def test_linear_mean_model_with_a_zero_network_is_the_exact_gaussian_denoiser():
     # model.linear_mean: with F = 0 the head is the exact score of x_0 | y ~ N(μ(h(y)), σ_d² I), μ = A h(y) + b.
     torch.manual_seed(0)
