@@ -165,6 +165,9 @@ class ModelConfig:
     head_depth: int = field(default=2, metadata=_range(1))  # hidden layers of each score head f_k
     time_dim: int = field(default=16, metadata=_range(2))  # sinusoidal time features (even)
     encoder: Literal["mlp", "conv"] = "mlp"  # conv: a small CNN on image conditions (digits, mnist)
+    # mlp: also a linear path, h(y) = P y + c + MLP(y), that pretrain starts at the d-dimensional linear summary of y
+    # best for every source's linear fit of x (head_start.linear_summary), the MLP's output at 0 (ignored for conv)
+    encoder_linear: bool = True
     head: Literal["mlp", "conv", "unet"] = "mlp"  # conv: grouped-conv heads on image x (head_width = channels)
     # edm: preconditioned heads (unit-variance input and target at every t, EDM loss weight; models.Preconditioning);
     # eps: the head predicts the noise ε directly with the paper's σ²-weighted loss

@@ -3,7 +3,9 @@ mean begins from (models.ScoreModel: linear_mean, mean_covariance), so that the 
 
 - pretrain_scale / adapt_scale: the preconditioning's σ_d, the RMS of what a linear map of y leaves of x;
 - set_source_covariances: pretrain's Σ_k per source head, from each source's ridge fit of x on y;
-- fit_linear_means: adapt's μ_k (and Σ_k) per new head, least squares on its own rows, shrunk toward its start.
+- fit_linear_means: adapt's μ_k (and Σ_k) per new head, least squares on its own rows, shrunk toward its start;
+- linear_summary / start_pretrain: with model.encoder_linear, pretrain's encoder starts as the d-dimensional linear
+  summary of y that best serves every source's linear fit, and the source heads as closed-form fits on it.
 """
 
 from __future__ import annotations
@@ -118,3 +120,45 @@ def set_source_covariances(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, 
         if n >= 2:
             fit = ridge_gcv(y[k, :n], x[k, :n])
             set_covariance(model, k, residual_covariance(x[k, :n].double() - fit.predict(y[k, :n]), fit.gcv, prior))
+
+
+@torch.no_grad()
+def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [d, D_y], centre [D_y]): the d-dimensional linear summary P (y − centre) of y that loses least of every
+    source's linear fit of x on y (multi-task reduced-rank regression, the linear-Gaussian case of the shared h*).
+
+    With C_k each source's ridge coefficients (references.ridge_gcv) and S the sources' mean covariance of y, the best
+    rank-d approximation of S^{1/2} [C_1 … C_K] is U_d U_dᵀ S^{1/2} [C_1 … C_K], so P = U_dᵀ S^{-1/2} (features of unit
+    covariance); rows past d when fewer directions exist are 0. centre: the mean of y over the sources' rows."""
+    coefs, covs, sums, total = [], [], 0.0, 0
+    for k in range(x.shape[0]):  # once per source before training: not a hot loop
+        n = int(counts[k])
+        if n < 2:
+            continue
+        yk = y[k, :n].double()
+        coefs.append(ridge_gcv(yk, x[k, :n]).coef)
+        centred = yk - yk.mean(0)
+        covs.append(centred.T @ centred / n)
+        sums, total = sums + yk.sum(0), total + n
+    lam, V = torch.linalg.eigh(sum(covs) / len(covs))
+    lam = lam.clamp_min(1e-6 * float(lam.max().clamp_min(1e-12)))
+    U = torch.linalg.svd((V * lam.sqrt()) @ V.T @ torch.cat(coefs, 1), full_matrices=False)[0][:, :d]
+    P = torch.zeros(d, y.shape[-1], dtype=torch.float64)
+    P[: U.shape[1]] = U.T @ (V / lam.sqrt()) @ V.T
+    return P, sums / total
+
+
+@torch.no_grad()
+def start_pretrain(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
+    """Pretrain's closed-form start with model.encoder_linear: the encoder h(y) = P (y − ȳ) (`linear_summary`), each
+    source head's linear mean least squares on it from 0 and its network's output at 0 (fit_linear_means), so step 0
+    is the linear-Gaussian model x | y ~ N(μ_k(h(y)), Σ_k) on the best linear summary and training learns the rest."""
+    encoder = model.encoder
+    if getattr(encoder, "linear", None) is None:
+        return
+    P, centre = linear_summary(x, y, counts, encoder.d)
+    encoder.start_linear(P.float(), centre.float())
+    if model.linear_mean:
+        model.heads.mean.weights[0].zero_()
+        model.heads.mean.biases[0].zero_()
+        fit_linear_means(model, encoder, x, y, counts, range(x.shape[0]), "pretrain", fresh=True)

@@ -28,9 +28,10 @@ class TimeFeatures(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """The learned condition encoder h: R^{D_y} → R^d (an MLP with SiLU activations)."""
+    """The learned condition encoder h: R^{D_y} → R^d (an MLP with SiLU activations). With `linear`, also a linear
+    path: h(y) = P y + c + MLP(y), so that h can start as a closed-form linear summary of y (`start_linear`)."""
 
-    def __init__(self, D_y: int, d: int, width: int, depth: int):
+    def __init__(self, D_y: int, d: int, width: int, depth: int, linear: bool = False):
         super().__init__()
         layers, width_in = [], D_y
         for _ in range(depth):
@@ -38,10 +39,21 @@ class MLPEncoder(nn.Module):
             width_in = width
         layers.append(nn.Linear(width_in, d))
         self.net = nn.Sequential(*layers)
+        self.linear = nn.Linear(D_y, d) if linear else None
         self.D_y, self.d = D_y, d
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.net(y)
+        h = self.net(y)
+        return h if self.linear is None else h + self.linear(y)
+
+    @torch.no_grad()
+    def start_linear(self, P: torch.Tensor, centre: torch.Tensor) -> None:
+        """h(y) = P (y − centre) exactly: the linear path set to P [d, D_y], the MLP's output layer to 0 (it learns
+        what the linear summary misses)."""
+        self.linear.weight.copy_(P)
+        self.linear.bias.copy_(-P @ centre)
+        self.net[-1].weight.zero_()
+        self.net[-1].bias.zero_()
 
 
 class ConvEncoder(nn.Module):
@@ -337,7 +349,7 @@ def head_options(model_cfg, image_shape) -> dict:
 def build_encoder(spec: dict) -> nn.Module:
     """Rebuild an encoder from its plain-dict spec (as stored in a checkpoint's meta.json)."""
     if spec["kind"] == "mlp":
-        return MLPEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"])
+        return MLPEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"], spec.get("linear", False))
     if spec["kind"] == "conv":
         return ConvEncoder(spec["D_y"], spec["d"], spec["width"], spec["depth"], tuple(spec["shape"]))
     if spec["kind"] == "fixed":
@@ -357,7 +369,7 @@ def encoder_spec(encoder: nn.Module) -> dict:
     if isinstance(encoder, MLPEncoder):
         linears = [m for m in encoder.net if isinstance(m, nn.Linear)]
         return {"kind": "mlp", "D_y": encoder.D_y, "d": encoder.d, "width": linears[0].out_features,
-                "depth": len(linears) - 1}
+                "depth": len(linears) - 1, **({"linear": True} if encoder.linear is not None else {})}
     if isinstance(encoder, ConvEncoder):
         return {"kind": "conv", "D_y": encoder.D_y, "d": encoder.d, "width": encoder.width, "depth": encoder.depth,
                 "shape": list(encoder.shape)}

@@ -24,7 +24,8 @@ from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
 from cdmtransfer.diffusion import OUProcess, dsm_loss, model_dsm_terms
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError, DataError, one_line
-from cdmtransfer.head_start import adapt_scale, fit_linear_means, pretrain_scale, set_source_covariances
+from cdmtransfer.head_start import (adapt_scale, fit_linear_means, pretrain_scale, set_source_covariances,
+                                    start_pretrain)
 from cdmtransfer.metrics import divergence_warning, evaluate_model
 from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_parameters, head_options,
                                 model_spec, rebuild)
@@ -157,6 +158,7 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[train_rows.mask],
                         pretrain_scale(cfg, *rows))
     set_source_covariances(model, *rows)
+    start_pretrain(model, *rows)
     model = model.to(device)
     check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
@@ -279,7 +281,7 @@ def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
             raise ConfigError(f"model.encoder = conv needs image conditions; suite '{taskset.name}' has none "
                               f"(use model.encoder=mlp)")
         return ConvEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth, taskset.condition_shape)
-    return MLPEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth)
+    return MLPEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth, m.encoder_linear)
 
 
 def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,

@@ -193,12 +193,14 @@ class StackedEncoder(nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         params = tuple(self.stacked) if self.active is None else tuple(p[self.active] for p in self.stacked)
         if isinstance(self._base, MLPEncoder):  # the common case, as batched matmuls (vmap costs ~4x more per call)
-            z, last = y, len(params) // 2 - 1
-            for i in range(0, len(params), 2):  # nn.Linear layout: weight [copies, out, in], bias [copies, out]
-                z = torch.baddbmm(params[i + 1][:, None], z, params[i].transpose(1, 2))
+            linear = self._base.linear is not None  # its linear path: the last two parameters
+            net = params[:-2] if linear else params
+            z, last = y, len(net) // 2 - 1
+            for i in range(0, len(net), 2):  # nn.Linear layout: weight [copies, out, in], bias [copies, out]
+                z = torch.baddbmm(net[i + 1][:, None], z, net[i].transpose(1, 2))
                 if i // 2 < last:
                     z = nn.functional.silu(z)
-            return z
+            return torch.baddbmm(z + params[-1][:, None], y, params[-2].transpose(1, 2)) if linear else z
 
         def one(params, rows):
             return functional_call(self._base, dict(zip(self.names, params)), (rows,))

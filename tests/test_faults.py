@@ -83,7 +83,7 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     run_id = wait_for_checkpoint(store, set())
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err
+    assert proc.returncode == 130 and "interrupted" in err, err
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     assert client.get_run(run_id).info.status == "KILLED"
 

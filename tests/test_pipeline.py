@@ -239,7 +239,9 @@ def test_estimate_from_theory_and_calibrated_on_a_sweep(recipe, store):
     res = ok_json("sweep", recipe, "--m", "4,8,16", "--modes", "frozen,scratch", "--seeds", 2, *longer)
     errors = {(r["mode"], r["m"]): r["score_error"]["mean"] for r in res["summary"]}
     assert errors[("frozen", 16)] < errors[("frozen", 4)]  # a learning curve, not noise
-    eps = errors[("frozen", 8)]  # a level the frozen curve reaches inside the measured range
+    # a level between the frozen curve's ends, which it crosses inside the measured range (at these tiny sizes one
+    # seed's m = 8 can be worse than m = 4: the middle point is not always inside the range)
+    eps = (errors[("frozen", 4)] * errors[("frozen", 16)]) ** 0.5
     est = ok_json("estimate", recipe, "--epsilon", eps, "--calibrate", res["run_id"], "--holdout", 0,
                   "--error", "score_error")
     frozen = est["calibrated"]["frozen"]

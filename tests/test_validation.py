@@ -40,10 +40,11 @@ def test_folds_hold_out_each_sample_exactly_once():
     assert fold_split(1, 4) is None and fold_split(3, 4).count == 3
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])  # mlp: the batched-matmul path; conv: torch.func's vmap
+@pytest.mark.parametrize("kind", ["mlp", "mlp-linear", "conv"])  # mlp: batched matmuls; conv: torch.func's vmap
 def test_stacked_encoder_copies_are_independent_and_match_the_single_encoder(kind):
     torch.manual_seed(0)
-    enc = MLPEncoder(16, 3, 16, 2) if kind == "mlp" else ConvEncoder(16, 3, 4, 1, (1, 4, 4))
+    enc = (MLPEncoder(16, 3, 16, 2, linear=kind == "mlp-linear") if kind != "conv"
+           else ConvEncoder(16, 3, 4, 1, (1, 4, 4)))
     stacked = StackedEncoder(enc, 3)
     y = torch.randn(3, 5, 16)
     out = stacked(y)
@@ -460,3 +461,34 @@ def test_source_and_new_heads_get_the_residual_covariance_of_their_rows():
     for k in (0, 1):
         fitted = (mean.basis[k] * mean.scale[k, 0].pow(2)) @ mean.basis[k].T
         torch.testing.assert_close(fitted, cov, rtol=0, atol=0.08)
+
+
+def test_linear_summary_finds_the_shared_subspace_and_pretrain_starts_at_the_closed_form_fit_on_it():
+    from cdmtransfer.head_start import linear_summary, start_pretrain
+    from cdmtransfer.models import build_encoder, encoder_spec
+    from cdmtransfer.references import ridge_gcv
+
+    torch.manual_seed(0)
+    K, n, D_y, d, d_x = 3, 400, 6, 2, 4
+    B = torch.randn(d, D_y)  # x depends on y only through B y, by a different map per source
+    y = torch.randn(K, n, D_y) * torch.linspace(0.5, 2.0, D_y) + 3.0
+    x = torch.stack([(y[k] @ B.T) @ torch.randn(d, d_x) for k in range(K)]) + 0.05 * torch.randn(K, n, d_x)
+    counts = torch.full((K,), n)
+    P, centre = linear_summary(x, y, counts, d)
+    overlap = torch.linalg.svdvals(torch.linalg.qr(P.T)[0].T @ torch.linalg.qr(B.T.double())[0])
+    assert float(overlap.min()) > 0.999  # P spans B's row space
+    features = (y.reshape(-1, D_y).double() - centre) @ P.T
+    torch.testing.assert_close(features.T @ features / (K * n), torch.eye(d, dtype=torch.float64), atol=0.1, rtol=0)
+    enc = MLPEncoder(D_y, d, 16, 2, linear=True)
+    model = ScoreModel(enc, K, d_x, 16, 1, 4, parametrization="edm", sigma_data=0.5, linear_mean=True,
+                       mean_covariance="full")
+    start_pretrain(model, x, y, counts)
+    code = enc(y)
+    torch.testing.assert_close(code.double(), (y.double() - centre) @ P.T, atol=1e-4, rtol=0)
+    assert float(model.heads.weights[-1].detach().abs().sum()) == 0.0  # F = 0: step 0 is the closed-form model
+    for k in range(K):
+        fit = ridge_gcv(code[k].detach(), x[k])
+        torch.testing.assert_close(model.mean_of_code(code.detach())[k].double(), fit.predict(code[k].detach()),
+                                   atol=1e-3, rtol=0)
+    assert build_encoder(encoder_spec(enc)).linear is not None
+    assert build_encoder({k: v for k, v in encoder_spec(enc).items() if k != "linear"}).linear is None
