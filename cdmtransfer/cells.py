@@ -221,7 +221,8 @@ def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data
     model = score_model(cell.cfg, cell.enc, copies, taskset, cell.x, cell.sigma_data)
     if cand.head_init == "source":
         load_head(model, cell.source_heads, cell.start)
-    fit_linear_means(model, cell.enc, *data, range(copies), cell.cfg.adapt.mode, fresh=cand.head_init != "source")
+    fit_linear_means(model, cell.enc, *data, range(copies), cell.cfg.adapt.mode, fresh=cand.head_init != "source",
+                     sources=cell.source_heads)
     return model.heads.state_dict()
 
 

@@ -48,7 +48,8 @@ def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None)
 
 @torch.no_grad()
 def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     counts: torch.Tensor, into, mode: str, fresh: bool = False) -> None:
+                     counts: torch.Tensor, into, mode: str, fresh: bool = False,
+                     sources: SourceHeads | None = None) -> None:
     """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
     squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
     first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
@@ -59,7 +60,8 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     the encoder trains). Not for `mode` scratch: a random encoder's code says nothing yet, and least squares on it
     made the Gaussian suites worse at m = 8; its mean is learned with the encoder. `fresh` (new random heads, not a
     source head's): with a full covariance their network's output layer starts at 0, so step 0 is exactly the fitted
-    linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays."""
+    linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays. `sources` (source-
+    started heads): the start map may also become a combination of all the source heads' maps (`source_combination`)."""
     if not model.linear_mean or mode == "scratch":
         return
     if fresh and model.full_covariance:
@@ -73,10 +75,15 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
         n = int(counts[i])
         if n < 2:
             continue
-        start = W[k].double()
+        start, offset = W[k].double(), B[k, 0].double()
+        start_error = float((x[i, :n] - code[i, :n] @ start - offset).pow(2).sum(1).mean())  # honest: not fitted
+        if sources is not None and not fresh:
+            start, offset, start_error = source_combination(code[i, :n], x[i, :n], sources, start, offset,
+                                                            start_error)
         residual = x[i, :n] - code[i, :n] @ start
         fit = ridge_gcv(code[i, :n], residual)
-        if (residual - B[k, 0].double()).pow(2).sum(1).mean() <= fit.gcv:  # the start predicts these rows better
+        if start_error <= fit.gcv:  # the start predicts these rows better
+            W[k], B[k, 0] = start.to(W), offset.to(B)
             continue
         W[k] = (start + fit.coef).to(W)
         B[k, 0] = fit.intercept.to(B)
@@ -84,6 +91,27 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
             basis, scale = model.heads.mean.basis[k].double(), model.heads.mean.scale[k, 0].double()
             set_covariance(model, k, residual_covariance(residual - fit.predict(code[i, :n]), fit.gcv,
                                                          (basis * scale.pow(2)) @ basis.T))
+
+
+def source_combination(code: torch.Tensor, x: torch.Tensor, sources: SourceHeads, start: torch.Tensor,
+                       offset: torch.Tensor, start_error: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A source-started head's linear mean as a combination of all K source heads' means, fitted to the rows: a
+    target between the sources (a Langevin β between theirs, a map in their span) is closer to a mixture of their
+    maps than to any one. μ = μ_start + Σ_j w_j (μ_j − μ_start) with w ridge least squares over the rows and
+    coordinates ([n·d_x, K] design, GCV, no intercept: w = 0 is the start); kept when its GCV error beats the start's
+    own error on the rows (`start_error`, honest: the start was not fitted to them). Returns (map, offset, error)."""
+    weights = sources.weights
+    maps, offsets = weights["heads.mean.weights.0"].to(code), weights["heads.mean.biases.0"].to(code)[:, 0]
+    preds = code @ maps + offsets[:, None]  # [K, n, d_x]: each source head's mean on the rows
+    base = code @ start + offset
+    design = (preds - base).permute(1, 2, 0).reshape(-1, maps.shape[0])  # [n·d_x, K]
+    fit = ridge_gcv(design, (x - base).reshape(-1, 1), intercept=False)
+    error = fit.gcv * x.shape[1]  # per row, summed over coordinates, as start_error
+    if not error < start_error:
+        return start, offset, start_error
+    w = fit.coef[:, 0]
+    return (start + torch.einsum("k,kij->ij", w, maps - start),
+            offset + torch.einsum("k,kj->j", w, offsets - offset), error)
 
 
 def residual_covariance(residual: torch.Tensor, error: float, prior: torch.Tensor) -> torch.Tensor:

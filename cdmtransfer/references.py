@@ -96,19 +96,19 @@ def residual_rms(source_x: torch.Tensor, source_y: torch.Tensor, source_n: torch
     return math.sqrt(sq / rows / source_x.shape[-1])
 
 
-def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> LinearFit:
+def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81, intercept: bool = True) -> LinearFit:
     """Ridge regression of x [n, d_x] on features [n, D] with an unpenalised intercept, the ridge λ chosen by GCV.
 
     GCV(λ) = (1/n)‖(I − H_λ) X‖² / (1 − tr(H_λ)/n)², H_λ the hat matrix (intercept included), one λ shared by the
     d_x outputs, minimised over a log grid of λ/s_max² ∈ [1e-10, 1e6] in closed form through the SVD of the centred
     features, among the ridges whose fit keeps tr(H_λ) ≤ n/2 (near interpolation GCV's denominator vanishes and its
-    estimate with it). Works for n ≤ D.
+    estimate with it). Works for n ≤ D. `intercept` False: none (features and x used uncentred).
     """
     F, X = features.double(), x.double()
     n = F.shape[0]
     if n < 2:
         raise ValueError("ridge_gcv needs at least 2 rows")
-    f_mean, x_mean = F.mean(0), X.mean(0)
+    f_mean, x_mean = (F.mean(0), X.mean(0)) if intercept else (F.new_zeros(F.shape[1]), X.new_zeros(X.shape[1]))
     Fc, Xc = F - f_mean, X - x_mean
     U, s, Vh = torch.linalg.svd(Fc, full_matrices=False)
     keep = s > s.max() * 1e-10 if s.numel() and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
@@ -123,7 +123,7 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81) -> Linear
     lams = float(s2.max()) * torch.logspace(-10, 6, grid, dtype=torch.float64)
     shrink = lams[:, None] / (s2[None] + lams[:, None])  # [G, r]: 1 − s²/(s²+λ)
     rss = outside + (shrink.pow(2) * p2[None]).sum(1)
-    dof = 1 + (1 - shrink).sum(1)  # tr(H): intercept + Σ s²/(s²+λ)
+    dof = int(intercept) + (1 - shrink).sum(1)  # tr(H): intercept + Σ s²/(s²+λ)
     gcv = (rss / n) / (1 - dof / n).clamp_min(1e-12).pow(2)
     # GCV is unreliable as the fit nears interpolation (its denominator → 0; at n = 8 it picked near-zero ridges
     # that tested 6× worse than it said): only ridges leaving at least half the rows' degrees of freedom compete

@@ -373,7 +373,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 load_head(model, source_heads, start, into=into)
             elif G > 1:
                 set_heads(model, fresh, into)
-            fit_linear_means(model, enc, x, y, n, into, a.mode, fresh=c.head_init != "source")
+            fit_linear_means(model, enc, x, y, n, into, a.mode, fresh=c.head_init != "source", sources=source_heads)
         groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}

@@ -492,3 +492,35 @@ def test_linear_summary_finds_the_shared_subspace_and_pretrain_starts_at_the_clo
                                    atol=1e-3, rtol=0)
     assert build_encoder(encoder_spec(enc)).linear is not None
     assert build_encoder({k: v for k, v in encoder_spec(enc).items() if k != "linear"}).linear is None
+
+
+def test_a_source_started_mean_becomes_the_mixture_of_source_maps_the_rows_show():
+    from cdmtransfer.head_start import source_combination
+    from cdmtransfer.references import ridge_gcv
+    from cdmtransfer.stages import SourceHeads
+
+    torch.manual_seed(0)
+    K, d, d_x, n = 4, 3, 5, 12
+    maps, offsets = torch.randn(K, d, d_x), torch.randn(K, 1, d_x)
+    sources = SourceHeads({"K": K}, {"heads.mean.weights.0": maps, "heads.mean.biases.0": offsets})
+    code = torch.randn(n, d).double()
+    mix = torch.tensor([0.0, 0.5, 0.5, 0.0]).double()  # the target's map lies between sources 1 and 2
+    W_true = torch.einsum("k,kij->ij", mix, maps.double())
+    b_true = torch.einsum("k,kj->j", mix, offsets.double()[:, 0])
+    x = code @ W_true + b_true + 0.05 * torch.randn(n, d_x).double()
+    start, offset = maps[1].double(), offsets[1, 0].double()
+    start_error = float((x - code @ start - offset).pow(2).sum(1).mean())
+    W, b, error = source_combination(code, x, sources, start, offset, start_error)
+    assert error < 0.1 * start_error
+    torch.testing.assert_close(W, W_true, atol=0.05, rtol=0)
+    torch.testing.assert_close(b, b_true, atol=0.05, rtol=0)
+    # rows that the start already explains keep it
+    x_start = code @ start + offset + 0.05 * torch.randn(n, d_x).double()
+    kept = source_combination(code, x_start, sources, start, offset,
+                              float((x_start - code @ start - offset).pow(2).sum(1).mean()))
+    assert torch.equal(kept[0], start)
+    # ridge without an intercept: exact on noise-free data through the origin
+    F = torch.randn(20, 3).double()
+    fit = ridge_gcv(F, F @ torch.tensor([[1.0], [-2.0], [0.5]]).double(), intercept=False)
+    assert float(fit.intercept.abs().max()) == 0.0
+    torch.testing.assert_close(fit.coef[:, 0], torch.tensor([1.0, -2.0, 0.5]).double(), atol=1e-3, rtol=0)
