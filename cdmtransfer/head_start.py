@@ -168,6 +168,8 @@ def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: in
         centred = yk - yk.mean(0)
         covs.append(centred.T @ centred / n)
         sums, total = sums + yk.sum(0), total + n
+    if not coefs:  # no source with two rows: nothing to summarise (pretrain's data checks refuse this before)
+        return torch.zeros(d, y.shape[-1], dtype=torch.float64), torch.zeros(y.shape[-1], dtype=torch.float64)
     lam, V = torch.linalg.eigh(sum(covs) / len(covs))
     lam = lam.clamp_min(1e-6 * float(lam.max().clamp_min(1e-12)))
     U = torch.linalg.svd((V * lam.sqrt()) @ V.T @ torch.cat(coefs, 1), full_matrices=False)[0][:, :d]
