@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from cdmtransfer import __version__
-from cdmtransfer.errors import CdmError, ConfigError, one_line
+from cdmtransfer.errors import CdmError, ConfigError, one_line, request_stop, stop_requested
 
 app = typer.Typer(name="cdmtransfer", no_args_is_help=True, rich_markup_mode="rich", add_completion=True,
                   pretty_exceptions_enable=False,
@@ -69,6 +69,9 @@ def handled(fn):
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a bug or an environment failure: say what, keep the traceback for --verbose
+            if stop_requested():  # SIGTERM's KeyboardInterrupt, turned into another exception by library code
+                print("interrupted", file=sys.stderr)
+                raise typer.Exit(130) from None
             if kwargs.get("verbose"):
                 traceback.print_exc()
             first = (str(exc).strip().splitlines() or [""])[0]
@@ -404,6 +407,7 @@ def _sweep_results(cfg, tracking_uri: str | None, run_id: str) -> dict:
 
 
 def _terminate(signum, frame):
+    request_stop()  # kept even where the exception below is swallowed (errors.request_stop)
     raise KeyboardInterrupt  # so a run stopped with SIGTERM is marked KILLED, not left RUNNING
 
 

@@ -1,6 +1,30 @@
 """Errors a user can act on. Each carries the exit code the CLI returns (DESIGN.md, Conventions)."""
 
 
+_stop = {"requested": False}
+
+
+def request_stop() -> None:
+    """SIGTERM's handler (cli.main) marks the process to stop as well as raising KeyboardInterrupt: that exception can
+    be lost (raised inside a garbage-collector callback, Python ignores it) or turned into another by library code;
+    the training loop then stops at its next step (`check_stop`) and the run is still marked KILLED, exit 130."""
+    _stop["requested"] = True
+
+
+def stop_requested() -> bool:
+    return _stop["requested"]
+
+
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if a stop was requested (called once per training step)."""
+    if _stop["requested"]:
+        raise KeyboardInterrupt
+
+
+def clear_stop() -> None:
+    _stop["requested"] = False
+
+
 def one_line(text: str) -> str:
     """`text` as one line: a file name or value with a line break must not split the CLI's error line."""
     return text.replace("\r", "\\r").replace("\n", "\\n")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from cdmtransfer.errors import ConfigError, DataError
+from cdmtransfer.errors import ConfigError, DataError, stop_requested
 
 # stdout belongs to the command (--json must stay parseable): MLflow must not print run URLs there.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -207,6 +207,10 @@ def tracked_run(tracker: Tracker, name: str, tags: dict, resume_run_id: str | No
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except BaseException:
+        if stop_requested():  # SIGTERM's KeyboardInterrupt, turned into another exception (errors.request_stop)
+            status = "KILLED"
         raise
     finally:
         close_run(run, status)

@@ -25,7 +25,7 @@ from cdmtransfer import distributed
 from cdmtransfer.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from cdmtransfer.config import TrainConfig
 from cdmtransfer.distributed import Dist
-from cdmtransfer.errors import DataError, TrainingError
+from cdmtransfer.errors import DataError, TrainingError, check_stop
 from cdmtransfer.progress import Progress
 from cdmtransfer.validation import RowLosses
 
@@ -175,6 +175,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     for step in range(start, last):
         if val.stopped:
             break
+        check_stop()  # SIGTERM: stop here even if its KeyboardInterrupt was swallowed elsewhere
         scale = lr_at(step, cfg)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * scale
