@@ -107,11 +107,26 @@ def sample_ode(score: ScoreFn, x: torch.Tensor, grid: torch.Tensor, generator: t
 SAMPLERS = {"sde": sample_sde, "ode": sample_ode}
 
 
+@torch.no_grad()
+def tweedie_denoise(score: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
+    """E[x_0 | x_t] = (x_t + σ_t² s(x_t, t)) / α_t (Tweedie's formula), for samples x at time t.
+
+    Averaging it over samples x_t ~ p_t(·|y) estimates E[x_0|y] exactly as the samples' own mean does (tower rule),
+    without the noise σ_t² the samples still carry at the early-stopping time T0.
+    """
+    tt = torch.full((x.shape[0],), float(t), device=x.device)
+    return (x + OUProcess.sigma(tt)[:, None] ** 2 * score(x, tt)) / OUProcess.alpha(tt)[:, None]
+
+
 def sample(score: ScoreFn, n: int, dim: int, process: OUProcess, steps: int, method: str,
-           generator: torch.Generator | None, device=None) -> torch.Tensor:
-    """Draw n samples of dimension `dim` by integrating `method` ('sde' or 'ode') from N(0, I) at T down to T0."""
+           generator: torch.Generator | None, device=None, denoise: bool = False) -> torch.Tensor:
+    """Draw n samples of dimension `dim` by integrating `method` ('sde' or 'ode') from N(0, I) at T down to T0.
+
+    With `denoise`, return each sample's Tweedie estimate E[x_0 | x_T0] instead (for posterior-mean estimates).
+    """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
     x = process.prior_sample((n, dim), generator, device)
     grid = time_grid(steps, process.T0, process.T, device=device)
-    return SAMPLERS[method](score, x, grid, generator)
+    x = SAMPLERS[method](score, x, grid, generator)
+    return tweedie_denoise(score, x, process.T0) if denoise else x

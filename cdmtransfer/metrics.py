@@ -4,7 +4,8 @@ in `skipped` with the reason.
 - test_dsm: the held-out DSM loss (σ²-weighted, so ε-space), computable on any data.
 - score_error: E_t E‖s_θ(x_t, y, t) − ∇log p_t(x_t|y)‖², t ~ Unif[T0, T]: the quantity the theorems bound
   (theory.md §1.3, L_P(s)); score_error_weighted is the same with the σ_t² weight used in training.
-- posterior_mean_mse: mean of N conditional samples vs the true x, averaged over coordinates (theory.md §4);
+- posterior_mean_mse: mean of N conditional samples vs the true x, averaged over coordinates (theory.md §4), each
+  sample denoised at T0 by Tweedie's formula (same expectation, without the σ²(T0) noise the samples carry);
   posterior_mean_mse_floor is the same for the exact posterior mean, where the suite knows it. The mean of N
   samples adds their variance/N to the error of the model's own posterior mean: posterior_mean_mse_mc estimates
   that part (unbiased sample variance / N, averaged), so posterior_mean_mse − posterior_mean_mse_mc is an unbiased
@@ -40,8 +41,12 @@ from cdmtransfer.tasks.base import TaskSet
 
 
 def conditional_samples(model: ScoreModel, y: torch.Tensor, n_per: int, process: OUProcess, steps: int,
-                        method: str, generator: torch.Generator, head: int = 0) -> torch.Tensor:
-    """n_per samples of x | y for every row of y, all in one batched sampler run: [C, n_per, d_x]."""
+                        method: str, generator: torch.Generator, head: int = 0, denoise: bool = False) -> torch.Tensor:
+    """n_per samples of x | y for every row of y, all in one batched sampler run: [C, n_per, d_x].
+
+    With `denoise`, each sample's Tweedie estimate E[x_0 | x_T0, y] (diffusion.tweedie_denoise): the same mean,
+    less Monte-Carlo noise; what posterior-mean estimates use.
+    """
     with torch.no_grad():
         code = model.encoder(y).repeat_interleave(n_per, dim=0)  # h(y) once per condition
         y_rep = y.repeat_interleave(n_per, dim=0) if model.head_sees_y else None
@@ -54,7 +59,7 @@ def conditional_samples(model: ScoreModel, y: torch.Tensor, n_per: int, process:
                                       None if y_rep is None else y_rep.expand(heads, *y_rep.shape))[head]
             return -eps / process.sigma(t)[:, None]
 
-        x = sample(score, code.shape[0], model.d_x, process, steps, method, generator)
+        x = sample(score, code.shape[0], model.d_x, process, steps, method, generator, denoise=denoise)
     return x.view(y.shape[0], n_per, model.d_x)
 
 
@@ -161,7 +166,8 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
     n_cond = min(e.posterior_conditions, taskset.test_x.shape[0])
     gen = torch.Generator().manual_seed(e.seed + 1)
     x_true, y = taskset.test_x[:n_cond], taskset.test_y[:n_cond]
-    draws = spread.add(conditional_samples(model, y, e.posterior_samples, process, e.sampler_steps, e.sampler, gen))
+    draws = spread.add(conditional_samples(model, y, e.posterior_samples, process, e.sampler_steps, e.sampler, gen,
+                                           denoise=True))
     metrics["posterior_mean_mse"] = float((draws.mean(1) - x_true).pow(2).mean())
     if draws.shape[1] > 1:  # E(x̄_N − x)² = (E[x|y]_model − x)² + tr Var/N
         metrics["posterior_mean_mse_mc"] = float(draws.var(1).mean() / draws.shape[1])

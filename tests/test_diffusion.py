@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cdmtransfer.diffusion import OUProcess, dsm_loss, sample, sample_ode, sample_sde, time_grid
+from cdmtransfer.diffusion import OUProcess, dsm_loss, sample, sample_ode, sample_sde, time_grid, tweedie_denoise
 
 # A fixed 3-D Gaussian with a full covariance, used by the DSM and sampler tests.
 MU = torch.tensor([1.0, -0.5, 0.8], dtype=torch.float64)
@@ -181,6 +181,29 @@ def test_sampler_with_wrong_score_misses_the_target(method, one_thread):
     x = sample(gaussian_score(MU, torch.eye(3)), 20_000, 3, proc, 200, method, g).double()
     assert (x.mean(0) - mean_T0).abs().max() < 0.05
     assert (torch.cov(x.T) - cov_T0).abs().max() > 0.3
+
+
+def test_tweedie_denoise_is_the_exact_conditional_mean():
+    """E[x_0|x_t] = μ + α Σ (α²Σ + σ²I)⁻¹ (x_t − αμ) for x_0 ~ N(μ, Σ), fed the exact score."""
+    t = 0.3
+    a, s2 = math.exp(-t), -math.expm1(-2 * t)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = tweedie_denoise(gaussian_score(MU, SIGMA), x.float(), t).double()
+    gain = a * SIGMA @ torch.linalg.inv(a**2 * SIGMA + s2 * torch.eye(3, dtype=torch.float64))
+    want = MU + (x - a * MU) @ gain.T
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_denoised_samples_keep_the_mean_and_lose_the_noise(one_thread):
+    """Sampling to T0 = 0.3 leaves x_T0's law (mean αμ); denoised, the mean is μ and the spread is below Σ's."""
+    proc = OUProcess(0.3, 5.0)
+    score = gaussian_score(MU, SIGMA)
+    raw = sample(score, 20_000, 3, proc, 200, "sde", torch.Generator().manual_seed(4)).double()
+    den = sample(score, 20_000, 3, proc, 200, "sde", torch.Generator().manual_seed(4), denoise=True).double()
+    assert (raw.mean(0) - MU).abs().max() > 0.2  # αμ, not μ
+    assert (den.mean(0) - MU).abs().max() < 0.03, den.mean(0)
+    assert (torch.diagonal(torch.cov(den.T)) < torch.diagonal(SIGMA)).all()
+    assert (torch.diagonal(torch.cov(raw.T)) > torch.diagonal(torch.cov(den.T))).all()
 
 
 def test_sample_reproducible_and_rejects_unknown_method():
