@@ -32,7 +32,7 @@ from cdmtransfer.config import PRETRAINED_MODES, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
-from cdmtransfer.head_start import adapt_scale, fit_linear_means
+from cdmtransfer.head_start import adapt_scale, fit_linear_means, stack_copies, start_scratch
 from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, load_head, pick_source_head,
                                 score_model, training_loss)
 from cdmtransfer.tasks import TaskSet
@@ -172,10 +172,14 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     order = [i for _, ids in parts for i in ids]
     units = [units[i] for i in order]
     encoders, sizes, trainable, part_of, k = [], [], [], [None] * len(units), 0
+    starts = [start_scratch(cells[u.cell].enc, *data[u.cell]) if cells[u.cell].cfg.adapt.mode == "scratch" else None
+              for u in units]  # scratch's copies, each started on its own rows (head_start.start_scratch)
     for p, (key, ids) in enumerate(parts):
         bases = [cells[order_u.cell].enc for order_u in units[k:k + len(ids)]]
         if key[0] == "fixed":
             enc = bases[0]
+        elif any(starts[k + j] is not None for j in range(len(ids))):
+            enc = stack_copies([e for j in range(len(ids)) for e in (starts[k + j] or [bases[j]] * copies)])
         elif len(ids) * copies == 1:
             enc = copy.deepcopy(bases[0]).requires_grad_(True)  # a lone run trains its plain encoder
         else:
@@ -195,7 +199,8 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     sd = None
     if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its own cell's σ_d
         sd = model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
-    heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset, data[u.cell]) for u in units]
+    heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset, data[u.cell], start)
+             for u, start in zip(units, starts)]
     model.heads.load_state_dict({name: torch.cat([h[name] for h in heads]) for name in heads[0]})
     for enc, (key, _) in zip(encoders, parts):
         enc.requires_grad_(key[0] == "train")
@@ -214,15 +219,17 @@ def _sigma_data(cell: Cell) -> float:
     return float(cell.x.pow(2).mean().sqrt().clamp_min(1e-3))
 
 
-def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data: tuple) -> dict:
+def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data: tuple,
+                started: list | None = None) -> dict:
     """The `copies` heads a lone run of this cell and candidate starts from (stages.train_adapt's run_stage), on
-    `data` = (x, y, counts) of those heads."""
+    `data` = (x, y, counts) of those heads; `started`: scratch's encoder copies, when start_scratch started them."""
     torch.manual_seed(cell.cfg.seed + 2)
     model = score_model(cell.cfg, cell.enc, copies, taskset, cell.x, cell.sigma_data)
     if cand.head_init == "source":
         load_head(model, cell.source_heads, cell.start)
-    fit_linear_means(model, cell.enc, *data, range(copies), cell.cfg.adapt.mode, fresh=cand.head_init != "source",
-                     sources=cell.source_heads)
+    if cell.cfg.adapt.mode != "scratch" or started is not None:  # (head_start.fit_linear_means)
+        enc = cell.enc if started is None else stack_copies(started)
+        fit_linear_means(model, enc, *data, range(copies), fresh=cand.head_init != "source", sources=cell.source_heads)
     return model.heads.state_dict()
 
 

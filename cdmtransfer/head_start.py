@@ -5,11 +5,13 @@ mean begins from (models.ScoreModel: linear_mean, mean_covariance), so that the 
 - set_source_covariances: pretrain's Σ_k per source head, from each source's ridge fit of x on y;
 - fit_linear_means: adapt's μ_k (and Σ_k) per new head, least squares on its own rows, shrunk toward its start;
 - linear_summary / start_pretrain: with model.encoder_linear, pretrain's encoder starts as the d-dimensional linear
-  summary of y that best serves every source's linear fit, and the source heads as closed-form fits on it.
+  summary of y that best serves every source's linear fit, and the source heads as closed-form fits on it;
+- start_scratch: scratch's fresh encoder starts the same way on its own m rows (each fold's model on its own).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ from cdmtransfer.config import Config
 from cdmtransfer.models import ScoreModel
 from cdmtransfer.references import residual_rms, ridge_gcv
 from cdmtransfer.tasks import TaskSet
+from cdmtransfer.validation import StackedEncoder
 
 if TYPE_CHECKING:
     from cdmtransfer.stages import SourceHeads
@@ -48,7 +51,7 @@ def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None)
 
 @torch.no_grad()
 def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     counts: torch.Tensor, into, mode: str, fresh: bool = False,
+                     counts: torch.Tensor, into, fresh: bool = False,
                      sources: SourceHeads | None = None) -> None:
     """Start the linear means μ_k(w) = A_k w + b_k of heads `into` (model.linear_mean; else nothing) at ridge least
     squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
@@ -57,12 +60,12 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     (an honest estimate: it was not fitted to them) is below the fit's GCV error. With F = 0 the model then starts as
     the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
     steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
-    the encoder trains). Not for `mode` scratch: a random encoder's code says nothing yet, and least squares on it
-    made the Gaussian suites worse at m = 8; its mean is learned with the encoder. `fresh` (new random heads, not a
+    the encoder trains). Callers skip it for scratch unless `start_scratch` started its encoder: a random encoder's
+    code says nothing yet, and least squares on it made the Gaussian suites worse at m = 8. `fresh` (new random heads, not a
     source head's): with a full covariance their network's output layer starts at 0, so step 0 is exactly the fitted
     linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays. `sources` (source-
     started heads): the start map may also become a combination of all the source heads' maps (`source_combination`)."""
-    if not model.linear_mean or mode == "scratch":
+    if not model.linear_mean:
         return
     if fresh and model.full_covariance:
         for k in into:
@@ -91,6 +94,32 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
             basis, scale = model.heads.mean.basis[k].double(), model.heads.mean.scale[k, 0].double()
             set_covariance(model, k, residual_covariance(residual - fit.predict(code[i, :n]), fit.gcv,
                                                          (basis * scale.pow(2)) @ basis.T))
+
+
+@torch.no_grad()
+def start_scratch(enc: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  counts: torch.Tensor) -> list[torch.nn.Module] | None:
+    """Scratch's closed-form start with model.encoder_linear: for each row set i (a fold model's training rows, or
+    all m), a copy of the fresh encoder whose linear path is the linear summary of those rows alone (`linear_summary`
+    with K = 1: reduced-rank ridge regression of x on y) and whose MLP output starts at 0; fit_linear_means then
+    starts the head at the closed-form fit on it. Step 0 is the linear-Gaussian model of the m samples (about ridge
+    regression on them), which training without a start lost to (Langevin, digits). Each fold's copy sees only its
+    own training rows, so cross-validation stays honest. One started copy per row set (`stack_copies` batches
+    them); None when `enc` has no linear path (conv encoders, model.encoder_linear = false)."""
+    if getattr(enc, "linear", None) is None or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return None  # (non-finite rows: training names the failing cell)
+    copies = []
+    for i in range(x.shape[0]):  # once per fold model before training: not a hot loop
+        started = copy.deepcopy(enc)
+        P, centre = linear_summary(x[i:i + 1], y[i:i + 1], counts[i:i + 1], started.d)
+        started.start_linear(P.to(started.linear.weight), centre.to(started.linear.weight))
+        copies.append(started.requires_grad_(True))
+    return copies
+
+
+def stack_copies(encoders: list[torch.nn.Module]) -> torch.nn.Module:
+    """One model's encoder from per-copy encoders: the lone one, or a StackedEncoder of them (copy i on rows i)."""
+    return encoders[0] if len(encoders) == 1 else StackedEncoder.of(encoders, 1)
 
 
 def source_combination(code: torch.Tensor, x: torch.Tensor, sources: SourceHeads, start: torch.Tensor,
@@ -157,7 +186,9 @@ def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: in
 
     With C_k each source's ridge coefficients (references.ridge_gcv) and S the sources' mean covariance of y, the best
     rank-d approximation of S^{1/2} [C_1 … C_K] is U_d U_dᵀ S^{1/2} [C_1 … C_K], so P = U_dᵀ S^{-1/2} (features of unit
-    covariance); rows past d when fewer directions exist are 0. centre: the mean of y over the sources' rows."""
+    covariance); rows past d when fewer directions exist are 0, and so are directions whose singular value is below
+    1e-3 of the largest (few rows, as scratch's folds: a near-null direction scaled to unit variance on the rows
+    would blow up on new y). centre: the mean of y over the sources' rows."""
     coefs, covs, sums, total = [], [], 0.0, 0
     for k in range(x.shape[0]):  # once per source before training: not a hot loop
         n = int(counts[k])
@@ -172,7 +203,8 @@ def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: in
         return torch.zeros(d, y.shape[-1], dtype=torch.float64), torch.zeros(y.shape[-1], dtype=torch.float64)
     lam, V = torch.linalg.eigh(sum(covs) / len(covs))
     lam = lam.clamp_min(1e-6 * float(lam.max().clamp_min(1e-12)))
-    U = torch.linalg.svd((V * lam.sqrt()) @ V.T @ torch.cat(coefs, 1), full_matrices=False)[0][:, :d]
+    U, sv, _ = torch.linalg.svd((V * lam.sqrt()) @ V.T @ torch.cat(coefs, 1), full_matrices=False)
+    U = U[:, :d][:, sv[:d] > 1e-3 * sv[0].clamp_min(1e-300)]
     P = torch.zeros(d, y.shape[-1], dtype=torch.float64)
     P[: U.shape[1]] = U.T @ (V / lam.sqrt()) @ V.T
     return P, sums / total
@@ -191,4 +223,4 @@ def start_pretrain(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: 
     if model.linear_mean:
         model.heads.mean.weights[0].zero_()
         model.heads.mean.biases[0].zero_()
-        fit_linear_means(model, encoder, x, y, counts, range(x.shape[0]), "pretrain", fresh=True)
+        fit_linear_means(model, encoder, x, y, counts, range(x.shape[0]), fresh=True)

@@ -25,7 +25,7 @@ from cdmtransfer.diffusion import OUProcess, dsm_loss, model_dsm_terms
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError, DataError, one_line
 from cdmtransfer.head_start import (adapt_scale, fit_linear_means, pretrain_scale, set_source_covariances,
-                                    start_pretrain)
+                                    stack_copies, start_pretrain, start_scratch)
 from cdmtransfer.metrics import divergence_warning, evaluate_model
 from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_parameters, head_options,
                                 model_spec, rebuild)
@@ -365,6 +365,9 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
             fresh = score_model(cfg, enc, copies, taskset, x_m, sigma_data).heads.state_dict()
         torch.manual_seed(cfg.seed + 2)  # the new heads start the same in every mode
         parts = [_candidate_encoder(enc, c, a.mode, copies) for c in cands]
+        started = start_scratch(enc, x, y, n) if a.mode == "scratch" else None  # each fold model on its own rows
+        if started is not None:
+            started = parts[0] = stack_copies(started)
         encoder = parts[0] if G == 1 else GridEncoder(parts, copies)
         model = score_model(cfg, encoder, G * copies, taskset, x_m, sigma_data).to(device)
         for g, c in enumerate(cands):
@@ -373,7 +376,9 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                 load_head(model, source_heads, start, into=into)
             elif G > 1:
                 set_heads(model, fresh, into)
-            fit_linear_means(model, enc, x, y, n, into, a.mode, fresh=c.head_init != "source", sources=source_heads)
+            if a.mode != "scratch" or started is not None:  # (head_start.fit_linear_means)
+                fit_linear_means(model, enc if started is None else started, x, y, n, into,
+                                 fresh=c.head_init != "source", sources=source_heads)
         groups = _candidate_groups(model, parts, cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}

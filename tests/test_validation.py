@@ -343,7 +343,7 @@ def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_r
     A, b = torch.randn(2, 3, 4), torch.randn(2, 1, 4)
     x = torch.baddbmm(b, code, A) + 1e-3 * torch.randn(2, 40, 4)
     x[1, 30:] = 1e6  # rows past head 1's count are padding: they must not matter
-    fit_linear_means(model, enc, x, y, torch.tensor([40, 30]), into=[2, 0], mode="frozen")
+    fit_linear_means(model, enc, x, y, torch.tensor([40, 30]), into=[2, 0])
     W, B = model.heads.mean.weights[0], model.heads.mean.biases[0]
     for k, i in ((2, 0), (0, 1)):  # head `into[i]` fitted on rows i
         torch.testing.assert_close(W[k], A[i], rtol=0, atol=0.02)
@@ -355,7 +355,7 @@ def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_r
     with torch.no_grad():
         W[1] = start
     noise = torch.randn(1, 40, 4)
-    fit_linear_means(model, enc, noise, y[:1], torch.tensor([40]), into=[1], mode="frozen")
+    fit_linear_means(model, enc, noise, y[:1], torch.tensor([40]), into=[1])
     assert (W[1] - start).abs().max() < 0.2 * start.abs().max()
     torch.testing.assert_close(code[0].mean(0) @ W[1] + B[1, 0], noise[0].mean(0), rtol=0, atol=1e-5)
     # a start that already predicts the rows (a source head fitted to this kind of task) is kept as it is
@@ -367,7 +367,7 @@ def test_new_heads_start_their_linear_mean_at_ridge_least_squares_on_their_own_r
 
     fit = ridge_gcv(code[0, :8], near[0] - code[0, :8] @ A[0])
     assert (fit.intercept - b[0, 0]).abs().max() > 1e-3  # the fit would move the map
-    fit_linear_means(model, enc, near, y[:1, :8], torch.tensor([8]), into=[1], mode="frozen")
+    fit_linear_means(model, enc, near, y[:1, :8], torch.tensor([8]), into=[1])
     assert torch.equal(W[1], kept[0]) and torch.equal(B[1], kept[1])
 
 
@@ -449,7 +449,7 @@ def test_source_and_new_heads_get_the_residual_covariance_of_their_rows():
     x = torch.bmm(code, A) + torch.randn(2, n, 4) @ L.T
     model = ScoreModel(enc, 3, 4, 16, 1, 4, parametrization="edm", sigma_data=0.7, linear_mean=True,
                        mean_covariance="full")
-    fit_linear_means(model, enc, x, y, torch.tensor([n, n]), into=[2, 0], mode="frozen")
+    fit_linear_means(model, enc, x, y, torch.tensor([n, n]), into=[2, 0])
     mean = model.heads.mean
     for k in (2, 0):
         fitted = (mean.basis[k] * mean.scale[k, 0].pow(2)) @ mean.basis[k].T
