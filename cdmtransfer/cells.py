@@ -90,7 +90,7 @@ def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> No
         cell.candidates = adapt_candidates(a, cell.source_heads is not None)
         uses_source = any(c.head_init == "source" for c in cell.candidates)
         cell.start = pick_source_head(cell.source_heads, cell.x, cell.y, process, a) if uses_source else None
-        cell.sigma_data = adapt_scale(cell.cfg, taskset, cell.source_heads if uses_source else None)
+        cell.sigma_data = adapt_scale(cell.cfg, taskset, cell.source_heads if uses_source else None, (cell.x, cell.y))
 
 
 @dataclass

@@ -38,13 +38,22 @@ def pretrain_scale(cfg: Config, x: torch.Tensor, y: torch.Tensor, counts: torch.
     return max(residual_rms(x, y, counts), 0.01 * rms, 1e-3)
 
 
-def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None) -> float | None:
+def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None,
+                target: tuple[torch.Tensor, torch.Tensor] | None = None) -> float | None:
     """σ_d of an adapt run's heads: the source heads' own when its heads may start from them (`source_heads` given);
-    for fresh heads whose linear mean starts at least squares (every mode but scratch), the pretrain's rule on the
-    sources' rows (pretrain_scale); else None: the m samples' RMS (score_model)."""
+    for fresh heads whose linear mean starts at least squares, the pretrain's rule (pretrain_scale) on the sources'
+    rows, or for scratch (started on its own rows by start_scratch) on its m `target` rows; else None: the m samples'
+    RMS (score_model)."""
     if source_heads is not None:
         return source_heads.spec.get("sigma_data")
-    if cfg.adapt.mode == "scratch" or not bool((taskset.source_n >= 2).any()):
+    if cfg.adapt.mode == "scratch":
+        if target is None or not (cfg.model.encoder_linear and cfg.model.encoder == "mlp") or len(target[0]) < 2:
+            return None
+        x, y = target
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            return None  # (training names the failing run)
+        return pretrain_scale(cfg, x[None], y[None], torch.tensor([x.shape[0]]))
+    if not bool((taskset.source_n >= 2).any()):
         return None
     return pretrain_scale(cfg, taskset.source_x, taskset.source_y, taskset.source_n)
 

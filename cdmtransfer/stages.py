@@ -354,7 +354,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     candidates = adapt_candidates(a, source_heads is not None)
     uses_source = any(c.head_init == "source" for c in candidates)
     start = pick_source_head(source_heads, x_m, y_m, process, a) if uses_source else None
-    sigma_data = adapt_scale(cfg, taskset, source_heads if uses_source else None)
+    sigma_data = adapt_scale(cfg, taskset, source_heads if uses_source else None, (x_m, y_m))
 
     def run_stage(cands: list[Candidate], copies: int, x, y, n, ckpt: Path, label: str, sink, **kw):
         """Train len(cands) × copies heads, candidate g owning heads g·copies … (g + 1)·copies − 1, each candidate

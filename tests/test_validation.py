@@ -494,6 +494,38 @@ def test_linear_summary_finds_the_shared_subspace_and_pretrain_starts_at_the_clo
     assert build_encoder({k: v for k, v in encoder_spec(enc).items() if k != "linear"}).linear is None
 
 
+def test_scratch_starts_each_fold_model_on_its_own_training_rows_only():
+    """start_scratch: copy i's linear path is the linear summary of row set i's first counts[i] rows (a fold's
+    training rows), nothing else; the MLP part starts at 0; without a linear path there is no start."""
+    from cdmtransfer.head_start import linear_summary, stack_copies, start_scratch
+
+    torch.manual_seed(0)
+    n, D_y, d, d_x = 30, 6, 2, 4
+    B = torch.randn(d, D_y)
+    y = torch.randn(3, n, D_y)
+    x = (y @ B.T) @ torch.randn(d, d_x) + 0.05 * torch.randn(3, n, d_x)
+    counts = torch.tensor([30, 20, 25])
+    enc = MLPEncoder(D_y, d, 16, 2, linear=True)
+    started = start_scratch(enc, x, y, counts)
+    assert len(started) == 3 and all(e is not enc for e in started)
+    for i, e in enumerate(started):
+        P, centre = linear_summary(x[i:i + 1], y[i:i + 1], counts[i:i + 1], d)
+        torch.testing.assert_close(e(y[i]).double(), (y[i].double() - centre) @ P.T, atol=1e-4, rtol=0)
+        overlap = torch.linalg.svdvals(torch.linalg.qr(P.T)[0].T @ torch.linalg.qr(B.T.double())[0])
+        assert float(overlap.min()) > 0.99  # each copy finds the shared subspace from its own rows
+    x2, y2 = x.clone(), y.clone()
+    x2[1, 20:] += 5.0  # rows past copy 1's count (its held-out fold) and another copy's rows
+    y2[0] += 1.0
+    again = start_scratch(enc, x2, y2, counts)
+    torch.testing.assert_close(again[1].linear.weight, started[1].linear.weight)
+    assert not torch.allclose(again[0].linear.bias, started[0].linear.bias)
+    stacked = stack_copies(started)
+    torch.testing.assert_close(stacked(y), torch.stack([e(y[i]) for i, e in enumerate(started)]), atol=1e-5, rtol=0)
+    assert stack_copies(started[:1]) is started[0]
+    assert start_scratch(MLPEncoder(D_y, d, 16, 2), x, y, counts) is None
+    assert start_scratch(enc, x.masked_fill(x > 1, float("nan")), y, counts) is None  # NaN rows: training names them
+
+
 def test_a_source_started_mean_becomes_the_mixture_of_source_maps_the_rows_show():
     from cdmtransfer.head_start import source_combination
     from cdmtransfer.references import ridge_gcv
