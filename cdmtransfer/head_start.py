@@ -160,11 +160,8 @@ def residual_covariance(residual: torch.Tensor, error: float, prior: torch.Tenso
     S = residual.T @ residual / n
     if not (math.isfinite(error) and error > 0 and float(torch.trace(S)) > 0):
         return prior
-    scale = error / float(torch.trace(S))
-    S, residual = S * scale, residual * math.sqrt(scale)
-    # Ledoit–Wolf intensity toward `prior`: the sampling variance of S, Σ_i‖r_i r_iᵀ − S‖²/n², over ‖S − prior‖²
-    spread = float((torch.einsum("ni,nj->nij", residual, residual) - S).pow(2).sum()) / n**2
-    w = min(1.0, max(d / (d + n), spread / max(float((S - prior).pow(2).sum()), 1e-300)))
+    S = S * (error / float(torch.trace(S)))
+    w = d / (d + n)
     return (1 - w) * S + w * prior
 
 
