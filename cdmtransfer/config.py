@@ -164,7 +164,9 @@ class ModelConfig:
     head_width: int = field(default=128, metadata=_range(1))
     head_depth: int = field(default=2, metadata=_range(1))  # hidden layers of each score head f_k
     time_dim: int = field(default=16, metadata=_range(2))  # sinusoidal time features (even)
-    encoder: Literal["mlp", "conv"] = "mlp"  # conv: a small CNN on image conditions (digits, mnist)
+    # conv: a small CNN on image conditions (digits, mnist); oracle: the suite's true h*, fixed (synthetic suites):
+    # pretrain then fits only the source heads, and `adapt --mode frozen` on that run is frozen's limit with a perfect ĥ
+    encoder: Literal["mlp", "conv", "oracle"] = "mlp"
     # mlp: also a linear path, h(y) = P y + c + MLP(y), that pretrain starts at the d-dimensional linear summary of y
     # best for every source's linear fit of x (head_start.linear_summary), the MLP's output at 0 (ignored for conv)
     encoder_linear: bool = True

@@ -223,13 +223,15 @@ def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: in
 def start_pretrain(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
     """Pretrain's closed-form start with model.encoder_linear: the encoder h(y) = P (y − ȳ) (`linear_summary`), each
     source head's linear mean least squares on it from 0 and its network's output at 0 (fit_linear_means), so step 0
-    is the linear-Gaussian model x | y ~ N(μ_k(h(y)), Σ_k) on the best linear summary and training learns the rest."""
+    is the linear-Gaussian model x | y ~ N(μ_k(h(y)), Σ_k) on the best linear summary and training learns the rest.
+    A fixed encoder (the oracle's h*) gets the same heads' start on its own code."""
     encoder = model.encoder
-    if getattr(encoder, "linear", None) is None:
-        return
-    P, centre = linear_summary(x, y, counts, encoder.d)
-    encoder.start_linear(P.float(), centre.float())
-    if model.linear_mean:
+    if getattr(encoder, "linear", None) is not None:
+        P, centre = linear_summary(x, y, counts, encoder.d)
+        encoder.start_linear(P.float(), centre.float())
+    elif any(p.requires_grad for p in encoder.parameters()):
+        return  # a random encoder (conv): its code says nothing yet; the heads' means are learned with it
+    if model.linear_mean:  # on the linear summary, or on a fixed encoder (model.encoder = oracle: h* itself)
         model.heads.mean.weights[0].zero_()
         model.heads.mean.biases[0].zero_()
         fit_linear_means(model, encoder, x, y, counts, range(x.shape[0]), fresh=True)

@@ -274,8 +274,17 @@ def encoder_from_export(weights: dict, meta: dict, source: str, D_y: int,
 
 
 def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
-    """A fresh encoder h per model.encoder: an MLP on y, or a small CNN on y viewed as the suite's condition image."""
+    """A fresh encoder h per model.encoder: an MLP on y, a small CNN on y viewed as the suite's condition image, or
+    the suite's true h* (fixed: buffers only)."""
     m = cfg.model
+    if m.encoder == "oracle":
+        truth = taskset.truth.encoder()
+        if truth is None:
+            raise ConfigError(f"model.encoder = oracle: suite '{taskset.name}' has no true representation h*")
+        if truth.d != m.d:
+            raise ConfigError(f"model.encoder = oracle: the suite's h* has d = {truth.d}, the recipe model.d = {m.d} "
+                              f"(use --set model.d={truth.d})")
+        return truth
     if m.encoder == "conv":
         if taskset.condition_shape is None:
             raise ConfigError(f"model.encoder = conv needs image conditions; suite '{taskset.name}' has none "

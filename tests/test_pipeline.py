@@ -160,6 +160,17 @@ def test_modes_and_oracle_and_dry_run(recipe, store):
     assert "m: 5" in dry.stdout and "steps: 7" in dry.stdout and "mode: scratch" in dry.stdout
 
 
+def test_oracle_pretrain_fits_source_heads_on_the_true_representation(recipe, store):
+    """model.encoder = oracle: pretrain keeps h* fixed (no encoder parameters) and frozen on it reads h* itself."""
+    pre = ok_json("pretrain", recipe, "--set", "model.encoder=oracle")
+    assert pre["metrics"]["encoder_parameters"] == 0
+    fro = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "frozen", "--set", "model.encoder=oracle")
+    # least squares on the run's own features is least squares on h*: the encoder is h*
+    assert fro["metrics"]["ref/encoder_ls_mse"] == pytest.approx(fro["metrics"]["ref/oracle_ls_mse"], rel=1e-5)
+    bad = cli("pretrain", recipe, "--set", "model.encoder=oracle", "--set", "model.d=3")
+    assert bad.exit_code != 0 and "use --set model.d=2" in bad.output and "Traceback" not in bad.output
+
+
 def test_sweep_parent_with_children(recipe, store):
     res = ok_json("sweep", recipe, "--m", "4,8", "--modes", "frozen,auto", "--seeds", 2)
     assert len(res["rows"]) == 2 * 2 * 2
