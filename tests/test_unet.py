@@ -141,7 +141,8 @@ def test_a_head_that_sees_y_gets_y_itself_in_training_and_sampling():
 def test_short_pretrain_on_digits_decreases_the_dsm_loss(store):
     sets = ["model.head=unet", "model.head_width=8", "model.head_depth=1", "model.unet_mults=[1,2]",
             "suite.n=64", "pretrain.steps=40", "pretrain.batch_size=16", "pretrain.log_every=10",
-            "pretrain.warmup_steps=5", "pretrain.lr=2e-3"]
+            "pretrain.warmup_steps=5", "pretrain.lr=2e-3",
+            "model.linear_mean=false", "model.encoder_linear=false"]  # from a random start: the U-Net must learn
     pre = cdmtransfer.pretrain(str(RECIPES / "digits-denoise.yaml"), sets)
     history = MlflowClient(f"sqlite:///{store}/mlflow.db").get_metric_history(pre.run_id, "loss")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
