@@ -230,12 +230,14 @@ def representation_errors(cfg, taskset, encoders: list, *, steps: int, draws: in
 
 
 def pretrain_snapshots(cfg, taskset, *, steps: int, snapshot_steps, seed: int, quiet: bool = True) -> dict:
-    """Joint DSM pretraining on `taskset`'s sources (the pretrain stage's objective, no regularisers), capped at
-    `steps`; returns {step: EMA encoder} at the validation checks in `snapshot_steps` and {"best": ...}."""
+    """Joint DSM pretraining on `taskset`'s sources (the pretrain stage's closed-form start and objective, no
+    regularisers), capped at `steps`; returns {step: EMA encoder} at the validation checks in `snapshot_steps` and
+    {"best": ...}."""
     import torch
 
     from cdmtransfer.diffusion import OUProcess
     from cdmtransfer.progress import Progress
+    from cdmtransfer.head_start import pretrain_scale, set_source_covariances, start_pretrain
     from cdmtransfer.stages import dsm_objective, new_encoder, score_model
     from cdmtransfer.train import train
     from cdmtransfer.validation import dsm_validation, holdout_split
@@ -245,7 +247,10 @@ def pretrain_snapshots(cfg, taskset, *, steps: int, snapshot_steps, seed: int, q
     fit_rows, val_rows = holdout_split(taskset.source_n, p.val_fraction, cfg.suite.seed)
     x, y, n = fit_rows.gather(taskset.source_x, taskset.source_y)
     torch.manual_seed(seed)
-    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[fit_rows.mask])
+    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[fit_rows.mask],
+                        pretrain_scale(cfg, x, y, n))
+    set_source_covariances(model, x, y, n)  # started as the pretrain stage starts (head_start)
+    start_pretrain(model, x, y, n)
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     check = dsm_validation(*val_rows.gather(taskset.source_x, taskset.source_y), process, p.val_draws,
                            seed=seed + 17)
