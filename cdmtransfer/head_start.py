@@ -70,10 +70,11 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
     steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
     the encoder trains). Callers skip it for scratch unless `start_scratch` started its encoder: a random encoder's
-    code says nothing yet, and least squares on it made the Gaussian suites worse at m = 8. `fresh` (new random heads, not a
-    source head's): with a full covariance their network's output layer starts at 0, so step 0 is exactly the fitted
-    linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays. `sources` (source-
-    started heads): the start map may also become a combination of all the source heads' maps (`source_combination`)."""
+    code says nothing yet, and least squares on it made the Gaussian suites worse at m = 8. `fresh` (new random
+    heads, not a source head's): with a full covariance their network's output layer starts at 0, so step 0 is
+    exactly the fitted linear-Gaussian model N(μ_k(h(y)), Σ_k) and cross-validation trains F only where that pays.
+    `sources` (source-started heads): the start map may also become a combination of all the source heads' maps
+    (`source_combination`)."""
     if not model.linear_mean:
         return
     if fresh and model.full_covariance:
