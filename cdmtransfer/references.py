@@ -15,6 +15,10 @@ reports in standardised units, as the model's own metric does).
   encoder the run ended with): what a linear head on this representation reaches from the m samples. Beside
   posterior_mean_mse it separates the two bottlenecks: a score head far above it is limited by its own training,
   a head near it by the representation (compare ref/oracle_ls_mse).
+- ref/h_star_readout_error (pretrain, suites with h*): how much of the true representation the learned one carries,
+  1 − R² of the best affine readout of h*(y) from h(y) (least squares fitted on half the sources' conditions, scored
+  on the other half, relative to h*'s variance). 0 when h is an invertible affine map of h* (Assumption 3.2's ĥ up to
+  a change of basis), 1 when it carries nothing; with d below h*'s width it cannot reach 0.
 
 float64 throughout; the pooled fit accumulates moments in row blocks, so pooled image suites (D_y ≈ 800, ~60 000
 rows) take seconds and no pooled copy of the data.
@@ -29,6 +33,7 @@ import torch
 
 POOLED, TARGET, ORACLE = "ref/linear_pooled_mse", "ref/linear_target_mse", "ref/oracle_ls_mse"
 ENCODER = "ref/encoder_ls_mse"
+READOUT = "ref/h_star_readout_error"
 BLOCK = 8192  # rows per block when accumulating pooled moments
 
 
@@ -132,6 +137,17 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81, intercept
     lam = float(lams[best])
     coef = Vh.T @ ((s / (s2 + lam))[:, None] * proj)  # [D, d_x]
     return LinearFit(x_mean - f_mean @ coef, coef, lam, float(gcv[best]))
+
+
+@torch.no_grad()
+def readout_error(encoder, h_star, y: torch.Tensor) -> float:
+    """1 − R² of h*(y) read out affinely from encoder(y): fitted on the even rows of y, scored on the odd ones."""
+    h, target = encoder(y.float()).double(), h_star(y.float()).double()
+    ones = torch.ones(h.shape[0], 1, dtype=torch.float64, device=h.device)
+    design = torch.cat([h, ones], 1)
+    coef = torch.linalg.lstsq(design[0::2], target[0::2]).solution
+    test = target[1::2]
+    return float((test - design[1::2] @ coef).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
 
 
 def _mse(pred: torch.Tensor, x: torch.Tensor) -> float:

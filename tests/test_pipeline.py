@@ -164,6 +164,7 @@ def test_oracle_pretrain_fits_source_heads_on_the_true_representation(recipe, st
     """model.encoder = oracle: pretrain keeps h* fixed (no encoder parameters) and frozen on it reads h* itself."""
     pre = ok_json("pretrain", recipe, "--set", "model.encoder=oracle")
     assert pre["metrics"]["encoder_parameters"] == 0
+    assert "ref/h_star_readout_error" not in pre["metrics"]  # h* itself: nothing to read out
     fro = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "frozen", "--set", "model.encoder=oracle")
     # least squares on the run's own features is least squares on h*: the encoder is h*
     assert fro["metrics"]["ref/encoder_ls_mse"] == pytest.approx(fro["metrics"]["ref/oracle_ls_mse"], rel=1e-5)
@@ -198,6 +199,7 @@ def test_transfer_beats_scratch_on_gaussian_suite(store):
                  "pretrain.steps=600", "pretrain.batch_size=64", "adapt.steps=300", "adapt.m=8",
                  "evaluate.posterior_conditions=64", "evaluate.sampler_steps=16", "evaluate.dist_samples=32"]
     pre = cdmtransfer.pretrain(None, overrides)
+    assert pre.metrics["ref/h_star_readout_error"] < 0.05  # the learned h carries the linear h* (Assumption 3.2)
     frozen = cdmtransfer.adapt(None, overrides + ["adapt.mode=frozen"], encoder=pre.run_id)
     scratch = cdmtransfer.adapt(None, overrides + ["adapt.mode=scratch"])
     assert frozen.metrics["posterior_mean_mse"] < 0.7 * scratch.metrics["posterior_mean_mse"]

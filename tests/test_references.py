@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cdmtransfer.config import Config
-from cdmtransfer.references import (ENCODER, ORACLE, POOLED, TARGET, pooled_linear, residual_rms,
+from cdmtransfer.references import (ENCODER, ORACLE, POOLED, TARGET, pooled_linear, readout_error, residual_rms,
                                    reference_metrics, ridge_gcv)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tasks.base import TaskSet, stack_sources
@@ -162,3 +162,20 @@ def test_encoder_least_squares_scores_the_given_features():
     assert with_random[ENCODER] > 1.2 * truth[ORACLE]
     _, skipped = reference_metrics(taskset, x, y, x_m, y_m)
     assert skipped[ENCODER] == "no encoder given"
+
+
+def test_readout_error_is_zero_for_an_affine_change_of_basis_and_near_one_for_unrelated_features():
+    """ref/h_star_readout_error: an invertible affine map of h* carries all of it; features of other directions of y
+    (orthogonal to the rows of W in h* = tanh(2Wy + c)) carry almost nothing; half of h*'s coordinates carry half."""
+    cfg = from_dict(Config, {"suite": {"name": "gaussian", "K": 4, "n": 512,
+                                       "gaussian": {"d_x": 3, "D_y": 16, "d": 4, "h_star": "nonlinear"}}}, "test")
+    taskset = build_taskset(cfg)
+    h_star = taskset.truth.encoder()
+    y = torch.randn(4000, 16, generator=torch.Generator().manual_seed(1))
+    mix = torch.randn(4, 4, generator=torch.Generator().manual_seed(2)) + 3 * torch.eye(4)
+    assert readout_error(lambda v: h_star(v) @ mix + 1.5, h_star, y) < 1e-10
+    W = taskset.truth.W
+    other = torch.linalg.svd(W, full_matrices=True).Vh[4:8].T  # 4 directions of y orthogonal to W's rows
+    assert readout_error(lambda v: torch.tanh(v @ other), h_star, y) > 0.95
+    half = readout_error(lambda v: h_star(v)[:, :2], h_star, y)
+    assert 0.3 < half < 0.7
