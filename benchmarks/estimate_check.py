@@ -97,11 +97,15 @@ def main() -> None:
     ap.add_argument("--file-recipe", default=None, help="the recipe of case `file` (benchmarks/file_task.py write)")
     ap.add_argument("--holdout-steps", type=int, default=None,
                     help="step cap of the held-out pretrains (default: estimate's, the recipe's pretrain.steps)")
+    ap.add_argument("--ladder", default=None, metavar="M1,M2,..",
+                    help="m of the held-out sources' curves (default: estimate's, 8,16,32,64)")
     args = ap.parse_args()
     if args.file_recipe:
         CASES["file"] = (args.file_recipe, *CASES["file"][1:])
     given = dict(item.split("=", 1) for item in args.dense)
     steps = {} if args.holdout_steps is None else {"steps": args.holdout_steps}
+    if args.ladder:
+        steps["ladder"] = sorted({int(v) for v in args.ladder.split(",")})
     rows, last = [], {}
     for name in args.cases.split(","):
         recipe, sets, error, eps_values = CASES[name]
