@@ -181,6 +181,9 @@ def sweep(recipe: RecipeArg,
           modes: Annotated[Optional[str], typer.Option(
               metavar="MODE,..", help="Adaptation modes: frozen, finetune, auto, scratch, oracle.")] = None,
           seeds: Annotated[Optional[int], typer.Option(help="Seeds per (mode, m).")] = None,
+          pretrain_seeds: Annotated[Optional[int], typer.Option(
+              help="Encoders to pretrain (seeds seed, seed + 1000, ..): frozen/finetune/auto cells run on each, so "
+                   "the spread includes the encoder's (sweep.pretrain_seeds).")] = None,
           jobs: Annotated[int, typer.Option(help="Worker processes (0: one per spare core).")] = 0,
           encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
           tracking_uri: TrackingOpt = None,
@@ -190,7 +193,7 @@ def sweep(recipe: RecipeArg,
     if jobs < 0:
         raise ConfigError(f"--jobs {jobs}: must be >= 0 (0: one worker per spare core)")
     cfg = _config(recipe, set_, {"sweep.m": m and f"[{m}]", "sweep.modes": modes and f"[{modes}]",
-                                 "sweep.seeds": seeds, "seed": seed})
+                                 "sweep.seeds": seeds, "sweep.pretrain_seeds": pretrain_seeds, "seed": seed})
     if dry_run:
         return _dry_run(cfg)
     from cdmtransfer import report
@@ -201,13 +204,15 @@ def sweep(recipe: RecipeArg,
     if json_out:
         return report.emit_json(result.to_dict())
     out = report.console()
-    out.print(report.sweep_table(result.summary, f"{cfg.name}: target error by mode and m (mean ± sd over seeds)"))
+    over = "seeds" if len(result.pretrain_run_ids) < 2 else f"seeds × {len(result.pretrain_run_ids)} encoders"
+    out.print(report.sweep_table(result.summary, f"{cfg.name}: target error by mode and m (mean ± sd over {over})"))
     for mode, why in result.skipped_modes.items():
         out.print(f"skipped mode {mode}: {why}")
     if result.plots:
         out.print(f"learning curves: {', '.join(result.plots.values())} (artifacts of the sweep run)")
-    out.print(f"sweep run id: {result.run_id}" + (f"  (pretrain run {result.pretrain_run_id})"
-                                                  if result.pretrain_run_id else ""))
+    own = result.pretrain_run_ids
+    out.print(f"sweep run id: {result.run_id}"
+              + (f"  (pretrain run{'s' * (len(own) > 1)} {', '.join(own)})" if own else ""))
     report.store_footer(out, result.tracking_uri)
 
 

@@ -300,6 +300,9 @@ class SweepConfig:
     modes: list[str] = field(default_factory=lambda: ["frozen", "finetune", "scratch", "oracle"])  # auto: on request
     m: list[int] = field(default_factory=lambda: [32])
     seeds: int = field(default=1, metadata=_range(1))
+    # pretrained encoders (seeds seed, seed + 1000, ...): each pretrained-mode cell runs on every one of them, with the
+    # same target subsets, so the table's spread includes the encoder's (the theory's source term varies with it)
+    pretrain_seeds: int = field(default=1, metadata=_range(1))
     # train the cells that share a schedule (steps, batch, learning rate, folds) as one stacked model in one loop
     # (cells.py); false: one model and loop per cell, as before
     batch_cells: bool = True

@@ -2,7 +2,10 @@
 
 One MLflow parent run holds the table (results.csv, results.json) and per-mode metrics with m as the step; every
 cell is a child run. Seeds change the target subset, the head's initialisation and the training noise; the task
-world (suite.seed) and the pretrained encoder stay fixed, so the spread is that of the adaptation alone.
+world (suite.seed) stays fixed. With one pretrained encoder the spread is that of the adaptation alone; with
+`sweep.pretrain_seeds` = P the sweep pretrains P encoders (seeds seed + 1000·p) and runs every pretrained-mode cell
+on each, with the same target subsets, so the spread includes the encoder's, and `pretrain_std` (the sd of the P
+encoders' means) says how much of it is the encoder's.
 """
 
 from __future__ import annotations
@@ -29,41 +32,57 @@ from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
 
 HEADLINE = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # in the order tables show them
+PRETRAIN_SEED_STRIDE = 1000  # encoder p of a sweep is pretrained with seed + 1000·p (apart from the cells' seeds)
 
 
 @dataclass
 class SweepResult:
     run_id: str
     pretrain_run_id: str | None
-    rows: list[dict]  # one per (mode, m, seed): run_id and metrics
+    rows: list[dict]  # one per (mode, m, seed, pretrain): run_id and metrics
     summary: list[dict]  # one per (mode, m): mean and std over seeds of each metric
     skipped_modes: dict = field(default_factory=dict)
     tracking_uri: str = ""
     plots: dict = field(default_factory=dict)  # metric -> artifact path of its learning-curve PNG
+    pretrain_run_ids: list = field(default_factory=list)  # the sweep's own pretrains, encoder p at index p
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds for every (mode, m) and metric; what cross-validation chose per seed
-    (`choices`); and where a metric has no exact floor, its excess over a fitted one (`fitted_excess`)."""
+    """Mean and standard deviation over seeds (and encoders) for every (mode, m) and metric; what cross-validation
+    chose per seed (`choices`); and where a metric has no exact floor, its excess over a fitted one
+    (`fitted_excess`). Over several encoders (`pretrains` > 1), each metric also has `pretrain_std`: the standard
+    deviation of the encoders' means, the part of the spread the encoder brings."""
     groups: dict[tuple, list[dict]] = {}
     choices: dict[tuple, list[str]] = {}
     for row in rows:
-        groups.setdefault((row["mode"], row["m"]), []).append(row["metrics"])
+        groups.setdefault((row["mode"], row["m"]), []).append(row)
         choices.setdefault((row["mode"], row["m"]), []).append(row.get("choice") or "")
     out = []
-    for (mode, m), cells in groups.items():
+    for (mode, m), group in groups.items():
+        cells = [r["metrics"] for r in group]
+        encoders = sorted({r.get("pretrain", 0) for r in group})
         entry = {"mode": mode, "m": m, "seeds": len(cells), "choices": choices[(mode, m)]}
+        if len(encoders) > 1:
+            entry["pretrains"] = len(encoders)
         for key in sorted(set().union(*cells)):
-            values = [c[key] for c in cells if key in c]
-            mean = sum(values) / len(values)
-            var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
-            entry[key] = {"mean": mean, "std": math.sqrt(var) if len(values) > 1 else 0.0}
+            entry[key] = _mean_sd([c[key] for c in cells if key in c])
+            if len(encoders) > 1:
+                means = [_mean_sd(v)["mean"] for v in ([r["metrics"][key] for r in group
+                                                          if r.get("pretrain", 0) == p and key in r["metrics"]]
+                                                         for p in encoders) if v]
+                entry[key]["pretrain_std"] = _mean_sd(means)["std"]
         out.append(entry)
     fitted_excess(rows, out)
     return out
+
+
+def _mean_sd(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return {"mean": mean, "std": math.sqrt(var) if len(values) > 1 else 0.0}
 
 
 FITTED = {"posterior_mean_mse": "posterior_mean_mse_excess", "test_dsm": None}  # metric -> its exact excess, if any
@@ -103,9 +122,10 @@ def to_csv(rows: list[dict]) -> str:
     keys = sorted(set().union(*(r["metrics"] for r in rows))) if rows else []
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["mode", "m", "seed", "run_id", *keys])
+    writer.writerow(["mode", "m", "seed", "pretrain", "run_id", *keys])
     for r in rows:
-        writer.writerow([r["mode"], r["m"], r["seed"], r["run_id"], *(r["metrics"].get(k, "") for k in keys)])
+        writer.writerow([r["mode"], r["m"], r["seed"], r.get("pretrain", 0), r["run_id"],
+                         *(r["metrics"].get(k, "") for k in keys)])
     return buf.getvalue()
 
 
@@ -202,8 +222,13 @@ def default_jobs(cells: int) -> int:
     return max(1, min(cells, (os.cpu_count() or 1) - 1))
 
 
-def _cell_key(mode: str, m, seed) -> tuple[str, int, int]:
-    return mode, int(m), int(seed)
+def _cell_key(mode: str, m, seed, pretrain=0) -> tuple[str, int, int, int]:
+    return mode, int(m), int(seed), int(pretrain)
+
+
+def _pretrain_index(run, cfg: Config) -> int:
+    """Which of a sweep's encoders a pretrain run is (its seed is cfg.seed + PRETRAIN_SEED_STRIDE · index)."""
+    return (int(run.data.params.get("seed", cfg.seed)) - cfg.seed) // PRETRAIN_SEED_STRIDE
 
 
 def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
@@ -222,16 +247,19 @@ def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
     children = tracker.client.search_runs([parent.info.experiment_id],
                                           filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
     for run in children:
-        tags = run.data.tags
         if run.info.status == "RUNNING":
             tracker.client.set_terminated(run.info.run_id, "KILLED")
-        if tags.get(TAG + "stage") == "pretrain":
+        if run.data.tags.get(TAG + "stage") == "pretrain":
             pretrains.append(run)
-        elif run.info.status == "FINISHED":
-            key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"])
+    encoder_of = {run.info.run_id: _pretrain_index(run, cfg) for run in pretrains}
+    for run in children:
+        tags = run.data.tags
+        if tags.get(TAG + "stage") != "pretrain" and run.info.status == "FINISHED":
+            key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"],
+                            encoder_of.get(tags.get(TAG + "pretrain_run_id", ""), 0))
             metrics = {k: v for k, v in run.data.metrics.items() if k not in ("loss", "lr", "grad_norm")}
-            done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "run_id": run.info.run_id, "metrics": metrics,
-                         "choice": tags.get(TAG + "choice_short", "")}
+            done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "pretrain": key[3], "run_id": run.info.run_id,
+                         "metrics": metrics, "choice": tags.get(TAG + "choice_short", "")}
     return done, pretrains
 
 
@@ -266,6 +294,9 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         raise ConfigError("sweep: no mode left to run")
     for m in s.m:
         taskset.target_subset(m, seed=cfg.seed)  # refuse an impossible m before anything is created
+    if s.pretrain_seeds > 1 and encoder:
+        raise ConfigError(f"--encoder {encoder}: sweep.pretrain_seeds = {s.pretrain_seeds} pretrains the sweep's own "
+                          f"encoders; drop --encoder or set sweep.pretrain_seeds=1")
     cells = [resolve_adapt(dataclasses.replace(cfg, seed=cfg.seed + offset,
                                                adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m)))
              for mode in modes for m in s.m for offset in range(s.seeds)]  # unset adapt keys follow m's rule
@@ -282,19 +313,31 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         data_checks.echo(cfg, data_warnings)  # once for the sweep; its child runs carry the tag
         if not resume:
             parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
-        pre_id, encoder_dir, lineage = None, None, {}
+        own, encoders = [], [(None, {})]  # the sweep's pretrain run ids; per encoder: (model dir, lineage)
         if any(mode in PRETRAINED_MODES for mode in modes):
-            if not encoder:
-                encoder = pre_id = _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet)
-            model_dir, _ = find_model_dir(tracker, encoder, Path(tmp))
-            _, lineage, _ = load_encoder(tracker, encoder, taskset, cfg)  # checks it fits before any cell starts
-            encoder_dir = str(model_dir)
-            parent.set_tags({TAG + "encoder_source": encoder})
-        todo = [c for c in cells if _cell_key(c.adapt.mode, c.adapt.m, c.seed) not in done]
-        rows = list(done.values()) + _run_cells(todo, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet,
-                                                taskset, s.batch_cells)
-        order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed): k for k, c in enumerate(cells)}
-        rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"])])
+            sources = [encoder] if encoder else []
+            for p in range(0 if encoder else s.pretrain_seeds):
+                mine = [r for r in pretrains if _pretrain_index(r, cfg) == p]
+                own.append(_sweep_encoder(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),
+                                          tracker, parent, mine, tracking_uri, quiet))
+                sources.append(own[-1])
+            encoders = []
+            for source in sources:
+                model_dir, _ = find_model_dir(tracker, source, Path(tmp))
+                _, lineage, _ = load_encoder(tracker, source, taskset, cfg)  # checks it fits before any cell starts
+                encoders.append((str(model_dir), lineage))
+            parent.set_tags({TAG + "encoder_source": sources[0],
+                             **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
+        plan = [(c, p) for c in cells
+                for p in (range(len(encoders)) if c.adapt.mode in PRETRAINED_MODES else [0])]
+        rows = list(done.values())
+        for p, (encoder_dir, lineage) in enumerate(encoders):
+            todo = [c for c, q in plan if q == p and _cell_key(c.adapt.mode, c.adapt.m, c.seed, p) not in done]
+            rows += _run_cells(todo, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet, taskset,
+                               s.batch_cells, pretrain=p, label=f" (encoder {p + 1}/{len(encoders)})"
+                               if len(encoders) > 1 else "")
+        order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed, p): k for k, (c, p) in enumerate(plan)}
+        rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"], r.get("pretrain", 0))])
         summary = summarise(rows)
         for entry in summary:
             parent.log_metrics({f"{entry['mode']}.{k}": entry[k]["mean"] for k in HEADLINE if k in entry},
@@ -309,12 +352,14 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                 if png is not None:
                     parent.log_artifact(png, "plots")
                     plots[metric] = f"plots/{png.name}"
-    return SweepResult(parent.run_id, pre_id, rows, summary, skipped, tracker.store.uri, plots)
+    return SweepResult(parent.run_id, own[0] if own else None, rows, summary, skipped, tracker.store.uri, plots,
+                       own)
 
 
-def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset, batch=True):
+def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset, batch=True, pretrain=0,
+               label=""):
     """Open one child run per cell, train the cells (batched by group: run_group; else one by one: run_cell; in
-    `jobs` worker processes when > 1), record each as it ends."""
+    `jobs` worker processes when > 1), record each as it ends; rows say which of the sweep's encoders they used."""
     runs, rows = {}, []
     for i, cell in enumerate(cells):
         run = open_run(tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
@@ -352,11 +397,11 @@ def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, tas
             run.log_metrics(values, step)
         record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]), choice=out["choice"])
         close_run(run, "FINISHED")
-        rows.append({"mode": cell.adapt.mode, "m": cell.adapt.m, "seed": cell.seed, "run_id": run.run_id,
-                     "metrics": out["metrics"], "choice": out["choice"]["short"]})
+        rows.append({"mode": cell.adapt.mode, "m": cell.adapt.m, "seed": cell.seed, "pretrain": pretrain,
+                     "run_id": run.run_id, "metrics": out["metrics"], "choice": out["choice"]["short"]})
         if not quiet:
-            print(f"[sweep] {len(rows)}/{len(cells)} done: {cell.adapt.mode} m={cell.adapt.m} seed={cell.seed}",
-                  file=sys.stderr, flush=True)
+            print(f"[sweep] {len(rows)}/{len(cells)} done{label}: {cell.adapt.mode} m={cell.adapt.m} "
+                  f"seed={cell.seed}", file=sys.stderr, flush=True)
 
     pending = set(runs)
     items = _work_items(cells, batch, jobs, cells[0].sweep.group_heads if cells else 32)

@@ -188,6 +188,38 @@ def test_sweep_parent_with_children(recipe, store):
     assert {a.path for a in c.list_artifacts(res["run_id"], "plots")} >= {"plots/curve_score_error.png"}
 
 
+def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(recipe, store):
+    """sweep.pretrain_seeds = 2: two pretrains (seeds 0 and 1000); every frozen cell runs on both with the same
+    target subset, scratch once; the summary's spread covers seeds × encoders and says the encoders' part; a resume
+    finds every cell done (the keys include the encoder) and trains nothing. (Random encoder starts: the closed-form
+    start of model.encoder_linear is the same for every seed, and this short pretrain would keep it.)"""
+    args = ["--m", "4,8", "--modes", "frozen,scratch", "--seeds", 2, "--pretrain-seeds", 2,
+            "--set", "model.encoder_linear=false"]
+    res = ok_json("sweep", recipe, *args)
+    own = res["pretrain_run_ids"]
+    assert len(own) == 2 and len(set(own)) == 2 and res["pretrain_run_id"] == own[0]
+    c = client(store)
+    assert [c.get_run(r).data.params["seed"] for r in own] == ["0", "1000"]
+    assert len(res["rows"]) == 2 * 2 * 2 + 2 * 2  # frozen: m × seeds × encoders; scratch: m × seeds
+    frozen = [r for r in res["rows"] if r["mode"] == "frozen"]
+    for row in frozen:
+        assert c.get_run(row["run_id"]).data.tags[TAG + "pretrain_run_id"] == own[row["pretrain"]]
+    pairs = {}
+    for row in frozen:
+        pairs.setdefault((row["m"], row["seed"]), []).append(row["metrics"]["score_error"])
+    assert all(len(v) == 2 for v in pairs.values()) and any(v[0] != v[1] for v in pairs.values())
+    entries = {(e["mode"], e["m"]): e for e in res["summary"]}
+    assert entries[("frozen", 8)]["seeds"] == 4 and entries[("frozen", 8)]["pretrains"] == 2
+    assert entries[("frozen", 8)]["score_error"]["pretrain_std"] >= 0.0
+    assert "pretrains" not in entries[("scratch", 8)] and "pretrain_std" not in entries[("scratch", 8)]["score_error"]
+    before = len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id]))
+    again = ok_json("sweep", recipe, *args, "--resume", res["run_id"])
+    assert len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id])) == before
+    assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in res["rows"]]
+    bad = cli("sweep", recipe, "--pretrain-seeds", 2, "--encoder", own[0])
+    assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
+
+
 def test_transfer_beats_scratch_on_gaussian_suite(store):
     """The paper's claim at small m: a frozen pretrained encoder beats training from scratch.
 
