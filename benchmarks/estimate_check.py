@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--holdout-steps", type=int, default=None,
                     help="step cap of the held-out pretrains (default: estimate's, the recipe's pretrain.steps)")
     ap.add_argument("--ladder", default=None, metavar="M1,M2,..",
-                    help="m of the held-out sources' curves (default: estimate's, 8,16,32,64)")
+                    help="m of the held-out sources' curves (default: estimate's, 8,16,32,64,128,256)")
     args = ap.parse_args()
     if args.file_recipe:
         CASES["file"] = (args.file_recipe, *CASES["file"][1:])

@@ -285,7 +285,8 @@ def estimate(recipe: RecipeArg,
                  help="Step cap of the held-out pretrains (default: the recipe's pretrain.steps; they stop by "
                       "validation either way).")] = None,
              ladder: Annotated[str, typer.Option(metavar="M1,M2,..", rich_help_panel=SOURCES,
-                                                 help="Target sizes of the held-out sweeps.")] = "8,16,32,64",
+                                                 help="Target sizes of the held-out sweeps (sizes above a held-out "
+                                                      "source's rows are dropped).")] = "8,16,32,64,128,256",
              seeds: Annotated[int, typer.Option(min=1, rich_help_panel=SOURCES,
                                                 help="Seeds per held-out (mode, m).")] = 1,
              finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=SOURCES,

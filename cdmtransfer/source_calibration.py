@@ -30,7 +30,7 @@ from cdmtransfer.errors import ConfigError
 from cdmtransfer.metrics import SAMPLE_METRICS
 from cdmtransfer.tracking import TAG, open_tracker
 
-LADDER = (8, 16, 32, 64)
+LADDER = (8, 16, 32, 64, 128, 256)  # capped at the rows a held-out source leaves (source_estimate)
 HOLDOUT_STEPS = None  # held-out pretrains keep the recipe's cap and stop by validation (a 1,000-step cap biased
 # Langevin's prediction 13x: validation DSM 0.87 at the cap against 0.63 converged; README "How many samples")
 
