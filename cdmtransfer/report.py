@@ -57,7 +57,7 @@ def sweep_table(summary: list[dict], title: str) -> Table:
     encoders = any(row.get("pretrains", 1) > 1 for row in summary)
     table = Table(title=title, show_header=True, caption="lower is better; bold: best at each m"
                   + ("; *floor fitted per mode, floor + A/m across m" if fitted else "")
-                  + ("; (enc. s): sd of the encoders' means" if encoders else "")
+                  + ("; (s): sd of the encoders' means" if encoders else "")
                   + (f"; {DIVERGED_MARK} some seed's samples diverged: not a result" if diverged else ""))
     lengths = any("steps" in row for row in summary)
     chose = any(any(row.get("choices") or []) for row in summary)  # finetune / auto: what validation chose
@@ -75,7 +75,7 @@ def sweep_table(summary: list[dict], title: str) -> Table:
             mean, std = row[k]["mean"], row[k]["std"]
             text = f"{mean:.3g}" if k in EXCESS else f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 else "")
             if "pretrain_std" in row[k] and k not in EXCESS:
-                text += f" (enc. {row[k]['pretrain_std']:.2g})"
+                text += f" ({row[k]['pretrain_std']:.2g})"
             if k in SAMPLE_COLUMNS and row.get("diverged", {}).get("mean", 0) > 0:
                 text += f" {DIVERGED_MARK}"
             cells.append(f"[bold]{text}[/bold]" if mean == best[(k, row["m"])] and k not in EXCESS else text)
