@@ -111,9 +111,7 @@ def fitted_excess(rows: list[dict], summary: list[dict]) -> dict:
         for metric, fit in fits.get(entry["mode"], {}).items():
             values = [r["metrics"][metric] - fit["floor"] for r in rows
                       if r["mode"] == entry["mode"] and r["m"] == entry["m"] and metric in r["metrics"]]
-            mean = sum(values) / len(values)
-            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-            entry[f"{metric}_fitted_excess"] = {"mean": mean, "std": sd}
+            entry[f"{metric}_fitted_excess"] = _mean_sd(values)
             entry.setdefault("fitted_floor", {})[metric] = fit["floor"]
     return fits
 
