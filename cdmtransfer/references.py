@@ -15,9 +15,10 @@ reports in standardised units, as the model's own metric does).
   encoder the run ended with): what a linear head on this representation reaches from the m samples. Beside
   posterior_mean_mse it separates the two bottlenecks: a score head far above it is limited by its own training,
   a head near it by the representation (compare ref/oracle_ls_mse).
-- ref/h_star_readout_error (pretrain, suites with h*): how much of the true representation the learned one carries,
-  1 − R² of the best affine readout of h*(y) from h(y) (least squares fitted on half the sources' conditions, scored
-  on the other half, relative to h*'s variance). 0 when h is an invertible affine map of h* (Assumption 3.2's ĥ up to
+- ref/h_star_readout_error (pretrain and adapt, suites with h*): how much of the true representation the run's
+  encoder carries, 1 − R² of the best affine readout of h*(y) from h(y) (least squares fitted on half the sources'
+  conditions, scored on the other half, relative to h*'s variance); in adapt, of the encoder the run ended with
+  (frozen: the pretrain's; finetune: moved by the m samples; scratch: learned from them alone). 0 when h is an invertible affine map of h* (Assumption 3.2's ĥ up to
   a change of basis), 1 when it carries nothing; with d below h*'s width it cannot reach 0.
 
 float64 throughout; the pooled fit accumulates moments in row blocks, so pooled image suites (D_y ≈ 800, ~60 000
@@ -150,6 +151,17 @@ def readout_error(encoder, h_star, y: torch.Tensor) -> float:
     return float((test - design[1::2] @ coef).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
 
 
+def source_readout(encoder, taskset) -> float | None:
+    """ref/h_star_readout_error of `encoder` on the sources' conditions (padding rows left out), on the encoder's
+    device; None when the suite has no h* or no encoder is given."""
+    h_star = taskset.truth.encoder()
+    if h_star is None or encoder is None:
+        return None
+    device = next((t.device for t in (*encoder.parameters(), *encoder.buffers())), torch.device("cpu"))
+    y = taskset.source_y[torch.arange(taskset.source_y.shape[1]) < taskset.source_n[:, None]]
+    return readout_error(encoder, h_star.to(device), y.to(device))
+
+
 def _mse(pred: torch.Tensor, x: torch.Tensor) -> float:
     return float((pred - x.double()).pow(2).mean())
 
@@ -162,6 +174,9 @@ def reference_metrics(taskset, x_test: torch.Tensor, y_test: torch.Tensor, x_m: 
     encoder: the model's own h (for ref/encoder_ls_mse).
     """
     out, skipped = {}, {}
+    readout = source_readout(encoder, taskset)
+    if readout is not None:
+        out[READOUT] = readout
     try:
         out[POOLED] = _mse(pooled_linear(taskset.source_x, taskset.source_y, taskset.source_n).predict(y_test),
                            x_test)

@@ -31,7 +31,7 @@ from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_param
                                 model_spec, rebuild)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
-from cdmtransfer.references import READOUT, readout_error
+from cdmtransfer.references import READOUT, source_readout
 from cdmtransfer.regularizers import check_regularizers, make_objective, with_reg_metrics
 from cdmtransfer.tasks import TaskSet, build_taskset
 from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open_tracker, register_model,
@@ -190,7 +190,9 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
                    **convergence_metrics(result)}
         if reg is not None:
             metrics.update(reg.summary())  # mean of each regulariser term over the steps run
-        metrics.update(_readout(cfg, taskset, result.ema.encoder, device))
+        if cfg.model.encoder != "oracle":  # h* itself: nothing to read out
+            readout = source_readout(result.ema.encoder, taskset)
+            metrics.update({READOUT: readout} if readout is not None else {})
         if dist.active:
             metrics["world_size"] = dist.world
         run.log_metrics(metrics, step=result.steps_run)
@@ -200,15 +202,6 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
                       {"model_id": model_id, "taskset": taskset.summary(), "logging_seconds": run.logging_seconds},
                       tracker.store.uri)
-
-
-def _readout(cfg: Config, taskset: TaskSet, encoder: torch.nn.Module, device) -> dict:
-    """ref/h_star_readout_error on the sources' conditions, where the suite knows h* and the encoder is learned."""
-    h_star = taskset.truth.encoder()
-    if h_star is None or cfg.model.encoder == "oracle":
-        return {}
-    y = taskset.source_y[torch.arange(taskset.source_y.shape[1]) < taskset.source_n[:, None]]
-    return {READOUT: readout_error(encoder, h_star.to(device), y.to(device))}
 
 
 def _pretrain_loop(cfg: Config, taskset: TaskSet, model: ScoreModel, process: OUProcess, train_rows, val_rows,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cdmtransfer.config import Config
-from cdmtransfer.references import (ENCODER, ORACLE, POOLED, TARGET, pooled_linear, readout_error, residual_rms,
-                                   reference_metrics, ridge_gcv)
+from cdmtransfer.references import (ENCODER, ORACLE, POOLED, READOUT, TARGET, pooled_linear, readout_error,
+                                   reference_metrics, residual_rms, ridge_gcv)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tasks.base import TaskSet, stack_sources
 from cdmtransfer.typed import from_dict
@@ -162,6 +162,8 @@ def test_encoder_least_squares_scores_the_given_features():
     assert with_random[ENCODER] > 1.2 * truth[ORACLE]
     _, skipped = reference_metrics(taskset, x, y, x_m, y_m)
     assert skipped[ENCODER] == "no encoder given"
+    # and how much of h* each encoder carries: all of it (h* itself), little (a random linear map of y)
+    assert truth[READOUT] < 1e-10 and with_random[READOUT] > 0.5
 
 
 def test_readout_error_is_zero_for_an_affine_change_of_basis_and_near_one_for_unrelated_features():
