@@ -237,8 +237,7 @@ def pretrain_snapshots(cfg, taskset, *, steps: int, snapshot_steps, seed: int, q
 
     from cdmtransfer.diffusion import OUProcess
     from cdmtransfer.progress import Progress
-    from cdmtransfer.head_start import pretrain_scale, set_source_covariances, start_pretrain
-    from cdmtransfer.stages import dsm_objective, new_encoder, score_model
+    from cdmtransfer.stages import dsm_objective, started_pretrain_model
     from cdmtransfer.train import train
     from cdmtransfer.validation import dsm_validation, holdout_split
 
@@ -247,10 +246,7 @@ def pretrain_snapshots(cfg, taskset, *, steps: int, snapshot_steps, seed: int, q
     fit_rows, val_rows = holdout_split(taskset.source_n, p.val_fraction, cfg.suite.seed)
     x, y, n = fit_rows.gather(taskset.source_x, taskset.source_y)
     torch.manual_seed(seed)
-    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[fit_rows.mask],
-                        pretrain_scale(cfg, x, y, n))
-    set_source_covariances(model, x, y, n)  # started as the pretrain stage starts (head_start)
-    start_pretrain(model, x, y, n)
+    model = started_pretrain_model(cfg, taskset, fit_rows)  # started as the pretrain stage starts
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     check = dsm_validation(*val_rows.gather(taskset.source_x, taskset.source_y), process, p.val_draws,
                            seed=seed + 17)

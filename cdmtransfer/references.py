@@ -18,8 +18,9 @@ reports in standardised units, as the model's own metric does).
 - ref/h_star_readout_error (pretrain and adapt, suites with h*): how much of the true representation the run's
   encoder carries, 1 − R² of the best affine readout of h*(y) from h(y) (least squares fitted on half the sources'
   conditions, scored on the other half, relative to h*'s variance); in adapt, of the encoder the run ended with
-  (frozen: the pretrain's; finetune: moved by the m samples; scratch: learned from them alone). 0 when h is an invertible affine map of h* (Assumption 3.2's ĥ up to
-  a change of basis), 1 when it carries nothing; with d below h*'s width it cannot reach 0.
+  (frozen: the pretrain's; finetune: moved by the m samples; scratch: learned from them alone). 0 when h is an
+  invertible affine map of h* (Assumption 3.2's ĥ up to a change of basis), 1 when it carries nothing; with d below
+  h*'s width it cannot reach 0.
 
 float64 throughout; the pooled fit accumulates moments in row blocks, so pooled image suites (D_y ≈ 800, ~60 000
 rows) take seconds and no pooled copy of the data.

@@ -115,6 +115,17 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
     return model
 
 
+def started_pretrain_model(cfg: Config, taskset: TaskSet, train_rows) -> ScoreModel:
+    """The pretrain stage's model before its first step: a fresh encoder and K heads at the residual scale of the
+    sources' training rows, each head's covariance fitted to its source, and the closed-form start (head_start)."""
+    rows = train_rows.gather(taskset.source_x, taskset.source_y)
+    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[train_rows.mask],
+                        pretrain_scale(cfg, *rows))
+    set_source_covariances(model, *rows)
+    start_pretrain(model, *rows)
+    return model
+
+
 def _progress(cfg_steps: int, label: str, quiet: bool) -> Progress:
     return Progress(total=cfg_steps, label=label, enabled=not quiet)
 
@@ -155,12 +166,7 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
     taskset = build_taskset(cfg)
     torch.manual_seed(cfg.seed)
     train_rows, val_rows = holdout_split(taskset.source_n, cfg.pretrain.val_fraction, cfg.suite.seed)
-    rows = train_rows.gather(taskset.source_x, taskset.source_y)
-    model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[train_rows.mask],
-                        pretrain_scale(cfg, *rows))
-    set_source_covariances(model, *rows)
-    start_pretrain(model, *rows)
-    model = model.to(device)
+    model = started_pretrain_model(cfg, taskset, train_rows).to(device)
     check_regularizers(cfg.regularize, "pretrain", taskset)
     if not dist.is_main:  # other torchrun ranks train in lockstep; rank 0 alone tracks and writes
         return _pretrain_rank(cfg, taskset, model, dist, device, tracking_uri, resume, train_rows, val_rows)
