@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cdmtransfer.checkpoint import export_model
-from cdmtransfer.config import PRETRAINED_MODES, Config
+from cdmtransfer.config import FROM_PRETRAIN, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
@@ -53,7 +53,7 @@ def group_key(cfg: Config) -> tuple | None:
             or cfg.model.head != "mlp":  # conv / U-Net heads: not yet tested stacked across cells
         return None
     others = {k: v for k, v in cfg.to_dict().items() if k not in ("adapt", "seed", "name", "tracking", "sweep")}
-    oracle = a.mode == "oracle"  # its heads read h*(y), whose width need not be model.d (Langevin: d_x = 50 vs 10)
+    oracle = a.mode == "oracle"  # its heads read h*(y), whose width need not be the learned code's (Langevin: 50 vs 10)
     return (tuple(getattr(a, k) for k in LOOP_KEYS), folds.count, oracle, repr(sorted(others.items())))
 
 
@@ -61,7 +61,7 @@ def cell_heads(cfg: Config) -> int:
     """How many heads a cell stacks in cross-validation: its candidate settings × its folds."""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
-    return len(adapt_candidates(a, a.mode in PRETRAINED_MODES)) * (folds.count if folds else 1)
+    return len(adapt_candidates(a, a.mode in FROM_PRETRAIN)) * (folds.count if folds else 1)
 
 
 @dataclass
@@ -101,7 +101,7 @@ class Unit:
 
 
 def _rate(cell: Cell, c: Candidate) -> float:
-    """The encoder's learning rate of a candidate (stages._candidate_groups): scratch lr, oracle 0, else mult × lr."""
+    """The encoder's learning rate of a candidate (stages._candidate_groups): scratch lr, else mult × lr."""
     a = cell.cfg.adapt
     return (a.lr if a.mode == "scratch" else 0.0) if c.encoder_mult is None else c.encoder_mult * a.lr
 

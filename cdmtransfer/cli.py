@@ -156,8 +156,9 @@ def adapt(recipe: RecipeArg,
           mode: Annotated[Optional[str], typer.Option(
               metavar="frozen|finetune|auto|scratch|oracle",
               help="How the encoder is treated (default: adapt.mode); auto: frozen or finetune, chosen by "
-                   "cross-validation on the m samples; oracle: a fresh head on the suite's true h*, from the m samples "
-                   "alone (frozen with h* in place of the learned encoder: pretrain with --set model.encoder=oracle)."
+                   "cross-validation on the m samples; oracle: frozen with the suite's true h* in place of the "
+                   "learned encoder, the ceiling of any learned one (its source heads are pretrained on h* first, "
+                   "or --encoder names such a pretrain: pretrain --set model.encoder=oracle --set model.d=D)."
               )] = None,
           m: Annotated[Optional[int], typer.Option("--m", help="Target samples (default: adapt.m).")] = None,
           set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None, tracking_uri: TrackingOpt = None,

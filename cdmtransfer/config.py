@@ -22,6 +22,8 @@ from cdmtransfer.typed import from_dict, value_range
 
 MODES = ("frozen", "finetune", "auto", "scratch", "oracle")
 PRETRAINED_MODES = ("frozen", "finetune", "auto")  # the modes that adapt a pretrained encoder and heads
+# the modes that start from a pretrain run: the learned encoder's (PRETRAINED_MODES), or oracle's pretrain on h*
+FROM_PRETRAIN = (*PRETRAINED_MODES, "oracle")
 _range = value_range  # field metadata: allowed numeric range
 _SEED = _range(0, 2**62)  # torch and numpy take non-negative 64-bit seeds; offsets (seed + 17, ...) stay inside
 
@@ -234,7 +236,8 @@ class AdaptConfig(TrainConfig):
     # than one standard error of its gain to be chosen
     min_delta_se: float = field(default=1.0, metadata=_range(0.0))
     # frozen: ĥ fixed (the paper's estimator); finetune: ĥ trained too, its learning rate chosen by cross-validation;
-    # auto: frozen or finetune (and the head's start) chosen by cross-validation; scratch; oracle (the true h*)
+    # auto: frozen or finetune (and the head's start) chosen by cross-validation; scratch; oracle: frozen with the
+    # suite's true h* in place of ĥ (a pretrain on h*, `oracle_config`): the ceiling of any learned representation
     mode: Literal["frozen", "finetune", "auto", "scratch", "oracle"] = "frozen"
     m: int = field(default=32, metadata=_range(1))  # target samples
     # finetune/auto: the encoder's learning rate. null: chosen by cross-validation among encoder_lr_grid × lr
@@ -251,6 +254,11 @@ class AdaptConfig(TrainConfig):
     # frozen/finetune/auto: start the new head from the source head with the lowest DSM on the m samples (source),
     # or from a random initialisation (random). null: source, and auto tries both and keeps the better by validation.
     head_init: Optional[Literal["source", "random"]] = None
+
+
+def oracle_config(cfg: "Config", d: int) -> "Config":
+    """The recipe with the suite's true h* (of width d) as its encoder: what `--mode oracle` pretrains and adapts."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, encoder="oracle", d=d))
 
 
 def adapt_defaults(m: int) -> dict:

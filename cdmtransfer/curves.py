@@ -24,10 +24,10 @@ from pathlib import Path
 
 from cdmtransfer import data_checks
 from cdmtransfer.cells import cell_heads, group_key
-from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
+from cdmtransfer.config import FROM_PRETRAIN, PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
 from cdmtransfer.errors import ConfigError
 from cdmtransfer.plots import learning_curves
-from cdmtransfer.stages import adapt_tags, load_encoder, pretrain, record_adapt, setup_torch
+from cdmtransfer.stages import adapt_tags, load_encoder, oracle_truth, pretrain, record_adapt, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
 
@@ -45,6 +45,7 @@ class SweepResult:
     tracking_uri: str = ""
     plots: dict = field(default_factory=dict)  # metric -> artifact path of its learning-curve PNG
     pretrain_run_ids: list = field(default_factory=list)  # the sweep's own pretrains, encoder p at index p
+    oracle_pretrain_run_id: str | None = None  # the pretrain on h* that the oracle cells adapt
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,8 +177,8 @@ def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dic
     for cfg, lineage, run_id, work_dir in zip(cfgs, lineages, run_ids, work_dirs):
         mode = cfg.adapt.mode
         kind = "pretrained" if mode in PRETRAINED_MODES else mode
-        if kind == "scratch" or kind not in shared:
-            got = prepare_encoder(cfg, taskset, None, encoder_dir if kind == "pretrained" else None)
+        if kind == "scratch" or kind not in shared:  # (a group's oracle cells are apart: cells.group_key)
+            got = prepare_encoder(cfg, taskset, None, encoder_dir if mode in FROM_PRETRAIN else None)
             if kind != "scratch":
                 shared[kind] = got
         enc, _, source_heads = got if kind == "scratch" else shared[kind]
@@ -295,7 +296,9 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     if s.pretrain_seeds > 1 and encoder:
         raise ConfigError(f"--encoder {encoder}: sweep.pretrain_seeds = {s.pretrain_seeds} pretrains the sweep's own "
                           f"encoders; drop --encoder or set sweep.pretrain_seeds=1")
-    cells = [resolve_adapt(dataclasses.replace(cfg, seed=cfg.seed + offset,
+    h_star_d = oracle_truth(taskset).d if "oracle" in modes else 0
+    cells = [resolve_adapt(dataclasses.replace(cfg if mode != "oracle" else oracle_config(cfg, h_star_d),
+                                               seed=cfg.seed + offset,
                                                adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m)))
              for mode in modes for m in s.m for offset in range(s.seeds)]  # unset adapt keys follow m's rule
     jobs = jobs or default_jobs(len(cells))
@@ -312,10 +315,11 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         if not resume:
             parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
         own, encoders = [], [(None, {})]  # the sweep's pretrain run ids; per encoder: (model dir, lineage)
+        learned = [r for r in pretrains if r.data.params.get("model.encoder") == cfg.model.encoder]
+        sources = [encoder] if encoder else []
         if any(mode in PRETRAINED_MODES for mode in modes):
-            sources = [encoder] if encoder else []
             for p in range(0 if encoder else s.pretrain_seeds):
-                mine = [r for r in pretrains if _pretrain_index(r, cfg) == p]
+                mine = [r for r in learned if _pretrain_index(r, cfg) == p]
                 own.append(_sweep_encoder(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),
                                           tracker, parent, mine, tracking_uri, quiet))
                 sources.append(own[-1])
@@ -326,13 +330,26 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                 encoders.append((str(model_dir), lineage))
             parent.set_tags({TAG + "encoder_source": sources[0],
                              **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
+        oracle_run, oracle = None, (None, {})  # the pretrain on h* that oracle cells adapt: (model dir, lineage)
+        if "oracle" in modes:
+            oracle_cfg = oracle_config(cfg, h_star_d)
+            if cfg.model.encoder == "oracle" and sources:  # the recipe's own encoder is h*: one pretrain serves both
+                oracle_run = sources[0]
+            else:
+                mine = [r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
+                        and _pretrain_index(r, cfg) == 0]
+                oracle_run = _sweep_encoder(oracle_cfg, tracker, parent, mine, tracking_uri, quiet)
+            model_dir, _ = find_model_dir(tracker, oracle_run, Path(tmp))
+            _, lineage, _ = load_encoder(tracker, oracle_run, taskset, oracle_cfg, h_star=oracle_truth(taskset))
+            oracle = (str(model_dir), lineage)
+            parent.set_tags({TAG + "oracle_pretrain_run_id": oracle_run})
         plan = [(c, p) for c in cells
                 for p in (range(len(encoders)) if c.adapt.mode in PRETRAINED_MODES else [0])]
         rows = list(done.values())
-        for p, (encoder_dir, lineage) in enumerate(encoders):
+        for p, learned_encoder in enumerate(encoders):
             todo = [c for c, q in plan if q == p and _cell_key(c.adapt.mode, c.adapt.m, c.seed, p) not in done]
-            rows += _run_cells(todo, tracker, parent.run_id, encoder_dir, lineage, jobs, quiet, taskset,
-                               s.batch_cells, pretrain=p, label=f" (encoder {p + 1}/{len(encoders)})"
+            rows += _run_cells(todo, tracker, parent.run_id, {"pretrained": learned_encoder, "oracle": oracle}, jobs,
+                               quiet, taskset, s.batch_cells, pretrain=p, label=f" (encoder {p + 1}/{len(encoders)})"
                                if len(encoders) > 1 else "")
         order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed, p): k for k, (c, p) in enumerate(plan)}
         rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"], r.get("pretrain", 0))])
@@ -351,27 +368,29 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                     parent.log_artifact(png, "plots")
                     plots[metric] = f"plots/{png.name}"
     return SweepResult(parent.run_id, own[0] if own else None, rows, summary, skipped, tracker.store.uri, plots,
-                       own)
+                       own, oracle_run)
 
 
-def _run_cells(cells, tracker, parent_id, encoder_dir, lineage, jobs, quiet, taskset, batch=True, pretrain=0,
-               label=""):
+def _run_cells(cells, tracker, parent_id, encoders: dict, jobs, quiet, taskset, batch=True, pretrain=0, label=""):
     """Open one child run per cell, train the cells (batched by group: run_group; else one by one: run_cell; in
-    `jobs` worker processes when > 1), record each as it ends; rows say which of the sweep's encoders they used."""
+    `jobs` worker processes when > 1), record each as it ends; rows say which of the sweep's encoders they used.
+    `encoders`: (model dir, lineage) of the pretrain the cells start from, "pretrained" (frozen, finetune, auto) and
+    "oracle" (the pretrain on h*)."""
+    def encoder_of(cell) -> tuple[str | None, dict]:
+        kind = "oracle" if cell.adapt.mode == "oracle" else "pretrained" if cell.adapt.mode in PRETRAINED_MODES else ""
+        return encoders.get(kind, (None, {}))
+
     runs, rows = {}, []
     for i, cell in enumerate(cells):
         run = open_run(tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
-                       adapt_tags(cell, taskset, lineage if cell.adapt.mode in PRETRAINED_MODES else {},
-                                  parent_id))
+                       adapt_tags(cell, taskset, encoder_of(cell)[1], parent_id))
         run.log_params(flatten(cell.to_dict()))
         run.log_dict(cell.to_dict(), "config.json")
         runs[i] = run
 
     def args(i):
         cell = cells[i]
-        uses_encoder = cell.adapt.mode in PRETRAINED_MODES
-        return (cell.to_dict(), encoder_dir if uses_encoder else None, lineage if uses_encoder else {},
-                runs[i].run_id, str(runs[i].work_dir))
+        return (cell.to_dict(), *encoder_of(cell), runs[i].run_id, str(runs[i].work_dir))
 
     def call(item):  # what one work item runs, and its arguments
         if not batch or group_key(cells[item[0]]) is None:

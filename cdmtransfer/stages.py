@@ -4,7 +4,8 @@ pretrain: joint DSM over the K source tasks, in the shared encoder h and the K h
 adapt:    DSM on m target samples with a new head f_0 and an encoder that is
           frozen (the pretrained ĥ; the paper's fine-tuning estimator), finetune (ĥ trained too, at a learning rate
           cross-validation chooses, 0 included), auto (frozen or finetune and the head's start, chosen by
-          cross-validation), scratch (a fresh encoder; the paper's baseline) or oracle (the suite's true h*).
+          cross-validation), scratch (a fresh encoder; the paper's baseline) or oracle (frozen with the suite's true
+          h* in place of ĥ, its source heads pretrained on h*: the ceiling of any learned representation).
 Both run the one loop in train.py and end with an exported EMA model and metrics in MLflow.
 """
 
@@ -20,15 +21,15 @@ import torch
 
 from cdmtransfer import data_checks, distributed
 from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoints, load_export, read_meta
-from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, resolve_adapt
+from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
 from cdmtransfer.diffusion import OUProcess, dsm_loss, model_dsm_terms
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import ConfigError, DataError, one_line
 from cdmtransfer.head_start import (adapt_scale, fit_linear_means, pretrain_scale, set_source_covariances,
                                     stack_copies, start_pretrain, start_scratch)
 from cdmtransfer.metrics import divergence_warning, evaluate_model
-from cdmtransfer.models import (ConvEncoder, MLPEncoder, ScoreModel, count_parameters, head_options,
-                                model_spec, rebuild)
+from cdmtransfer.models import (ConvEncoder, FixedEncoder, MLPEncoder, ScoreModel, count_parameters,
+                                head_options, model_spec, rebuild)
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.progress import Progress
 from cdmtransfer.references import READOUT, source_readout
@@ -250,16 +251,27 @@ class SourceHeads:
     weights: dict
 
 
-def load_encoder(tracker: Tracker, source: str, taskset: TaskSet,
-                 cfg: Config) -> tuple[torch.nn.Module, dict, SourceHeads]:
+def load_encoder(tracker: Tracker, source: str, taskset: TaskSet, cfg: Config,
+                 h_star: FixedEncoder | None = None) -> tuple[torch.nn.Module, dict, SourceHeads]:
     """The pretrained encoder ĥ from a run id, an MLflow URI or a local path, checked against the recipe; with
-    its lineage and the source heads."""
+    its lineage and the source heads. `h_star` (--mode oracle): the encoder must be this h*, fixed."""
     with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp:
         model_dir, run_id = find_model_dir(tracker, source, Path(tmp))
         weights, meta = load_export(model_dir)
+    spec = meta["model"].get("encoder") if isinstance(meta.get("model"), dict) else None
+    if h_star is not None and isinstance(spec, dict) and spec.get("kind") != "fixed":
+        raise ConfigError(f"--encoder {source}: --mode oracle adapts a pretrain on the suite's h* (cdmtransfer "
+                          f"pretrain RECIPE --set model.encoder=oracle --set model.d={h_star.d}), not a learned encoder")
     encoder, heads = encoder_from_export(weights, meta, source, taskset.D_y, cfg.model.d)
+    if h_star is not None and not _same_h_star(encoder, h_star):
+        raise ConfigError(f"--encoder {source}: its fixed encoder is not this suite's h* (another suite setting)")
     lineage = {"encoder_source": source, "pretrain_run_id": run_id or str(meta.get("run_id", ""))}
     return encoder, lineage, heads
+
+
+def _same_h_star(encoder: torch.nn.Module, h_star: FixedEncoder) -> bool:
+    return (isinstance(encoder, FixedEncoder) and encoder.activation == h_star.activation
+            and torch.equal(encoder.weight, h_star.weight) and torch.equal(encoder.bias, h_star.bias))
 
 
 def encoder_from_export(weights: dict, meta: dict, source: str, D_y: int,
@@ -315,10 +327,29 @@ def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
         return load_encoder(tracker, encoder, taskset, cfg)
     if mode == "scratch":
         return new_encoder(cfg, taskset), {}, None
-    enc = taskset.truth.encoder()
-    if enc is None:
+    truth = oracle_truth(taskset)
+    if not encoder:
+        raise ConfigError(f"--mode oracle needs --encoder: a pretrain on h* (cdmtransfer pretrain RECIPE --set "
+                          f"model.encoder=oracle --set model.d={truth.d})")
+    return load_encoder(tracker, encoder, taskset, cfg, h_star=truth)
+
+
+def oracle_truth(taskset: TaskSet) -> FixedEncoder:
+    """The suite's true h*, which `--mode oracle` reads; a ConfigError where the suite has none."""
+    truth = taskset.truth.encoder()
+    if truth is None:
         raise ConfigError(f"--mode oracle: suite '{taskset.name}' has no true representation h*")
-    return enc, {}, None
+    return truth
+
+
+def oracle_pretrain(cfg: Config, taskset: TaskSet, *, tracking_uri: str | None, quiet: bool,
+                    parent_run_id: str | None) -> str:
+    """Pretrain the source heads on the suite's h* (the encoder `--mode oracle` adapts); returns the run id."""
+    run_id = pretrain(oracle_config(cfg, oracle_truth(taskset).d), tracking_uri=tracking_uri, quiet=quiet,
+                      parent_run_id=parent_run_id).run_id
+    if not quiet:
+        print(f"oracle: source heads pretrained on the suite's h* (run {run_id})", file=sys.stderr, flush=True)
+    return run_id
 
 
 def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str | None) -> dict:
@@ -337,12 +368,12 @@ def adapt_candidates(a, has_sources: bool) -> list[Candidate]:
     frozen: the frozen encoder. finetune: the encoder's learning rate, encoder_lr_grid × lr (0 keeps it frozen, so
     validation can always fall back to frozen) unless encoder_lr pins it. auto: the same rates plus 0, each with the
     head started from the best source head and from a random initialisation, unless head_init pins it.
-    scratch / oracle: one setting (nothing pretrained to choose).
+    oracle: as frozen, on h*. scratch: one setting (nothing pretrained to choose).
     """
-    if a.mode in ("scratch", "oracle") or not has_sources:
+    if a.mode == "scratch" or not has_sources:
         return [Candidate(None if a.mode in ("scratch", "oracle") else 0.0, "random")]
     inits = [a.head_init] if a.head_init else (["source", "random"] if a.mode == "auto" else ["source"])
-    if a.mode == "frozen":
+    if a.mode in ("frozen", "oracle"):
         mults = [0.0]
     else:
         mults = [a.encoder_lr / a.lr] if a.encoder_lr is not None else sorted(set(a.encoder_lr_grid))
@@ -487,7 +518,7 @@ def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path,
 def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, margin: float = 0.0) -> dict:
     """What adapt chose and why: the candidates' cross-validated DSM (loss, best step) and one line for people."""
     pick = candidates[chosen]
-    info = {"mode": pick.mode if pick.encoder_mult is not None else mode, "setting": pick.label(),
+    info = {"mode": pick.mode if mode in ("finetune", "auto") else mode, "setting": pick.label(),
             "short": _short(pick) if len(candidates) > 1 else "", "candidates": [
                 {"setting": c.label(), "encoder_lr_mult": c.encoder_mult, "head_init": c.head_init,
                  **({"cv_loss": cv[g][0], "cv_step": int(cv[g][1])} if g < len(cv) else {})}
@@ -645,9 +676,14 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     taskset.target_subset(a.m, seed=cfg.seed)  # refuse an m the data cannot give before anything is created
     check_regularizers(cfg.regularize, "adapt", taskset)
     head_options(cfg.model, taskset.image_shape)  # a conv head on non-image x is refused before a run exists
+    if a.mode == "oracle":
+        cfg = oracle_config(cfg, oracle_truth(taskset).d)
     tracker = open_tracker(cfg, tracking_uri)
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "adapt")
+        encoder = encoder or tracker.get_run(resume).data.tags.get(TAG + "encoder_source")
+    if a.mode == "oracle" and not encoder:
+        encoder = oracle_pretrain(cfg, taskset, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent_run_id)
     enc, lineage, source_heads = prepare_encoder(cfg, taskset, tracker, encoder)
     tags = adapt_tags(cfg, taskset, lineage, parent_run_id)
     with tracked_run(tracker, f"{cfg.name}-adapt-{a.mode}-m{a.m}", tags, resume_run_id=resume) as run:

@@ -32,8 +32,8 @@ TINY = ["suite.K=3", "suite.n=128", "suite.n_target_pool=64", "suite.n_test=64",
 def _setup(mode: str, seed: int = 0, sets=()):
     cfg = resolve_adapt(load_config(None, TINY + [f"adapt.mode={mode}", f"seed={seed}", *sets]))
     taskset = build_taskset(cfg)
-    torch.manual_seed(7)
-    enc = MLPEncoder(taskset.D_y, 2, 16, 1)  # a stand-in 'pretrained' encoder and heads
+    torch.manual_seed(7)  # a stand-in 'pretrained' encoder and heads (oracle: heads on h*)
+    enc = taskset.truth.encoder() if mode == "oracle" else MLPEncoder(taskset.D_y, 2, 16, 1)
     pretrained = score_model(cfg, enc, taskset.K, taskset, taskset.source_x[0])
     return cfg, taskset, enc, SourceHeads(model_spec(pretrained), pretrained.state_dict())
 
@@ -43,14 +43,12 @@ def _start(cfg, taskset, enc):
     if cfg.adapt.mode == "scratch":
         torch.manual_seed(cfg.seed + 1)
         return new_encoder(cfg, taskset)
-    if cfg.adapt.mode == "oracle":
-        return taskset.truth.encoder()
     return enc
 
 
 def _cell(cfg, taskset, enc, source, work: Path, x=None):
     x_m, y_m = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
-    pretrained = cfg.adapt.mode not in ("scratch", "oracle")
+    pretrained = cfg.adapt.mode != "scratch"
     return Cell(cfg, x_m if x is None else x, y_m, _start(cfg, taskset, enc), run_id="test", work_dir=work,
                 source_heads=source if pretrained else None, sink=MetricRecorder())
 
@@ -62,7 +60,7 @@ def test_one_cell_batched_equals_train_adapt(tmp_path, mode, sets):
     lone_enc = copy.deepcopy(_start(cfg, taskset, enc))
     rec = MetricRecorder()
     values, skipped, model_dir, choice = train_adapt(cfg, taskset, lone_enc, {}, "test", tmp_path / "lone", rec,
-                                                     source_heads=source if mode in ("frozen", "finetune", "auto") else None)
+                                                     source_heads=source if mode != "scratch" else None)
     [out] = train_cells([_cell(cfg, taskset, enc, source, tmp_path / "cells")], taskset)
     lone, batched = load_file(model_dir / "model.safetensors"), load_file(Path(out["model_dir"]) / "model.safetensors")
     assert lone.keys() == batched.keys()
@@ -195,3 +193,11 @@ def test_a_sweep_batches_oracle_cells_apart_when_h_star_is_wider_than_the_encode
     res = cdmtransfer.sweep(None, sets)
     assert sorted(r["mode"] for r in res.rows) == ["oracle", "scratch"]
     assert all(math.isfinite(r["metrics"]["posterior_mean_mse"]) for r in res.rows), res.rows
+    from mlflow import MlflowClient  # the oracle cell adapts the sweep's own pretrain on h*, a child of the sweep
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    [oracle] = [r for r in res.rows if r["mode"] == "oracle"]
+    assert client.get_run(oracle["run_id"]).data.tags["cdmtransfer.pretrain_run_id"] == res.oracle_pretrain_run_id
+    on_h_star = client.get_run(res.oracle_pretrain_run_id).data
+    assert on_h_star.params["model.encoder"] == "oracle" and on_h_star.params["model.d"] == "6"
+    assert on_h_star.tags["mlflow.parentRunId"] == res.run_id and res.pretrain_run_id is None

@@ -148,6 +148,10 @@ def test_modes_and_oracle_and_dry_run(recipe, store):
     ora = ok_json("adapt", recipe, "--mode", "oracle")
     assert fin["metrics"]["trainable_parameters"] == scr["metrics"]["trainable_parameters"]
     assert ora["metrics"]["trainable_parameters"] < scr["metrics"]["trainable_parameters"]
+    on_h_star = client(store).get_run(client(store).get_run(ora["run_id"]).data.tags[TAG + "pretrain_run_id"])
+    assert on_h_star.data.params["model.encoder"] == "oracle"  # oracle pretrained its source heads on h* first
+    bad = cli("adapt", recipe, "--mode", "oracle", "--encoder", pre["run_id"])  # a learned encoder is not h*
+    assert bad.exit_code != 0 and "pretrain on the suite's h*" in bad.output and "Traceback" not in bad.output
     auto = cli("adapt", recipe, "--encoder", pre["run_id"], "--mode", "auto")  # says what it chose, and why
     assert auto.exit_code == 0 and "auto chose " in auto.stdout and "8 settings compared" in auto.stdout
     run = client(store).get_run(auto.stdout.split("run id: ")[1].split()[0])
@@ -161,13 +165,16 @@ def test_modes_and_oracle_and_dry_run(recipe, store):
 
 
 def test_oracle_pretrain_fits_source_heads_on_the_true_representation(recipe, store):
-    """model.encoder = oracle: pretrain keeps h* fixed (no encoder parameters) and frozen on it reads h* itself."""
+    """model.encoder = oracle: pretrain keeps h* fixed (no encoder parameters), frozen on it reads h* itself, and
+    `--mode oracle` on it is that frozen run."""
     pre = ok_json("pretrain", recipe, "--set", "model.encoder=oracle")
     assert pre["metrics"]["encoder_parameters"] == 0
     assert "ref/h_star_readout_error" not in pre["metrics"]  # h* itself: nothing to read out
     fro = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "frozen", "--set", "model.encoder=oracle")
     # least squares on the run's own features is least squares on h*: the encoder is h*
     assert fro["metrics"]["ref/encoder_ls_mse"] == pytest.approx(fro["metrics"]["ref/oracle_ls_mse"], rel=1e-5)
+    ora = ok_json("adapt", recipe, "--encoder", pre["run_id"], "--mode", "oracle")  # --mode oracle is that model
+    assert ora["metrics"]["score_error"] == pytest.approx(fro["metrics"]["score_error"], rel=1e-6)
     bad = cli("pretrain", recipe, "--set", "model.encoder=oracle", "--set", "model.d=3")
     assert bad.exit_code != 0 and "use --set model.d=2" in bad.output and "Traceback" not in bad.output
 
