@@ -197,17 +197,22 @@ def test_sweep_parent_with_children(recipe, store):
 
 def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(recipe, store):
     """sweep.pretrain_seeds = 2: two pretrains (seeds 0 and 1000); every frozen cell runs on both with the same
-    target subset, scratch once; the summary's spread covers seeds × encoders and says the encoders' part; a resume
-    finds every cell done (the keys include the encoder) and trains nothing. (Random encoder starts: the closed-form
+    target subset, scratch and oracle once (oracle on the sweep's own pretrain on h*); the summary's spread covers
+    seeds × encoders and says the encoders' part; a resume finds every cell and pretrain done (the keys include the
+    encoder) and trains nothing. (Random encoder starts: the closed-form
     start of model.encoder_linear is the same for every seed, and this short pretrain would keep it.)"""
-    args = ["--m", "4,8", "--modes", "frozen,scratch", "--seeds", 2, "--pretrain-seeds", 2,
+    args = ["--m", "4,8", "--modes", "frozen,scratch,oracle", "--seeds", 2, "--pretrain-seeds", 2,
             "--set", "model.encoder_linear=false"]
     res = ok_json("sweep", recipe, *args)
     own = res["pretrain_run_ids"]
     assert len(own) == 2 and len(set(own)) == 2 and res["pretrain_run_id"] == own[0]
     c = client(store)
     assert [c.get_run(r).data.params["seed"] for r in own] == ["0", "1000"]
-    assert len(res["rows"]) == 2 * 2 * 2 + 2 * 2  # frozen: m × seeds × encoders; scratch: m × seeds
+    assert len(res["rows"]) == 2 * 2 * 2 + 2 * 2 * 2  # frozen: m × seeds × encoders; scratch, oracle: m × seeds
+    on_h_star = res["oracle_pretrain_run_id"]
+    assert on_h_star not in own and c.get_run(on_h_star).data.params["model.encoder"] == "oracle"
+    assert {c.get_run(r["run_id"]).data.tags[TAG + "pretrain_run_id"] for r in res["rows"] if r["mode"] == "oracle"} \
+        == {on_h_star}
     frozen = [r for r in res["rows"] if r["mode"] == "frozen"]
     for row in frozen:
         assert c.get_run(row["run_id"]).data.tags[TAG + "pretrain_run_id"] == own[row["pretrain"]]
@@ -223,6 +228,7 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     again = ok_json("sweep", recipe, *args, "--resume", res["run_id"])
     assert len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id])) == before
     assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in res["rows"]]
+    assert again["oracle_pretrain_run_id"] == on_h_star and again["pretrain_run_ids"] == own
     bad = cli("sweep", recipe, "--pretrain-seeds", 2, "--encoder", own[0])
     assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
 
