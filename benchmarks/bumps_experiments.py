@@ -51,6 +51,7 @@ import numpy as np
 
 import cdmtransfer
 from cdmtransfer import bump_metrics
+from cdmtransfer.config import PRETRAINED_MODES
 from cdmtransfer.tasks.bumps import lattice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,11 +126,15 @@ def compare_heads(recipe: str, modes: list[str], ms: list[int], seeds: int, sets
     sets = sets + ["tracking.log_artifacts=false"]
     rows: dict[tuple, list[dict]] = {}
     for seed in range(seeds):
-        pre = cdmtransfer.pretrain(recipe, sets + [f"seed={seed}"]) if {"frozen", "finetune"} & set(modes) else None
+        pre = cdmtransfer.pretrain(recipe, sets + [f"seed={seed}"]) if set(PRETRAINED_MODES) & set(modes) else None
+        on_h_star = None  # oracle's pretrain on h*: the first oracle adapt runs it, the others reuse it
         for mode in modes:
             for m in ms:
+                encoder = on_h_star if mode == "oracle" else pre.run_id if pre and mode in PRETRAINED_MODES else None
                 res = cdmtransfer.adapt(recipe, sets + [f"seed={seed}", f"adapt.mode={mode}", f"adapt.m={m}"],
-                                        encoder=pre.run_id if pre else None)
+                                        encoder=encoder)
+                if mode == "oracle":
+                    on_h_star = res.info["pretrain_run_id"]
                 rows.setdefault((mode, m), []).append(res.metrics)
                 print(json.dumps({"seed": seed, "mode": mode, "m": m, **{k: round(res.metrics[k], 4)
                                   for k in HEAD_KEYS if k in res.metrics}}), flush=True)
