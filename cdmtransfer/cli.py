@@ -187,14 +187,14 @@ def sweep(recipe: RecipeArg,
           pretrain_seeds: Annotated[Optional[int], typer.Option(
               help="Encoders to pretrain (seeds seed, seed + 1000, ..): frozen/finetune/auto cells run on each, so "
                    "the spread includes the encoder's (sweep.pretrain_seeds).")] = None,
-          jobs: Annotated[int, typer.Option(help="Worker processes (0: one per spare core).")] = 0,
+          jobs: Annotated[int, typer.Option(help="Processes that train cells, this one included (0: one per core).")] = 0,
           encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
           tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
     """Learning curves: pretrain once, then adapt for every (mode, m, seed) as child runs of one parent run."""
     if jobs < 0:
-        raise ConfigError(f"--jobs {jobs}: must be >= 0 (0: one worker per spare core)")
+        raise ConfigError(f"--jobs {jobs}: must be >= 0 (0: one process per core)")
     cfg = _config(recipe, set_, {"sweep.m": m and f"[{m}]", "sweep.modes": modes and f"[{modes}]",
                                  "sweep.seeds": seeds, "sweep.pretrain_seeds": pretrain_seeds, "seed": seed})
     if dry_run:
@@ -295,7 +295,7 @@ def estimate(recipe: RecipeArg,
              finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=SOURCES,
                                                     help="Predict finetune too (frozen and scratch always).")] = False,
              jobs: Annotated[int, typer.Option(min=0, rich_help_panel=SOURCES,
-                                               help="Worker processes (0: one per spare core).")] = 0,
+                                               help="Processes that train cells, this one included (0: one per core).")] = 0,
              calibrate: Annotated[Optional[str], typer.Option(
                  metavar="SWEEP_RUN", help="The target's own sweep (e.g. m = 8, 16): updates the prediction; with "
                                            "--holdout 0, a fit to it alone.")] = None,

@@ -18,7 +18,8 @@ import multiprocessing
 import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,8 +218,43 @@ def _work_items(cells: list, batch: bool, jobs: int, max_heads: int = 32) -> lis
 
 
 def default_jobs(cells: int) -> int:
-    """Worker processes when --jobs is 0: one per spare core (one core left for the parent), at most one per cell."""
-    return max(1, min(cells, (os.cpu_count() or 1) - 1))
+    """Processes that train cells when --jobs is 0, this one included: one per core, at most one per cell."""
+    return max(1, min(cells, os.cpu_count() or 1))
+
+
+def _training_work(cfg: Config) -> int:
+    """A cell's training work, to schedule the largest first: its heads × the step cap × the batch."""
+    return cell_heads(cfg) * cfg.adapt.steps * cfg.adapt.batch_size
+
+
+def _train_items(items: list, call, finish, processes: int) -> None:
+    """Train the work items in `processes` processes, this one included: it takes the first (largest) item while
+    the workers start (a spawned worker spends seconds importing torch), then the next whenever it is free; the
+    workers take the others in order, one running and one waiting each. `finish` records every result here, the
+    only writer to the store."""
+    queue = deque(items)
+    workers = min(processes - 1, len(queue) - 1)
+    if workers < 1:
+        for item in queue:
+            fn, args = call(item)
+            finish(item, fn(*args))
+        return
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP or SQLite state in workers
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        running: dict = {}
+        while queue or running:
+            own = queue.popleft() if queue else None
+            while queue and len(running) < 2 * workers:
+                item = queue.popleft()
+                fn, args = call(item)
+                running[pool.submit(fn, *args)] = item
+            if own is not None:
+                fn, args = call(own)
+                finish(own, fn(*args))
+            else:
+                wait(running, return_when=FIRST_COMPLETED)
+            for future in [f for f in running if f.done()]:
+                finish(running.pop(future), future.result())
 
 
 def _cell_key(mode: str, m, seed, pretrain=0) -> tuple[str, int, int, int]:
@@ -422,20 +458,9 @@ def _run_cells(cells, tracker, parent_id, encoders: dict, jobs, quiet, taskset, 
 
     pending = set(runs)
     items = _work_items(cells, batch, jobs, cells[0].sweep.group_heads if cells else 32)
+    items.sort(key=lambda item: -sum(_training_work(cells[i]) for i in item))  # largest first
     try:
-        if jobs <= 1:
-            for item in items:
-                fn, a = call(item)
-                finish(item, fn(*a))
-        else:
-            context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP or SQLite state in workers
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                futures = {}
-                for k, item in enumerate(items):
-                    fn, a = call(item)
-                    futures[pool.submit(fn, *a)] = k
-                for future in as_completed(futures):
-                    finish(items[futures[future]], future.result())
+        _train_items(items, call, finish, jobs)
     except KeyboardInterrupt:
         for i in pending:
             close_run(runs[i], "KILLED")
