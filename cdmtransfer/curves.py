@@ -192,7 +192,7 @@ def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dic
 def _work_items(cells: list, batch: bool, jobs: int, max_heads: int = 32) -> list[list[int]]:
     """Lists of cell indices, each trained in one call: the cells of one cells.group_key together (batch), else
     one cell each; a group is cut into runs of at most `max_heads` heads (one cell at least), and large ones are
-    halved until every one of `jobs` workers has an item."""
+    halved until every one of `jobs` processes has an item."""
     if not batch:
         return [[i] for i in range(len(cells))]
     groups: dict = {}
@@ -218,7 +218,7 @@ def _work_items(cells: list, batch: bool, jobs: int, max_heads: int = 32) -> lis
 
 
 def default_jobs(cells: int) -> int:
-    """Processes that train cells when --jobs is 0, this one included: one per core, at most one per cell."""
+    """Processes that train when --jobs is 0, the sweep's own included: one per core, at most one per cell."""
     return max(1, min(cells, os.cpu_count() or 1))
 
 
@@ -227,34 +227,25 @@ def _training_work(cfg: Config) -> int:
     return cell_heads(cfg) * cfg.adapt.steps * cfg.adapt.batch_size
 
 
-def _train_items(items: list, call, finish, processes: int) -> None:
-    """Train the work items in `processes` processes, this one included: it takes the first (largest) item while
-    the workers start (a spawned worker spends seconds importing torch), then the next whenever it is free; the
-    workers take the others in order, one running and one waiting each. `finish` records every result here, the
-    only writer to the store."""
-    queue = deque(items)
-    workers = min(processes - 1, len(queue) - 1)
-    if workers < 1:
-        for item in queue:
+def _train_items(items: list, call, finish, workers: _Workers) -> None:
+    """Train the work items here and in `workers`: this process takes the first (largest) item while the workers
+    start (a spawned worker spends seconds importing torch), then the next whenever it is free; the workers take the
+    others in order, one running and one waiting each. `finish` records every result here, the only writer to the
+    store."""
+    queue, running = deque(items), {}
+    while queue or running:
+        own = queue.popleft() if queue else None
+        while queue and len(running) < 2 * workers.count:
+            item = queue.popleft()
             fn, args = call(item)
-            finish(item, fn(*args))
-        return
-    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP or SQLite state in workers
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        running: dict = {}
-        while queue or running:
-            own = queue.popleft() if queue else None
-            while queue and len(running) < 2 * workers:
-                item = queue.popleft()
-                fn, args = call(item)
-                running[pool.submit(fn, *args)] = item
-            if own is not None:
-                fn, args = call(own)
-                finish(own, fn(*args))
-            else:
-                wait(running, return_when=FIRST_COMPLETED)
-            for future in [f for f in running if f.done()]:
-                finish(running.pop(future), future.result())
+            running[workers.submit(fn, *args)] = item
+        if own is not None:
+            fn, args = call(own)
+            finish(own, fn(*args))
+        else:
+            wait(running, return_when=FIRST_COMPLETED)
+        for future in [f for f in running if f.done()]:
+            finish(running.pop(future), future.result())
 
 
 def _cell_key(mode: str, m, seed, pretrain=0) -> tuple[str, int, int, int]:
@@ -298,18 +289,44 @@ def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
     return done, pretrains
 
 
-def _sweep_encoder(cfg, tracker, parent, pretrains, tracking_uri, quiet) -> str:
-    """The pretrained encoder of a sweep: a finished pretrain child, a resumed one, or a new one."""
-    for run in pretrains:
-        if run.info.status == "FINISHED":
-            return run.info.run_id
-    for run in pretrains:  # an interrupted pretrain continues from its last checkpoint
+def _sweep_pretrain(cfg: Config, tracking_uri: str | None, parent_run_id: str, prior: list[tuple[str, str]],
+                    quiet: bool) -> str:
+    """One of a sweep's pretrains: a finished child run, an interrupted one continued from its last checkpoint, or a
+    new one; `prior` holds (run id, status) of its earlier child runs (--resume). A worker process may run it."""
+    for run_id, status in prior:
+        if status == "FINISHED":
+            return run_id
+    for run_id, _ in prior:
         try:
-            return pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id,
-                            resume=run.info.run_id).run_id
+            return pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent_run_id,
+                            resume=run_id).run_id
         except ConfigError:  # killed before its first checkpoint
-            tracker.client.set_terminated(run.info.run_id, "KILLED")
-    return pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent.run_id).run_id
+            open_tracker(cfg, tracking_uri).client.set_terminated(run_id, "KILLED")
+    return pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent_run_id).run_id
+
+
+def _runs(pretrains: list) -> list[tuple[str, str]]:
+    return [(run.info.run_id, run.info.status) for run in pretrains]
+
+
+class _Workers:
+    """A sweep's `count` worker processes, spawned when first needed and kept for the whole sweep (a worker spends
+    seconds importing torch): the pretrain on h* and the cells' work items run in them."""
+
+    def __init__(self, count: int):
+        self.count, self._pool = max(0, count), None
+
+    def submit(self, fn, *args):
+        if self._pool is None:  # spawn: no forked torch/OpenMP or SQLite state in workers
+            self._pool = ProcessPoolExecutor(max_workers=self.count, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool.submit(fn, *args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
@@ -345,7 +362,7 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     data_warnings = data_checks.for_stage(taskset.data_warnings, ("pretrain", "adapt"))
     tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs,
             **data_checks.tags(data_warnings), **(tags or {})}
-    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, \
+    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, _Workers(jobs - 1) as workers, \
             tracked_run(tracker, f"{cfg.name}-sweep", tags, resume_run_id=resume) as parent:
         data_checks.echo(cfg, data_warnings)  # once for the sweep; its child runs carry the tag
         if not resume:
@@ -353,11 +370,18 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         own, encoders = [], [(None, {})]  # the sweep's pretrain run ids; per encoder: (model dir, lineage)
         learned = [r for r in pretrains if r.data.params.get("model.encoder") == cfg.model.encoder]
         sources = [encoder] if encoder else []
+        oracle_cfg = oracle_config(cfg, h_star_d) if "oracle" in modes else None
+        oracle_prior = _runs([r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
+                              and _pretrain_index(r, cfg) == 0])
+        oracle_job = None  # the pretrain on h*, in a worker while this process pretrains the learned encoder(s)
+        if oracle_cfg is not None and cfg.model.encoder != "oracle" and workers.count and not encoder \
+                and any(mode in PRETRAINED_MODES for mode in modes):
+            oracle_job = workers.submit(_sweep_pretrain, oracle_cfg, tracking_uri, parent.run_id, oracle_prior, True)
         if any(mode in PRETRAINED_MODES for mode in modes):
             for p in range(0 if encoder else s.pretrain_seeds):
                 mine = [r for r in learned if _pretrain_index(r, cfg) == p]
-                own.append(_sweep_encoder(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),
-                                          tracker, parent, mine, tracking_uri, quiet))
+                own.append(_sweep_pretrain(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),
+                                           tracking_uri, parent.run_id, _runs(mine), quiet))
                 sources.append(own[-1])
             encoders = []
             for source in sources:
@@ -367,14 +391,13 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
             parent.set_tags({TAG + "encoder_source": sources[0],
                              **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
         oracle_run, oracle = None, (None, {})  # the pretrain on h* that oracle cells adapt: (model dir, lineage)
-        if "oracle" in modes:
-            oracle_cfg = oracle_config(cfg, h_star_d)
-            if cfg.model.encoder == "oracle" and sources:  # the recipe's own encoder is h*: one pretrain serves both
+        if oracle_cfg is not None:
+            if oracle_job is not None:
+                oracle_run = oracle_job.result()
+            elif cfg.model.encoder == "oracle" and sources:  # the recipe's own encoder is h*: one pretrain serves both
                 oracle_run = sources[0]
             else:
-                mine = [r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
-                        and _pretrain_index(r, cfg) == 0]
-                oracle_run = _sweep_encoder(oracle_cfg, tracker, parent, mine, tracking_uri, quiet)
+                oracle_run = _sweep_pretrain(oracle_cfg, tracking_uri, parent.run_id, oracle_prior, quiet)
             model_dir, _ = find_model_dir(tracker, oracle_run, Path(tmp))
             _, lineage, _ = load_encoder(tracker, oracle_run, taskset, oracle_cfg, h_star=oracle_truth(taskset))
             oracle = (str(model_dir), lineage)
@@ -384,9 +407,9 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         rows = list(done.values())
         for p, learned_encoder in enumerate(encoders):
             todo = [c for c, q in plan if q == p and _cell_key(c.adapt.mode, c.adapt.m, c.seed, p) not in done]
-            rows += _run_cells(todo, tracker, parent.run_id, {"pretrained": learned_encoder, "oracle": oracle}, jobs,
-                               quiet, taskset, s.batch_cells, pretrain=p, label=f" (encoder {p + 1}/{len(encoders)})"
-                               if len(encoders) > 1 else "")
+            rows += _run_cells(todo, tracker, parent.run_id, {"pretrained": learned_encoder, "oracle": oracle},
+                               workers, quiet, taskset, s.batch_cells, pretrain=p,
+                               label=f" (encoder {p + 1}/{len(encoders)})" if len(encoders) > 1 else "")
         order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed, p): k for k, (c, p) in enumerate(plan)}
         rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"], r.get("pretrain", 0))])
         summary = summarise(rows)
@@ -407,9 +430,10 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                        own, oracle_run)
 
 
-def _run_cells(cells, tracker, parent_id, encoders: dict, jobs, quiet, taskset, batch=True, pretrain=0, label=""):
-    """Open one child run per cell, train the cells (batched by group: run_group; else one by one: run_cell; in
-    `jobs` worker processes when > 1), record each as it ends; rows say which of the sweep's encoders they used.
+def _run_cells(cells, tracker, parent_id, encoders: dict, workers: _Workers, quiet, taskset, batch=True, pretrain=0,
+               label=""):
+    """Open one child run per cell, train the cells (batched by group: run_group; else one by one: run_cell; here
+    and in the sweep's `workers`), record each as it ends; rows say which of the sweep's encoders they used.
     `encoders`: (model dir, lineage) of the pretrain the cells start from, "pretrained" (frozen, finetune, auto) and
     "oracle" (the pretrain on h*)."""
     def encoder_of(cell) -> tuple[str | None, dict]:
@@ -457,10 +481,10 @@ def _run_cells(cells, tracker, parent_id, encoders: dict, jobs, quiet, taskset, 
                   f"seed={cell.seed}", file=sys.stderr, flush=True)
 
     pending = set(runs)
-    items = _work_items(cells, batch, jobs, cells[0].sweep.group_heads if cells else 32)
+    items = _work_items(cells, batch, workers.count + 1, cells[0].sweep.group_heads if cells else 32)
     items.sort(key=lambda item: -sum(_training_work(cells[i]) for i in item))  # largest first
     try:
-        _train_items(items, call, finish, jobs)
+        _train_items(items, call, finish, workers)
     except KeyboardInterrupt:
         for i in pending:
             close_run(runs[i], "KILLED")

@@ -233,6 +233,27 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
 
 
+def test_a_sweep_pretrains_on_h_star_in_a_worker_with_the_same_results(recipe, store):
+    """With a worker (--jobs 2) the pretrain on h* runs beside the learned encoder's and the cells are shared
+    between the two processes; every run is recorded once, FINISHED, with the numbers of --jobs 1."""
+    args = ("sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch,oracle")
+    seq = ok_json(*args, "--jobs", 1)
+    par = ok_json(*args, "--jobs", 2)
+    c = client(store)
+    for res in (seq, par):
+        children = c.search_runs([c.get_run(res["run_id"]).info.experiment_id],
+                                 filter_string=f"tags.mlflow.parentRunId = '{res['run_id']}'")
+        pretrains = {r.data.params["model.encoder"]: r.info.run_id for r in children
+                     if r.data.tags[TAG + "stage"] == "pretrain"}
+        assert pretrains == {"mlp": res["pretrain_run_id"], "oracle": res["oracle_pretrain_run_id"]}
+        assert len(children) == 2 + len(res["rows"]) and all(r.info.status == "FINISHED" for r in children)
+    assert par["oracle_pretrain_run_id"] != seq["oracle_pretrain_run_id"]
+    key = lambda r: (r["mode"], r["m"], r["seed"])  # noqa: E731
+    assert [key(r) for r in seq["rows"]] == [key(r) for r in par["rows"]]
+    for a, b in zip(seq["rows"], par["rows"]):
+        assert b["metrics"]["score_error"] == pytest.approx(a["metrics"]["score_error"], rel=1e-6), key(a)
+
+
 def test_transfer_beats_scratch_on_gaussian_suite(store):
     """The paper's claim at small m: a frozen pretrained encoder beats training from scratch.
 
