@@ -35,8 +35,8 @@ bench: $(STAMP)
 # The paper's experiments at CPU scale. Conditioned diffusion (theory.md §4.1, recipes/langevin.yaml): one pretrain,
 # then frozen (the paper's fine-tuning) / finetune / scratch for m in {10,...,100}, 2 seeds, at the in-domain
 # target β0 = 5.5 and the out-of-domain β0 = 15; then the digits-restoration analogue of §4.2 (digits-denoise.yaml).
-# Every run trains to convergence by validation. Measured here (OMP_NUM_THREADS=1, one other job beside it all the
-# way): 17 min 9 s wall, 15 min 40 s of CPU in all (the pretrains stop by validation within a minute).
+# Every run trains to convergence by validation. Measured here (OMP_NUM_THREADS=1, 2 quiet cores, both used by the
+# sweeps): 7 min 49 s wall, 14 min of CPU in all (the pretrains stop by validation within a minute).
 PAPER_M ?= 10,20,30,40,50,100
 PAPER_SEEDS ?= 2
 PAPER_ENCODER = $(BIN)/python -c "import json; print(json.load(open('cdmtransfer-runs/paper-pretrain.json'))['run_id'])"
