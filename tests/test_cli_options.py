@@ -156,3 +156,24 @@ def test_footer_for_other_stores_names_only_the_store(uri):
     out = Console(record=True, width=300)
     store_footer(out, uri)
     assert out.export_text().strip() == f"MLflow store: {uri}"
+
+
+def test_the_sweep_table_bolds_the_best_mode_a_user_can_choose_not_the_oracle():
+    """oracle (h*) is a reference: the best of the other modes at each m is bold; a sweep of oracle alone bolds it."""
+    from rich.console import Console
+
+    from cdmtransfer.report import sweep_table
+
+    def row(mode, m, value):
+        return {"mode": mode, "m": m, "seeds": 1, "score_error": {"mean": value, "std": 0.0}}
+
+    def bold_rows(summary):
+        console = Console(record=True, width=200, force_terminal=True, color_system="standard")
+        console.print(sweep_table(summary, "t"))
+        lines = console.export_text(styles=True).splitlines()
+        return {line.split()[1] for line in lines if "\x1b[1m" in line and line.split()[1] in ("frozen", "scratch",
+                                                                                              "oracle")}
+
+    summary = [row("frozen", 8, 0.5), row("scratch", 8, 0.9), row("oracle", 8, 0.4), row("oracle", 32, 0.1)]
+    assert bold_rows(summary) == {"frozen"}
+    assert bold_rows([row("oracle", 8, 0.4)]) == {"oracle"}
