@@ -373,11 +373,12 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         oracle_cfg = oracle_config(cfg, h_star_d) if "oracle" in modes else None
         oracle_prior = _runs([r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
                               and _pretrain_index(r, cfg) == 0])
+        uses_encoder = any(mode in PRETRAINED_MODES for mode in modes)
         oracle_job = None  # the pretrain on h*, in a worker while this process pretrains the learned encoder(s)
-        if oracle_cfg is not None and cfg.model.encoder != "oracle" and workers.count and not encoder \
-                and any(mode in PRETRAINED_MODES for mode in modes):
+        if oracle_cfg is not None and cfg.model.encoder != "oracle" and workers.count and uses_encoder \
+                and not encoder:
             oracle_job = workers.submit(_sweep_pretrain, oracle_cfg, tracking_uri, parent.run_id, oracle_prior, True)
-        if any(mode in PRETRAINED_MODES for mode in modes):
+        if uses_encoder:
             for p in range(0 if encoder else s.pretrain_seeds):
                 mine = [r for r in learned if _pretrain_index(r, cfg) == p]
                 own.append(_sweep_pretrain(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),

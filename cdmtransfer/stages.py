@@ -342,16 +342,6 @@ def oracle_truth(taskset: TaskSet) -> FixedEncoder:
     return truth
 
 
-def oracle_pretrain(cfg: Config, taskset: TaskSet, *, tracking_uri: str | None, quiet: bool,
-                    parent_run_id: str | None) -> str:
-    """Pretrain the source heads on the suite's h* (the encoder `--mode oracle` adapts); returns the run id."""
-    run_id = pretrain(oracle_config(cfg, oracle_truth(taskset).d), tracking_uri=tracking_uri, quiet=quiet,
-                      parent_run_id=parent_run_id).run_id
-    if not quiet:
-        print(f"oracle: source heads pretrained on the suite's h* (run {run_id})", file=sys.stderr, flush=True)
-    return run_id
-
-
 def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str | None) -> dict:
     a = cfg.adapt
     tags = {TAG + "stage": "adapt", TAG + "recipe": cfg.name, TAG + "suite": taskset.name, TAG + "mode": a.mode,
@@ -682,8 +672,10 @@ def adapt(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     if resume:
         _check_resume(tracker.store.work_dir(resume), cfg, "adapt")
         encoder = encoder or tracker.get_run(resume).data.tags.get(TAG + "encoder_source")
-    if a.mode == "oracle" and not encoder:
-        encoder = oracle_pretrain(cfg, taskset, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent_run_id)
+    if a.mode == "oracle" and not encoder:  # the source heads on h* first: a pretrain run of its own
+        encoder = pretrain(cfg, tracking_uri=tracking_uri, quiet=quiet, parent_run_id=parent_run_id).run_id
+        if not quiet:
+            print(f"oracle: source heads pretrained on the suite's h* (run {encoder})", file=sys.stderr, flush=True)
     enc, lineage, source_heads = prepare_encoder(cfg, taskset, tracker, encoder)
     tags = adapt_tags(cfg, taskset, lineage, parent_run_id)
     with tracked_run(tracker, f"{cfg.name}-adapt-{a.mode}-m{a.m}", tags, resume_run_id=resume) as run:
