@@ -228,7 +228,10 @@ def close_run(run: Run, status: str) -> None:
     try:
         run.flush()
     finally:
-        run.client.set_terminated(run.run_id, status)
+        try:
+            run.client.set_terminated(run.run_id, status)
+        except Exception:  # noqa: BLE001 - a store connection the interrupt broke mid-write: once more, on a new one
+            run.client.set_terminated(run.run_id, status)
 
 
 def find_model_dir(tracker: Tracker, source: str, dst: Path) -> tuple[Path, str | None]:
