@@ -31,6 +31,7 @@ def run(args) -> dict:
 
     from cdmtransfer.config import load_config
     from cdmtransfer.models import MLPEncoder, ScoreModel
+    from cdmtransfer.optim import AdamW
 
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [])
@@ -41,7 +42,7 @@ def run(args) -> dict:
         H = U * folds
         torch.manual_seed(0)
         model = ScoreModel(enc, H, g.d_x, m.head_width, m.head_depth, m.time_dim, parametrization="edm")
-        opt = torch.optim.AdamW(model.heads.parameters(), lr=1e-3, foreach=True)  # as train.py
+        opt = AdamW([{"params": model.heads.parameters()}], lr=1e-3)  # as train.py
         x, y = torch.randn(H, batch, g.d_x), torch.randn(H, batch, g.D_y)
         t = torch.rand(H, batch) * 0.9 + 0.05
 

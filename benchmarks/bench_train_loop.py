@@ -40,12 +40,13 @@ class BareLoop:
     def __init__(self, bench: TrainBench, clip: bool = False, ema: bool = False):
         import torch
 
+        from cdmtransfer.optim import AdamW
         from cdmtransfer.train import ema_update
 
         tc = bench.cfg.pretrain
         self.clip, self.ema, self.tc, self.loss_fn, self.ema_update = clip, ema, tc, bench.loss_fn, ema_update
         self.model = bench.model()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+        self.optimizer = AdamW([{"params": self.model.parameters()}], lr=tc.lr, weight_decay=tc.weight_decay)
         self.params = list(self.model.parameters())
         self.shadow = copy.deepcopy(self.model).requires_grad_(False) if ema else None
         self.gen = torch.Generator().manual_seed(bench.cfg.seed)

@@ -26,6 +26,7 @@ from cdmtransfer.checkpoint import list_checkpoints, load_checkpoint, save_check
 from cdmtransfer.config import TrainConfig
 from cdmtransfer.distributed import Dist
 from cdmtransfer.errors import DataError, TrainingError, check_stop
+from cdmtransfer.optim import AdamW
 from cdmtransfer.progress import Progress
 from cdmtransfer.validation import RowLosses
 
@@ -153,8 +154,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     shows progress and writes checkpoints; every rank validates the same EMA weights, so all stop together.
     """
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-    # foreach: one fused call per parameter group; torch picks the per-tensor loop on CPU otherwise (3x slower here)
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    optimizer = AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # optim.py: torch's foreach AdamW
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ema = copy.deepcopy(model).requires_grad_(False)
     last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
