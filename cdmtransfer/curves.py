@@ -14,20 +14,17 @@ import csv
 import dataclasses
 import io
 import math
-import multiprocessing
-import os
 import sys
 import tempfile
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cdmtransfer import data_checks
 from cdmtransfer.cells import cell_heads, group_key
 from cdmtransfer.config import FROM_PRETRAIN, PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
-from cdmtransfer.errors import ConfigError
+from cdmtransfer.errors import ConfigError, stop_requested
 from cdmtransfer.plots import learning_curves
+from cdmtransfer.schedule import WorkQueue, Workers, default_jobs
 from cdmtransfer.stages import adapt_tags, load_encoder, oracle_truth, pretrain, record_adapt, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
@@ -217,35 +214,9 @@ def _work_items(cells: list, batch: bool, jobs: int, max_heads: int = 32) -> lis
     return items
 
 
-def default_jobs(cells: int) -> int:
-    """Processes that train when --jobs is 0, the sweep's own included: one per core, at most one per cell."""
-    return max(1, min(cells, os.cpu_count() or 1))
-
-
 def _training_work(cfg: Config) -> int:
     """A cell's training work, to schedule the largest first: its heads × the step cap × the batch."""
     return cell_heads(cfg) * cfg.adapt.steps * cfg.adapt.batch_size
-
-
-def _train_items(items: list, call, finish, workers: _Workers) -> None:
-    """Train the work items here and in `workers`: this process takes the first (largest) item while the workers
-    start (a spawned worker spends seconds importing torch), then the next whenever it is free; the workers take the
-    others in order, one running and one waiting each. `finish` records every result here, the only writer to the
-    store."""
-    queue, running = deque(items), {}
-    while queue or running:
-        own = queue.popleft() if queue else None
-        while queue and len(running) < 2 * workers.count:
-            item = queue.popleft()
-            fn, args = call(item)
-            running[workers.submit(fn, *args)] = item
-        if own is not None:
-            fn, args = call(own)
-            finish(own, fn(*args))
-        else:
-            wait(running, return_when=FIRST_COMPLETED)
-        for future in [f for f in running if f.done()]:
-            finish(running.pop(future), future.result())
 
 
 def _cell_key(mode: str, m, seed, pretrain=0) -> tuple[str, int, int, int]:
@@ -309,26 +280,6 @@ def _runs(pretrains: list) -> list[tuple[str, str]]:
     return [(run.info.run_id, run.info.status) for run in pretrains]
 
 
-class _Workers:
-    """A sweep's `count` worker processes, spawned when first needed and kept for the whole sweep (a worker spends
-    seconds importing torch): the pretrain on h* and the cells' work items run in them."""
-
-    def __init__(self, count: int):
-        self.count, self._pool = max(0, count), None
-
-    def submit(self, fn, *args):
-        if self._pool is None:  # spawn: no forked torch/OpenMP or SQLite state in workers
-            self._pool = ProcessPoolExecutor(max_workers=self.count, mp_context=multiprocessing.get_context("spawn"))
-        return self._pool.submit(fn, *args)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
           jobs: int = 0, resume: str | None = None, tags: dict | None = None) -> SweepResult:
     """Learning curves over sweep.modes × sweep.m × sweep.seeds; `resume` continues an interrupted sweep run.
@@ -337,7 +288,6 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     s = cfg.sweep
     setup_torch(cfg)
     taskset = build_taskset(cfg)
-    tracker = open_tracker(cfg, tracking_uri)
     modes, skipped = list(s.modes), {}
     if "oracle" in modes and taskset.truth.encoder() is None:
         modes.remove("oracle")
@@ -355,6 +305,20 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                                                adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m)))
              for mode in modes for m in s.m for offset in range(s.seeds)]  # unset adapt keys follow m's rule
     jobs = jobs or default_jobs(len(cells))
+    with Workers(jobs - 1) as workers:
+        workers.warm()  # the workers import torch while this process opens the store
+        return _sweep(cfg, taskset, modes, skipped, cells, encoder, tracking_uri, quiet, jobs, workers, resume,
+                      tags, h_star_d)
+
+
+def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Config], encoder: str | None,
+           tracking_uri: str | None, quiet: bool, jobs: int, workers: Workers, resume: str | None, tags: dict | None,
+           h_star_d: int) -> SweepResult:
+    """The sweep's runs: its parent run, its pretrains and a child run per cell. Cells that start from no
+    pretrain (scratch) and the pretrain on h* go to the workers first, while this process pretrains the learned
+    encoder(s); the other cells follow when their encoder is ready."""
+    s = cfg.sweep
+    tracker = open_tracker(cfg, tracking_uri)
     done, pretrains = _prior_work(tracker, resume, cfg) if resume else ({}, [])
     if resume and not encoder:
         parent_tags = tracker.get_run(resume).data.tags
@@ -362,7 +326,7 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     data_warnings = data_checks.for_stage(taskset.data_warnings, ("pretrain", "adapt"))
     tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs,
             **data_checks.tags(data_warnings), **(tags or {})}
-    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, _Workers(jobs - 1) as workers, \
+    with tempfile.TemporaryDirectory(prefix="cdmtransfer-") as tmp, \
             tracked_run(tracker, f"{cfg.name}-sweep", tags, resume_run_id=resume) as parent:
         data_checks.echo(cfg, data_warnings)  # once for the sweep; its child runs carry the tag
         if not resume:
@@ -374,43 +338,57 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
         oracle_prior = _runs([r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
                               and _pretrain_index(r, cfg) == 0])
         uses_encoder = any(mode in PRETRAINED_MODES for mode in modes)
-        oracle_job = None  # the pretrain on h*, in a worker while this process pretrains the learned encoder(s)
-        if oracle_cfg is not None and cfg.model.encoder != "oracle" and workers.count and uses_encoder \
-                and not encoder:
-            oracle_job = workers.submit(_sweep_pretrain, oracle_cfg, tracking_uri, parent.run_id, oracle_prior, True)
-        if uses_encoder:
-            for p in range(0 if encoder else s.pretrain_seeds):
-                mine = [r for r in learned if _pretrain_index(r, cfg) == p]
-                own.append(_sweep_pretrain(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),
-                                           tracking_uri, parent.run_id, _runs(mine), quiet))
-                sources.append(own[-1])
-            encoders = []
-            for source in sources:
-                model_dir, _ = find_model_dir(tracker, source, Path(tmp))
-                _, lineage, _ = load_encoder(tracker, source, taskset, cfg)  # checks it fits before any cell starts
-                encoders.append((str(model_dir), lineage))
-            parent.set_tags({TAG + "encoder_source": sources[0],
-                             **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
-        oracle_run, oracle = None, (None, {})  # the pretrain on h* that oracle cells adapt: (model dir, lineage)
-        if oracle_cfg is not None:
-            if oracle_job is not None:
-                oracle_run = oracle_job.result()
-            elif cfg.model.encoder == "oracle" and sources:  # the recipe's own encoder is h*: one pretrain serves both
-                oracle_run = sources[0]
-            else:
-                oracle_run = _sweep_pretrain(oracle_cfg, tracking_uri, parent.run_id, oracle_prior, quiet)
-            model_dir, _ = find_model_dir(tracker, oracle_run, Path(tmp))
-            _, lineage, _ = load_encoder(tracker, oracle_run, taskset, oracle_cfg, h_star=oracle_truth(taskset))
-            oracle = (str(model_dir), lineage)
-            parent.set_tags({TAG + "oracle_pretrain_run_id": oracle_run})
+        pretrains_here = uses_encoder and not encoder  # this process pretrains the learned encoder(s)
+        todo = {p: [c for c in cells if _cell_key(c.adapt.mode, c.adapt.m, c.seed, p) not in done
+                    and (p == 0 or c.adapt.mode in PRETRAINED_MODES)]
+                for p in range(s.pretrain_seeds if pretrains_here else 1)}
+        with _CellRuns(tracker, parent.run_id, taskset, workers, quiet, s.batch_cells,
+                       sum(map(len, todo.values()))) as runs:
+            oracle_job = None  # the pretrain on h*, in a worker while this process pretrains the learned encoder(s)
+            if oracle_cfg is not None and cfg.model.encoder != "oracle" and workers.count and pretrains_here:
+                oracle_job = workers.submit(_sweep_pretrain, oracle_cfg, tracking_uri, parent.run_id, oracle_prior,
+                                            True)
+            scratch = [c for c in todo[0] if c.adapt.mode not in FROM_PRETRAIN]  # they start from no pretrain
+            early = bool(workers.count and pretrains_here)  # the workers start on them now
+            scratch_items = runs.items(scratch, (None, {}), jobs=workers.count if early else workers.count + 1)
+            if early:
+                runs.queue.start(scratch_items)
+                scratch_items = []
+            if uses_encoder:
+                for p in range(0 if encoder else s.pretrain_seeds):
+                    mine = [r for r in learned if _pretrain_index(r, cfg) == p]
+                    own.append(_sweep_pretrain(dataclasses.replace(cfg, seed=cfg.seed + PRETRAIN_SEED_STRIDE * p),
+                                               tracking_uri, parent.run_id, _runs(mine), quiet))
+                    sources.append(own[-1])
+                encoders = []
+                for source in sources:
+                    model_dir, _ = find_model_dir(tracker, source, Path(tmp))
+                    _, lineage, _ = load_encoder(tracker, source, taskset, cfg)  # checks it fits before cells start
+                    encoders.append((str(model_dir), lineage))
+                parent.set_tags({TAG + "encoder_source": sources[0],
+                                 **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
+            oracle_run, oracle = None, (None, {})  # the pretrain on h* that oracle cells adapt: (model dir, lineage)
+            if oracle_cfg is not None:
+                if oracle_job is not None:
+                    oracle_run = oracle_job.result()
+                elif cfg.model.encoder == "oracle" and sources:  # the recipe's own encoder is h*: one pretrain serves
+                    oracle_run = sources[0]
+                else:
+                    oracle_run = _sweep_pretrain(oracle_cfg, tracking_uri, parent.run_id, oracle_prior, quiet)
+                model_dir, _ = find_model_dir(tracker, oracle_run, Path(tmp))
+                _, lineage, _ = load_encoder(tracker, oracle_run, taskset, oracle_cfg, h_star=oracle_truth(taskset))
+                oracle = (str(model_dir), lineage)
+                parent.set_tags({TAG + "oracle_pretrain_run_id": oracle_run})
+            items = scratch_items + runs.items([c for c in todo[0] if c.adapt.mode == "oracle"], oracle,
+                                               jobs=workers.count + 1)
+            for p, learned_encoder in enumerate(encoders):
+                label = f" (encoder {p + 1}/{len(encoders)})" if len(encoders) > 1 else ""
+                items += runs.items([c for c in todo[p] if c.adapt.mode in PRETRAINED_MODES], learned_encoder,
+                                    pretrain=p, label=label, jobs=workers.count + 1)
+            runs.queue.run(sorted(items, key=lambda item: -sum(_training_work(runs.open[i][0]) for i in item)))
         plan = [(c, p) for c in cells
                 for p in (range(len(encoders)) if c.adapt.mode in PRETRAINED_MODES else [0])]
-        rows = list(done.values())
-        for p, learned_encoder in enumerate(encoders):
-            todo = [c for c, q in plan if q == p and _cell_key(c.adapt.mode, c.adapt.m, c.seed, p) not in done]
-            rows += _run_cells(todo, tracker, parent.run_id, {"pretrained": learned_encoder, "oracle": oracle},
-                               workers, quiet, taskset, s.batch_cells, pretrain=p,
-                               label=f" (encoder {p + 1}/{len(encoders)})" if len(encoders) > 1 else "")
+        rows = list(done.values()) + runs.rows
         order = {_cell_key(c.adapt.mode, c.adapt.m, c.seed, p): k for k, (c, p) in enumerate(plan)}
         rows.sort(key=lambda r: order[_cell_key(r["mode"], r["m"], r["seed"], r.get("pretrain", 0))])
         summary = summarise(rows)
@@ -431,67 +409,64 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                        own, oracle_run)
 
 
-def _run_cells(cells, tracker, parent_id, encoders: dict, workers: _Workers, quiet, taskset, batch=True, pretrain=0,
-               label=""):
-    """Open one child run per cell, train the cells (batched by group: run_group; else one by one: run_cell; here
-    and in the sweep's `workers`), record each as it ends; rows say which of the sweep's encoders they used.
-    `encoders`: (model dir, lineage) of the pretrain the cells start from, "pretrained" (frozen, finetune, auto) and
-    "oracle" (the pretrain on h*)."""
-    def encoder_of(cell) -> tuple[str | None, dict]:
-        kind = "oracle" if cell.adapt.mode == "oracle" else "pretrained" if cell.adapt.mode in PRETRAINED_MODES else ""
-        return encoders.get(kind, (None, {}))
+class _CellRuns:
+    """A sweep's cells as child runs: opened when the encoder they start from is ready (`items`), trained as work
+    items here and in the sweep's workers (batched by cells.group_key: run_group; else one by one: run_cell), and
+    recorded here as each item ends, the sweep's process being the only writer of cell runs. Leaving the `with`
+    block by an exception closes every run not recorded (KILLED on an interrupt, else FAILED)."""
 
-    runs, rows = {}, []
-    for i, cell in enumerate(cells):
-        run = open_run(tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
-                       adapt_tags(cell, taskset, encoder_of(cell)[1], parent_id))
-        run.log_params(flatten(cell.to_dict()))
-        run.log_dict(cell.to_dict(), "config.json")
-        runs[i] = run
+    def __init__(self, tracker, parent_id: str, taskset, workers: Workers, quiet: bool, batch: bool, total: int):
+        self.tracker, self.parent_id, self.taskset, self.quiet, self.batch = tracker, parent_id, taskset, quiet, batch
+        self.total, self.rows, self.open = total, [], {}  # open: cell index -> (cfg, run, encoder, pretrain, label)
+        self.queue = WorkQueue(workers, self._call, self._finish)
 
-    def args(i):
-        cell = cells[i]
-        return (cell.to_dict(), *encoder_of(cell), runs[i].run_id, str(runs[i].work_dir))
+    def items(self, cells: list[Config], encoder: tuple[str | None, dict], pretrain: int = 0, label: str = "",
+              jobs: int = 1) -> list[list[int]]:
+        """Open a run for each of `cells` (all starting from `encoder`: its model dir and lineage); their work
+        items, largest first, cut so that `jobs` processes have one each where the cells allow."""
+        ids = []
+        for cell in cells:
+            run = open_run(self.tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
+                           adapt_tags(cell, self.taskset, encoder[1], self.parent_id))
+            run.log_params(flatten(cell.to_dict()))
+            run.log_dict(cell.to_dict(), "config.json")
+            ids.append(len(self.open))
+            self.open[ids[-1]] = (cell, run, encoder, pretrain, label)
+        items = [[ids[i] for i in item] for item in
+                 _work_items(cells, self.batch, jobs, cells[0].sweep.group_heads if cells else 32)]
+        return sorted(items, key=lambda item: -sum(_training_work(self.open[i][0]) for i in item))
 
-    def call(item):  # what one work item runs, and its arguments
-        if not batch or group_key(cells[item[0]]) is None:
-            return run_cell, args(item[0])
-        cols = list(zip(*(args(i) for i in item)))
-        used = [d for d in cols[1] if d]
-        return run_group, (list(cols[0]), used[0] if used else None, list(cols[2]), list(cols[3]), list(cols[4]))
+    def _call(self, item: list[int]):
+        """What one work item runs, and its arguments."""
+        cells = [self.open[i] for i in item]
+        args = [(cell.to_dict(), *encoder, run.run_id, str(run.work_dir)) for cell, run, encoder, _, _ in cells]
+        if not self.batch or group_key(cells[0][0]) is None:
+            return run_cell, args[0]
+        cols = list(zip(*args))
+        return run_group, (list(cols[0]), cells[0][2][0], list(cols[2]), list(cols[3]), list(cols[4]))
 
-    def finish(item, outs):
+    def _finish(self, item: list[int], outs) -> None:
         for i, out in zip(item, outs if isinstance(outs, list) else [outs]):
-            record(i, out)
-            pending.discard(i)
+            cell, run, _, pretrain, label = self.open.pop(i)
+            if "error" in out:  # this cell alone failed; the others of its group are recorded
+                print(f"error: {out['error']}", file=sys.stderr, flush=True)
+                close_run(run, "FAILED")
+                continue
+            for values, step in out["history"]:
+                run.log_metrics(values, step)
+            record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]), choice=out["choice"])
+            close_run(run, "FINISHED")
+            self.rows.append({"mode": cell.adapt.mode, "m": cell.adapt.m, "seed": cell.seed, "pretrain": pretrain,
+                              "run_id": run.run_id, "metrics": out["metrics"], "choice": out["choice"]["short"]})
+            if not self.quiet:
+                print(f"[sweep] {len(self.rows)}/{self.total} done{label}: {cell.adapt.mode} m={cell.adapt.m} "
+                      f"seed={cell.seed}", file=sys.stderr, flush=True)
 
-    def record(i, out):
-        run, cell = runs[i], cells[i]
-        if "error" in out:  # this cell alone failed; the others of its group are recorded
-            print(f"error: {out['error']}", file=sys.stderr, flush=True)
-            close_run(run, "FAILED")
-            return
-        for values, step in out["history"]:
-            run.log_metrics(values, step)
-        record_adapt(run, cell, out["metrics"], out["skipped"], Path(out["model_dir"]), choice=out["choice"])
-        close_run(run, "FINISHED")
-        rows.append({"mode": cell.adapt.mode, "m": cell.adapt.m, "seed": cell.seed, "pretrain": pretrain,
-                     "run_id": run.run_id, "metrics": out["metrics"], "choice": out["choice"]["short"]})
-        if not quiet:
-            print(f"[sweep] {len(rows)}/{len(cells)} done{label}: {cell.adapt.mode} m={cell.adapt.m} "
-                  f"seed={cell.seed}", file=sys.stderr, flush=True)
+    def __enter__(self):
+        return self
 
-    pending = set(runs)
-    items = _work_items(cells, batch, workers.count + 1, cells[0].sweep.group_heads if cells else 32)
-    items.sort(key=lambda item: -sum(_training_work(cells[i]) for i in item))  # largest first
-    try:
-        _train_items(items, call, finish, workers)
-    except KeyboardInterrupt:
-        for i in pending:
-            close_run(runs[i], "KILLED")
-        raise
-    except BaseException:
-        for i in pending:
-            close_run(runs[i], "FAILED")
-        raise
-    return rows
+    def __exit__(self, kind, exc, tb):
+        if kind is not None:
+            status = "KILLED" if issubclass(kind, KeyboardInterrupt) or stop_requested() else "FAILED"
+            for _, run, _, _, _ in self.open.values():
+                close_run(run, status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ LONG = ["--set", "pretrain.steps=400", "--set", "pretrain.checkpoint_every=50", 
 
 
 def cli(store, *args, **kwargs):
-    env = {**os.environ, "CDMTRANSFER_HOME": str(store)}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # it would win over the home
+    env["CDMTRANSFER_HOME"] = str(store)
     return subprocess.Popen([sys.executable, "-m", "cdmtransfer", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
@@ -153,8 +155,13 @@ def test_concurrent_adapts_on_a_new_sqlite_store_lose_nothing(tmp_path, monkeypa
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outs]
     ids = {json.loads(out)["run_id"] for out, _ in outs}
     client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert {r.info.run_id for r in runs} == ids and {r.info.status for r in runs} == {"FINISHED"}
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments])
+    with sqlite3.connect(home / "mlflow.db") as db:  # what the file holds, should the client's view differ (a flake
+        raw = (db.execute("select experiment_id, name from experiments").fetchall(),  # seen twice, not reproduced)
+               db.execute("select run_uuid, experiment_id, status from runs").fetchall())
+    assert {r.info.run_id for r in runs} == ids and {r.info.status for r in runs} == {"FINISHED"}, \
+        (ids, [(e.experiment_id, e.name) for e in experiments], raw, sorted(os.listdir(home)), [e for _, e in outs])
     for run_id in ids:
         assert len(client.get_metric_history(run_id, "cv/loss")) == 20  # the folds' curve, to the cap
 

@@ -53,7 +53,7 @@ def client(home) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
 
 
-def test_pretrain_adapt_evaluate_sample_with_lineage(recipe, store, tmp_path):
+def test_pretrain_adapt_evaluate_sample_with_lineage(recipe, store, tmp_path, monkeypatch):
     pre = ok_json("pretrain", recipe)
     assert pre["stage"] == "pretrain" and len(pre["run_id"]) == 32
     assert (tmp_path / "home" / "work" / pre["run_id"] / "model" / "model.safetensors").is_file()
@@ -70,7 +70,9 @@ def test_pretrain_adapt_evaluate_sample_with_lineage(recipe, store, tmp_path):
     assert ada_run.data.params["adapt.m"] == "8"
     assert pre_run.data.metrics["loss"] > 0  # metrics by step were written
     assert len(c.get_metric_history(pre["run_id"], "loss")) == 120 // 20
-    mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
+    # the fluent API's store, for this test only: mlflow.set_tracking_uri would set MLFLOW_TRACKING_URI for the rest
+    # of the session, and later tests' subprocesses would log there instead of to their own store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     found = mlflow.search_runs(experiment_ids=[ada_run.info.experiment_id],
                                filter_string=f"tags.`{TAG}pretrain_run_id` = '{pre['run_id']}'",
                                output_format="list")
@@ -334,3 +336,15 @@ def test_estimate_from_theory_and_calibrated_on_a_sweep(recipe, store):
     assert any(r.data.tags.get(TAG + "sweep_run_id") == res["run_id"] for r in runs)
     bad = cli("estimate", recipe, "--epsilon", 1.0, "--calibrate", runs[0].info.run_id, "--holdout", 0)
     assert bad.exit_code == 2 and "not a sweep run" in bad.stderr
+
+
+def test_scratch_cells_train_in_a_worker_while_the_sweep_pretrains(recipe, store):
+    """Cells that start from no pretrain go to a worker at once: with --jobs 2, scratch's models are written while
+    the sweep's own process is still pretraining its encoder (a long one here), not after it."""
+    res = ok_json("sweep", recipe, "--m", "4,8", "--modes", "frozen,scratch", "--jobs", 2,
+                  "--set", "pretrain.steps=3000", "--set", "pretrain.patience=0")
+    pretrain_end = client(store).get_run(res["pretrain_run_id"]).info.end_time / 1000
+    scratch = [r for r in res["rows"] if r["mode"] == "scratch"]
+    written = [(store / "work" / r["run_id"] / "model" / "model.safetensors").stat().st_mtime for r in scratch]
+    assert len(written) == 2 and max(written) < pretrain_end - 1.0
+    assert {r["mode"] for r in res["rows"]} == {"frozen", "scratch"} and len(res["rows"]) == 4

@@ -1,0 +1,97 @@
+"""Where a sweep's work runs: its own process and `jobs` − 1 spawned worker processes.
+
+Work is a list of items (a pretrain, or the cells that train as one batched model); the sweep's process records
+every result (it is the only writer of cell runs). Items that need nothing (the pretrain on h*, `scratch` cells) can
+be started in the workers before the sweep's process turns to its own pretrain; the rest train here and there,
+largest first, when their encoder is ready.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import multiprocessing
+import os
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Callable
+
+
+def default_jobs(cells: int) -> int:
+    """Processes that train when --jobs is 0, the sweep's own included: one per core, at most one per cell."""
+    return max(1, min(cells, os.cpu_count() or 1))
+
+
+def _start_worker() -> None:
+    """Each worker's start: the imports every sweep task needs (torch, MLflow: seconds; while the sweep's process
+    sets up its store when `Workers.warm` spawned it), and an exit without a final collection over their objects."""
+    import cdmtransfer.curves  # noqa: F401  (imports the stages, torch and the tracking client)
+
+    atexit.register(gc.freeze)
+
+
+def _ready() -> None:
+    """A task that does nothing: submitting one per worker spawns them all (cdmtransfer.schedule.Workers.warm)."""
+
+
+class Workers:
+    """A sweep's `count` worker processes, kept for the whole sweep. `warm()` spawns them at once; otherwise they
+    are spawned when first needed."""
+
+    def __init__(self, count: int):
+        self.count, self._pool = max(0, count), None
+
+    def submit(self, fn, *args) -> Future:
+        if self._pool is None:  # spawn: no forked torch/OpenMP or SQLite state in workers
+            self._pool = ProcessPoolExecutor(max_workers=self.count, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker)
+        return self._pool.submit(fn, *args)
+
+    def warm(self) -> None:
+        for _ in range(self.count):  # one task each: the pool spawns a process per task while none is idle
+            self.submit(_ready)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class WorkQueue:
+    """Items trained here and in `workers`; `call(item)` gives (function, arguments) of an item (picklable for a
+    worker), `finish(item, result)` records its result in this process as soon as it is back."""
+
+    def __init__(self, workers: Workers, call: Callable, finish: Callable):
+        self.workers, self.call, self.finish = workers, call, finish
+        self.running: dict[Future, object] = {}
+
+    def start(self, items: list) -> None:
+        """Give `items` to the workers now and return (this process has other work: its pretrain)."""
+        for item in items:
+            self._submit(item)
+
+    def run(self, items: list) -> None:
+        """Train `items` (largest first) and wait for those started before. This process takes the first item while
+        the workers are busy with theirs, then the next whenever it is free; the workers are kept one running and
+        one waiting each."""
+        queue = deque(items)
+        while queue or self.running:
+            own = queue.popleft() if queue else None
+            while queue and len(self.running) < 2 * self.workers.count:
+                self._submit(queue.popleft())
+            if own is not None:
+                fn, args = self.call(own)
+                self.finish(own, fn(*args))
+            else:
+                wait(self.running, return_when=FIRST_COMPLETED)
+            self._collect()
+
+    def _submit(self, item) -> None:
+        fn, args = self.call(item)
+        self.running[self.workers.submit(fn, *args)] = item
+
+    def _collect(self) -> None:
+        for future in [f for f in self.running if f.done()]:
+            self.finish(self.running.pop(future), future.result())
