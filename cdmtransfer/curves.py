@@ -385,7 +385,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                 label = f" (encoder {p + 1}/{len(encoders)})" if len(encoders) > 1 else ""
                 items += runs.items([c for c in todo[p] if c.adapt.mode in PRETRAINED_MODES], learned_encoder,
                                     pretrain=p, label=label, jobs=workers.count + 1)
-            runs.queue.run(sorted(items, key=lambda item: -sum(_training_work(runs.open[i][0]) for i in item)))
+            runs.queue.run(sorted(items, key=lambda item: -runs.work(item)))
         plan = [(c, p) for c in cells
                 for p in (range(len(encoders)) if c.adapt.mode in PRETRAINED_MODES else [0])]
         rows = list(done.values()) + runs.rows
@@ -418,7 +418,7 @@ class _CellRuns:
     def __init__(self, tracker, parent_id: str, taskset, workers: Workers, quiet: bool, batch: bool, total: int):
         self.tracker, self.parent_id, self.taskset, self.quiet, self.batch = tracker, parent_id, taskset, quiet, batch
         self.total, self.rows, self.open = total, [], {}  # open: cell index -> (cfg, run, encoder, pretrain, label)
-        self.queue = WorkQueue(workers, self._call, self._finish)
+        self.queue = WorkQueue(workers, self._call, self._finish, self.work)
 
     def items(self, cells: list[Config], encoder: tuple[str | None, dict], pretrain: int = 0, label: str = "",
               jobs: int = 1) -> list[list[int]]:
@@ -434,7 +434,11 @@ class _CellRuns:
             self.open[ids[-1]] = (cell, run, encoder, pretrain, label)
         items = [[ids[i] for i in item] for item in
                  _work_items(cells, self.batch, jobs, cells[0].sweep.group_heads if cells else 32)]
-        return sorted(items, key=lambda item: -sum(_training_work(self.open[i][0]) for i in item))
+        return sorted(items, key=lambda item: -self.work(item))
+
+    def work(self, item: list[int]) -> int:
+        """An item's training work (curves._training_work of its cells), to order and share the items."""
+        return sum(_training_work(self.open[i][0]) for i in item)
 
     def _call(self, item: list[int]):
         """What one work item runs, and its arguments."""

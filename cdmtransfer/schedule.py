@@ -61,10 +61,11 @@ class Workers:
 
 class WorkQueue:
     """Items trained here and in `workers`; `call(item)` gives (function, arguments) of an item (picklable for a
-    worker), `finish(item, result)` records its result in this process as soon as it is back."""
+    worker), `finish(item, result)` records its result in this process as soon as it is back, `work(item)` estimates
+    its cost (to keep the workers busy while this process trains an item of its own)."""
 
-    def __init__(self, workers: Workers, call: Callable, finish: Callable):
-        self.workers, self.call, self.finish = workers, call, finish
+    def __init__(self, workers: Workers, call: Callable, finish: Callable, work: Callable = lambda item: 1):
+        self.workers, self.call, self.finish, self.work = workers, call, finish, work
         self.running: dict[Future, object] = {}
 
     def start(self, items: list) -> None:
@@ -73,13 +74,17 @@ class WorkQueue:
             self._submit(item)
 
     def run(self, items: list) -> None:
-        """Train `items` (largest first) and wait for those started before. This process takes the first item while
-        the workers are busy with theirs, then the next whenever it is free; the workers are kept one running and
-        one waiting each."""
+        """Train `items` (largest first) and wait for those started before. This process takes the first item, then
+        the next whenever it is free; before it starts one, the workers get the next items until each has two or
+        at least as much work waiting as that item (this process hands out nothing while it trains). With none
+        left, it takes back an item a worker has not started."""
         queue = deque(items)
         while queue or self.running:
-            own = queue.popleft() if queue else None
-            while queue and len(self.running) < 2 * self.workers.count:
+            self._collect()  # items that ended while this process was busy free their worker's slot first
+            own = queue.popleft() if queue else self._take_back()
+            mine = self.work(own) if own is not None else 0
+            while queue and (len(self.running) < 2 * self.workers.count
+                             or sum(map(self.work, self.running.values())) < mine * self.workers.count):
                 self._submit(queue.popleft())
             if own is not None:
                 fn, args = self.call(own)
@@ -87,6 +92,14 @@ class WorkQueue:
             else:
                 wait(self.running, return_when=FIRST_COMPLETED)
             self._collect()
+
+    def _take_back(self):
+        """An item given to a worker that has not started there (the newest first), now this process's to train; or
+        None. (The pool has already passed a worker its next item, which can no longer be taken back.)"""
+        for future in reversed(list(self.running)):
+            if future.cancel():
+                return self.running.pop(future)
+        return None
 
     def _submit(self, item) -> None:
         fn, args = self.call(item)
