@@ -418,6 +418,7 @@ class _CellRuns:
     def __init__(self, tracker, parent_id: str, taskset, workers: Workers, quiet: bool, batch: bool, total: int):
         self.tracker, self.parent_id, self.taskset, self.quiet, self.batch = tracker, parent_id, taskset, quiet, batch
         self.total, self.rows, self.open = total, [], {}  # open: cell index -> (cfg, run, encoder, pretrain, label)
+        self.opened = 0  # cells opened so far: the next cell's index
         self.queue = WorkQueue(workers, self._call, self._finish, self.work)
 
     def items(self, cells: list[Config], encoder: tuple[str | None, dict], pretrain: int = 0, label: str = "",
@@ -430,8 +431,9 @@ class _CellRuns:
                            adapt_tags(cell, self.taskset, encoder[1], self.parent_id))
             run.log_params(flatten(cell.to_dict()))
             run.log_dict(cell.to_dict(), "config.json")
-            ids.append(len(self.open))
-            self.open[ids[-1]] = (cell, run, encoder, pretrain, label)
+            ids.append(self.opened)
+            self.open[self.opened] = (cell, run, encoder, pretrain, label)
+            self.opened += 1
         items = [[ids[i] for i in item] for item in
                  _work_items(cells, self.batch, jobs, cells[0].sweep.group_heads if cells else 32)]
         return sorted(items, key=lambda item: -self.work(item))

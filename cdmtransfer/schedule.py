@@ -1,9 +1,9 @@
 """Where a sweep's work runs: its own process and `jobs` − 1 spawned worker processes.
 
-Work is a list of items (a pretrain, or the cells that train as one batched model); the sweep's process records
-every result (it is the only writer of cell runs). Items that need nothing (the pretrain on h*, `scratch` cells) can
-be started in the workers before the sweep's process turns to its own pretrain; the rest train here and there,
-largest first, when their encoder is ready.
+A sweep's work is its pretrains and its items (the cells that train as one batched model); the sweep's process
+records every item's result (it is the only writer of cell runs). What needs no encoder (the pretrain on h*, the
+`scratch` cells) starts in the workers before the sweep's process turns to its own pretrain; the other items train
+here and there, largest first, when their encoder is ready (`WorkQueue`).
 """
 
 from __future__ import annotations
