@@ -54,9 +54,13 @@ class Workers:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, kind, exc, tb):
+        if self._pool is None:
+            return
+        if kind is not None:  # stopped or failed: what the workers train is not wanted, and could take minutes
+            for process in list((getattr(self._pool, "_processes", None) or {}).values()):
+                process.terminate()  # (Python 3.14's ProcessPoolExecutor.terminate_workers does this)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class WorkQueue:

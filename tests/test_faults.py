@@ -90,6 +90,36 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     assert client.get_run(run_id).info.status == "KILLED"
 
 
+def test_sigterm_during_a_sweep_stops_the_workers_without_waiting_for_their_cells(tmp_path, store):
+    """A scratch cell trains in a worker while the sweep pretrains; SIGTERM to the sweep marks every run KILLED and
+    ends the worker at once: the cell (20,000 CV steps, about 40 s here) is never finished and exported. (Before,
+    the sweep waited for the worker's cell, which was then exported.)"""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY)
+    proc = cli(store, "sweep", recipe, "--m", 8, "--modes", "frozen,scratch", "--jobs", 2, "--quiet",
+               "--set", "pretrain.steps=8000", "--set", "pretrain.patience=0",
+               "--set", "adapt.steps=20000", "--set", "adapt.patience=0")
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    deadline, reached = time.time() + 120, 0
+    while time.time() < deadline and reached < 3000:  # the pretrain 3,000 steps in: the worker is on the cell
+        time.sleep(0.2)
+        steps = [int(p.name[5:11]) for p in (store / "work").glob("*/checkpoints/step_*")] if (store / "work").exists() \
+            else []
+        reached = max(steps, default=0)
+    assert reached >= 3000 and proc.poll() is None
+    scratch = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+               if r.data.tags.get("cdmtransfer.mode") == "scratch"]
+    assert len(scratch) == 1
+    scratch = scratch[0]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.data.tags.get("cdmtransfer.stage") for r in runs} == {"sweep", "pretrain", "adapt"}
+    assert {r.info.status for r in runs} == {"KILLED"}
+    assert not (store / "work" / scratch / "model").exists()  # the worker was stopped, not waited for
+
+
 def test_a_stop_request_whose_interrupt_was_swallowed_still_stops_training_and_marks_the_run_killed(tmp_path, store):
     """SIGTERM's KeyboardInterrupt can be lost (raised inside a garbage-collector callback, Python ignores it: seen
     here as a run that went on to exit 0); the flag the handler also sets stops the loop at its next step."""
