@@ -3,7 +3,7 @@
 On a synthetic suite that knows h* and the target's mean E[x | y], least squares (ridge, GCV: references.ridge_gcv)
 of the target's x on features of M fresh target draws is scored against the true mean on fresh conditions, for the
 features ĥ(y) and h*(y), at growing M. As M grows the h* column falls to 0 and the ĥ column to what no head on ĥ can
-go below; 1 − R² of h* read from ĥ (references.readout_error's quantity) is printed for fresh conditions too.
+go below; 1 − R² of h* read from ĥ (references.readout_error) is printed for fresh conditions too.
 
     .venv/bin/python benchmarks/representation_gap.py recipes/gaussian-nonlinear.yaml PRETRAIN_MODEL_DIR [--set K=V]
 """
@@ -20,19 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdmtransfer.checkpoint import load_export  # noqa: E402
 from cdmtransfer.config import load_config  # noqa: E402
-from cdmtransfer.references import ridge_gcv  # noqa: E402
+from cdmtransfer.references import readout_error, ridge_gcv  # noqa: E402
 from cdmtransfer.stages import encoder_from_export  # noqa: E402
 from cdmtransfer.tasks import build_taskset  # noqa: E402
-
-
-def readout_gap(h, h_star, y: torch.Tensor) -> float:
-    """1 − R² of the best affine readout of h*(y) from h(y), fitted on half the rows and scored on the other half."""
-    with torch.no_grad():
-        H, S = h(y).double(), h_star(y).double()
-    design = torch.cat([H, torch.ones(len(H), 1, dtype=H.dtype)], 1)
-    coef = torch.linalg.lstsq(design[::2], S[::2]).solution
-    test = S[1::2]
-    return float((test - design[1::2] @ coef).pow(2).sum() / (test - test.mean(0)).pow(2).sum())
 
 
 def main() -> None:
@@ -59,7 +49,9 @@ def main() -> None:
         with torch.no_grad():
             row = [float((ridge_gcv(h(y), x).predict(h(y_eval)) - true_mean).pow(2).mean()) for h in (h_star, encoder)]
         print(f"| {size} | {row[0]:.4f} | {row[1]:.4f} |")
-    print(f"\n1 − R² of h* read from ĥ on fresh conditions: {readout_gap(encoder, h_star, y_eval):.4f}")
+    with torch.no_grad():
+        gap = readout_error(encoder, h_star, y_eval)
+    print(f"\n1 − R² of h* read from ĥ on fresh conditions: {gap:.4f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from cdmtransfer import data_checks
 from cdmtransfer.cells import cell_heads, group_key
@@ -344,12 +345,12 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                 for p in range(s.pretrain_seeds if pretrains_here else 1)}
         with _CellRuns(tracker, parent.run_id, taskset, workers, quiet, s.batch_cells,
                        sum(map(len, todo.values()))) as runs:
+            early = bool(workers.count and pretrains_here)  # the workers start what needs no encoder now
             oracle_job = None  # the pretrain on h*, in a worker while this process pretrains the learned encoder(s)
-            if oracle_cfg is not None and cfg.model.encoder != "oracle" and workers.count and pretrains_here:
+            if early and oracle_cfg is not None and cfg.model.encoder != "oracle":
                 oracle_job = workers.submit(_sweep_pretrain, oracle_cfg, tracking_uri, parent.run_id, oracle_prior,
                                             True)
             scratch = [c for c in todo[0] if c.adapt.mode not in FROM_PRETRAIN]  # they start from no pretrain
-            early = bool(workers.count and pretrains_here)  # the workers start on them now
             scratch_items = runs.items(scratch, (None, {}), jobs=workers.count if early else workers.count + 1)
             if early:
                 runs.queue.start(scratch_items)
@@ -385,7 +386,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                 label = f" (encoder {p + 1}/{len(encoders)})" if len(encoders) > 1 else ""
                 items += runs.items([c for c in todo[p] if c.adapt.mode in PRETRAINED_MODES], learned_encoder,
                                     pretrain=p, label=label, jobs=workers.count + 1)
-            runs.queue.run(sorted(items, key=lambda item: -runs.work(item)))
+            runs.queue.run(items)
         plan = [(c, p) for c in cells
                 for p in (range(len(encoders)) if c.adapt.mode in PRETRAINED_MODES else [0])]
         rows = list(done.values()) + runs.rows
@@ -409,6 +410,14 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                        own, oracle_run)
 
 
+class _OpenCell(NamedTuple):
+    cfg: Config
+    run: object  # its MLflow child run (tracking.Run)
+    encoder: tuple  # (model dir or None, lineage) of the pretrain it starts from
+    pretrain: int  # which of the sweep's encoders
+    label: str  # for progress lines
+
+
 class _CellRuns:
     """A sweep's cells as child runs: opened when the encoder they start from is ready (`items`), trained as work
     items here and in the sweep's workers (batched by cells.group_key: run_group; else one by one: run_cell), and
@@ -417,14 +426,14 @@ class _CellRuns:
 
     def __init__(self, tracker, parent_id: str, taskset, workers: Workers, quiet: bool, batch: bool, total: int):
         self.tracker, self.parent_id, self.taskset, self.quiet, self.batch = tracker, parent_id, taskset, quiet, batch
-        self.total, self.rows, self.open = total, [], {}  # open: cell index -> (cfg, run, encoder, pretrain, label)
+        self.total, self.rows, self.open = total, [], {}  # cell index -> _OpenCell, until recorded
         self.opened = 0  # cells opened so far: the next cell's index
         self.queue = WorkQueue(workers, self._call, self._finish, self.work)
 
     def items(self, cells: list[Config], encoder: tuple[str | None, dict], pretrain: int = 0, label: str = "",
               jobs: int = 1) -> list[list[int]]:
         """Open a run for each of `cells` (all starting from `encoder`: its model dir and lineage); their work
-        items, largest first, cut so that `jobs` processes have one each where the cells allow."""
+        items, cut so that `jobs` processes have one each where the cells allow."""
         ids = []
         for cell in cells:
             run = open_run(self.tracker, f"{cell.name}-adapt-{cell.adapt.mode}-m{cell.adapt.m}",
@@ -432,24 +441,23 @@ class _CellRuns:
             run.log_params(flatten(cell.to_dict()))
             run.log_dict(cell.to_dict(), "config.json")
             ids.append(self.opened)
-            self.open[self.opened] = (cell, run, encoder, pretrain, label)
+            self.open[self.opened] = _OpenCell(cell, run, encoder, pretrain, label)
             self.opened += 1
-        items = [[ids[i] for i in item] for item in
-                 _work_items(cells, self.batch, jobs, cells[0].sweep.group_heads if cells else 32)]
-        return sorted(items, key=lambda item: -self.work(item))
+        return [[ids[i] for i in item] for item in
+                _work_items(cells, self.batch, jobs, cells[0].sweep.group_heads if cells else 32)]
 
     def work(self, item: list[int]) -> int:
         """An item's training work (curves._training_work of its cells), to order and share the items."""
-        return sum(_training_work(self.open[i][0]) for i in item)
+        return sum(_training_work(self.open[i].cfg) for i in item)
 
     def _call(self, item: list[int]):
         """What one work item runs, and its arguments."""
         cells = [self.open[i] for i in item]
-        args = [(cell.to_dict(), *encoder, run.run_id, str(run.work_dir)) for cell, run, encoder, _, _ in cells]
-        if not self.batch or group_key(cells[0][0]) is None:
+        args = [(c.cfg.to_dict(), *c.encoder, c.run.run_id, str(c.run.work_dir)) for c in cells]
+        if not self.batch or group_key(cells[0].cfg) is None:
             return run_cell, args[0]
         cols = list(zip(*args))
-        return run_group, (list(cols[0]), cells[0][2][0], list(cols[2]), list(cols[3]), list(cols[4]))
+        return run_group, (list(cols[0]), cells[0].encoder[0], list(cols[2]), list(cols[3]), list(cols[4]))
 
     def _finish(self, item: list[int], outs) -> None:
         for i, out in zip(item, outs if isinstance(outs, list) else [outs]):
@@ -474,5 +482,5 @@ class _CellRuns:
     def __exit__(self, kind, exc, tb):
         if kind is not None:
             status = "KILLED" if issubclass(kind, KeyboardInterrupt) or stop_requested() else "FAILED"
-            for _, run, _, _, _ in self.open.values():
-                close_run(run, status)
+            for cell in self.open.values():
+                close_run(cell.run, status)

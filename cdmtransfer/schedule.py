@@ -68,13 +68,14 @@ class WorkQueue:
     worker), `finish(item, result)` records its result in this process as soon as it is back, `work(item)` estimates
     its cost (to keep the workers busy while this process trains an item of its own)."""
 
-    def __init__(self, workers: Workers, call: Callable, finish: Callable, work: Callable = lambda item: 1):
+    def __init__(self, workers: Workers, call: Callable, finish: Callable, work: Callable):
         self.workers, self.call, self.finish, self.work = workers, call, finish, work
         self.running: dict[Future, object] = {}
 
     def start(self, items: list) -> None:
-        """Give `items` to the workers now and return (this process has other work: its pretrain)."""
-        for item in items:
+        """Give `items` to the workers now, largest first, and return (this process has other work: its
+        pretrain)."""
+        for item in sorted(items, key=self.work, reverse=True):
             self._submit(item)
 
     def run(self, items: list) -> None:
@@ -82,7 +83,7 @@ class WorkQueue:
         the next whenever it is free; before it starts one, the workers get the next items until each has two or
         at least as much work waiting as that item (this process hands out nothing while it trains). With none
         left, it takes back an item a worker has not started."""
-        queue = deque(items)
+        queue = deque(sorted(items, key=self.work, reverse=True))
         while queue or self.running:
             self._collect()  # items that ended while this process was busy free their worker's slot first
             own = queue.popleft() if queue else self._take_back()
