@@ -225,6 +225,15 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    # weight_decay applies to the heads; the encoder's own decay: null compares encoder_decay_grid by the held-out DSM
+    # (all values trained at once, stages.pretrain_decays) and keeps the best; a value pins it. A pretrain that
+    # overfits its source rows learns a worse ĥ without it (README, "Pretrain: the encoder's weight decay").
+    encoder_decay: Optional[float] = field(default=None, metadata=_range(0.0))
+    encoder_decay_grid: list[float] = field(default_factory=lambda: [0.0, 0.3, 1.0])
+
+
+@dataclass
 class AdaptConfig(TrainConfig):
     # steps (a cap; cross-validation chooses the length), batch_size (draws per step from the m samples, with
     # replacement) and lr (the head's): null follows the m-aware rule of `adapt_defaults`; a value pins it.
@@ -404,7 +413,7 @@ class Config:
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -476,6 +485,9 @@ def check_consistency(cfg: Config, where: str) -> None:
     grid = cfg.adapt.encoder_lr_grid
     if not grid or min(grid) < 0:
         raise ConfigError(f"{where}: adapt.encoder_lr_grid must be a non-empty list of multipliers >= 0, got {grid}")
+    decays = cfg.pretrain.encoder_decay_grid
+    if not decays or min(decays) < 0:
+        raise ConfigError(f"{where}: pretrain.encoder_decay_grid must be a non-empty list of decays >= 0, got {decays}")
     for m in cfg.sweep.m:
         if m < 1:
             raise ConfigError(f"{where}: sweep.m has {m}, must be >= 1")

@@ -11,6 +11,7 @@ Both run the one loop in train.py and end with an exported EMA model and metrics
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import tempfile
@@ -39,7 +40,8 @@ from cdmtransfer.tracking import (TAG, RunSummary, Tracker, find_model_dir, open
                                   resolve_store, tracked_run)
 from cdmtransfer.train import train
 from cdmtransfer.validation import (Candidate, GridEncoder, Prefixed, StackedEncoder, choose,
-                                    convergence_metrics, dsm_validation, fold_split, holdout_split, unit_clipper)
+                                    RowLosses, convergence_metrics, dsm_validation, fold_split, holdout_split,
+                                    unit_clipper)
 
 
 def setup_torch(cfg: Config) -> torch.device:
@@ -189,12 +191,12 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         meta = {"stage": "pretrain", "model": model_spec(model), "config": cfg.to_dict(), "run_id": run.run_id,
                 "taskset": taskset.summary()}
         process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-        result, reg = _pretrain_loop(cfg, taskset, model, process, train_rows, val_rows, dist, device, resume,
-                                     run.work_dir / "checkpoints", meta, run, quiet)
+        result, reg, choice = _pretrain_loop(cfg, taskset, model, process, train_rows, val_rows, dist, device,
+                                             resume, run.work_dir / "checkpoints", meta, run, quiet)
         model_dir = export_model(run.work_dir / "model", result.ema.state_dict(), meta)
         metrics = {"final_loss": result.final_loss, "train_seconds": result.seconds,
                    "parameters": count_parameters(model), "encoder_parameters": count_parameters(model.encoder),
-                   **convergence_metrics(result)}
+                   "encoder_decay": choice["encoder_decay"], **convergence_metrics(result)}
         if reg is not None:
             metrics.update(reg.summary())  # mean of each regulariser term over the steps run
         if cfg.model.encoder != "oracle":  # h* itself: nothing to read out
@@ -204,6 +206,9 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
             metrics["world_size"] = dist.world
         run.log_metrics(metrics, step=result.steps_run)
         run.set_tags({TAG + "converged": str(bool(result.converged)).lower(), TAG + "best_step": result.step})
+        if "reason" in choice:  # decays were compared: what won and every candidate's held-out DSM
+            run.set_tags({TAG + "encoder_decay_choice": choice["reason"]})
+            run.log_dict(choice, "encoder_decay_candidates.json")
         model_id = _finish(run, model_dir, cfg, "pretrain")
     distributed.finish(dist)
     return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
@@ -213,22 +218,118 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
 
 def _pretrain_loop(cfg: Config, taskset: TaskSet, model: ScoreModel, process: OUProcess, train_rows, val_rows,
                    dist: Dist, device, resume, ckpt_dir: Path, meta: dict, metrics, quiet: bool):
-    """Joint DSM on the sources' training rows, validated on their held-out rows (early stopping, best EMA kept)."""
+    """Joint DSM on the sources' training rows, validated on their held-out rows (early stopping, best EMA kept).
+
+    The encoder's weight decay (`pretrain_decays`, smallest first): the first trains alone. Where it learns anything
+    validation keeps (best step > 0), the others then train at once from the same start, G copies of the model as
+    one (`decay_grid`), each as a run of its own would (same draws, its own clipping and stopping), and the lowest
+    held-out DSM wins (one-standard-error rule: a larger decay must beat a smaller one by more than the noise of
+    their paired difference). Where the start stays best, decay has nothing to regularise (on the quickstart every
+    decay kept step 0 with the same loss) and is not tried.
+    Returns (the winner's train result, its best EMA weights in `ema`; the regulariser; the choice: `decay_choice`).
+    """
     reg = make_objective(cfg.regularize, "pretrain", process, taskset.truth)
+    decays = pretrain_decays(cfg, model, reg is not None, dist, val_rows is not None)
     x, y, n = train_rows.gather(taskset.source_x, taskset.source_y)
-    loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, cfg.pretrain.batch_size,
-                            regularizer=reg, shard=dist)
-    validate = None
+    validation = None
     if val_rows is not None:
-        xv, yv, nv = val_rows.gather(taskset.source_x, taskset.source_y)
-        validate = dsm_validation(xv.to(device), yv.to(device), nv.to(device), process, cfg.pretrain.val_draws,
-                                  seed=cfg.seed + 17, rows=True)
-    result = train(model, [{"params": list(model.parameters())}], loss_fn, cfg.pretrain, seed=cfg.seed,
-                   ckpt_dir=ckpt_dir, meta=meta, metrics=with_reg_metrics(metrics, reg),
-                   progress=_progress(cfg.pretrain.steps, "pretrain", quiet), resume=bool(resume),
-                   label="pretrain" if dist.is_main else f"pretrain-rank{dist.rank}", device=device, dist=dist,
-                   validate=validate)
-    return result, reg
+        validation = [t.to(device) for t in val_rows.gather(taskset.source_x, taskset.source_y)]
+    start = copy.deepcopy(model) if len(decays) > 1 else None
+
+    def run(net: ScoreModel, tried: list[float], ckpt: Path, again: bool, sink, label: str):
+        G, K = len(tried), model.heads.K
+        loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, cfg.pretrain.batch_size,
+                                regularizer=reg, shard=dist, repeat=G)
+        validate = None if validation is None else dsm_validation(*validation, process, cfg.pretrain.val_draws,
+                                                                   seed=cfg.seed + 17, rows=True, repeat=G)
+        encoders = list(net.encoder.parts) if G > 1 else [net.encoder]
+        own = {id(p) for p in net.encoder.parameters()}
+        groups = [{"params": [p for p in net.parameters() if id(p) not in own]}]  # the heads: weight_decay
+        groups += [{"params": list(e.parameters()), "weight_decay": w} for e, w in zip(encoders, tried)
+                   if any(True for _ in e.parameters())]
+        clip, on_step, keep = None, None, None
+        if G > 1:
+            clip = unit_clipper(net, [(list(e.parameters()), torch.full((1,), g, device=device))
+                                      for g, e in enumerate(encoders)], G, cfg.pretrain.grad_clip)
+            on_step = _stop_finished(net, K, loss_fn, clip)
+            keep = lambda ema, g: decay_candidate(ema, g, K)  # noqa: E731
+        return train(net, groups, loss_fn, cfg.pretrain, seed=cfg.seed, ckpt_dir=ckpt,
+                     meta={**meta, "encoder_decays": tried} if meta else meta, metrics=with_reg_metrics(sink, reg),
+                     progress=_progress(cfg.pretrain.steps, label, quiet), resume=again,
+                     label=label if dist.is_main else f"{label}-rank{dist.rank}", device=device, dist=dist,
+                     validate=validate, clip=clip, on_step=on_step, keep_candidates=keep)
+
+    first = run(model, decays[:1], ckpt_dir, bool(resume), metrics, "pretrain")
+    if len(decays) == 1 or first.step == 0:
+        return first, reg, decay_choice(decays[:1], 0, None)
+    more, ckpt = decays[1:], ckpt_dir.parent / "checkpoints-decay"
+    net = decay_grid(cfg, taskset, start, len(more)).to(device) if len(more) > 1 else copy.deepcopy(start)
+    rest = run(net, more, ckpt, bool(resume) and bool(list_checkpoints(ckpt)), Prefixed(metrics, "decay/"),
+               f"pretrain (encoder decay {', '.join(f'{w:g}' for w in more)})")
+    cv = [(first.val_loss, first.step), *(rest.candidates or [(rest.val_loss, rest.step)])]
+    rows = RowLosses(torch.cat([first.rows.values, rest.rows.values]), torch.cat([first.rows.weights,
+                                                                                  rest.rows.weights]))
+    chosen = choose([loss for loss, _ in cv], 0.0, rows, DECAY_SELECT_SE)
+    if chosen == 0:
+        result = first
+    else:
+        result = rest
+        if len(more) > 1:
+            result.ema = copy.deepcopy(start).requires_grad_(False)
+            result.ema.load_state_dict(rest.candidate_states[chosen - 1])
+        result.val_loss, result.step = cv[chosen][0], int(cv[chosen][1])
+    result.seconds = first.seconds + rest.seconds
+    return result, reg, decay_choice(decays, chosen, cv)
+
+
+DECAY_SELECT_SE = 1.0  # standard errors by which a larger encoder decay must win (validation.choose)
+
+
+def pretrain_decays(cfg: Config, model: ScoreModel, regularized: bool, dist: Dist, validates: bool) -> list[float]:
+    """The encoder weight decays the pretrain compares, smallest first: the pinned pretrain.encoder_decay, else
+    encoder_decay_grid where validation can choose (a trainable encoder, MLP heads, held-out rows, no pretrain
+    regulariser, one process), else none (0)."""
+    p = cfg.pretrain
+    if p.encoder_decay is not None:
+        return [p.encoder_decay]
+    trainable = any(q.requires_grad for q in model.encoder.parameters())
+    if not trainable or model.head != "mlp" or not validates or regularized or dist.active:
+        return [0.0]
+    return sorted(set(p.encoder_decay_grid))
+
+
+def decay_grid(cfg: Config, taskset: TaskSet, model: ScoreModel, G: int) -> ScoreModel:
+    """G copies of the started pretrain model as one: encoder g (its own copy) serves heads g·K … (g + 1)·K − 1,
+    each block a copy of the K started heads."""
+    K = model.heads.K
+    grid = score_model(cfg, GridEncoder([copy.deepcopy(model.encoder) for _ in range(G)], K), G * K, taskset, None,
+                       model.sigma_data)
+    heads = model.heads.state_dict()
+    for g in range(G):
+        set_heads(grid, heads, range(g * K, (g + 1) * K))
+    return grid
+
+
+def decay_candidate(grid: ScoreModel, g: int, K: int) -> dict:
+    """Candidate g of a `decay_grid` model as the state dict of the K-head model it was copied from."""
+    state = {"encoder." + k: v for k, v in grid.encoder.parts[g].state_dict().items()}
+    state.update({"heads." + k: v[g * K:(g + 1) * K] for k, v in grid.heads.state_dict().items()})
+    return state
+
+
+def decay_choice(decays: list[float], chosen: int, cv: list | None) -> dict:
+    """What the pretrain chose for the encoder's decay and why (the candidates' best held-out DSM and step)."""
+    info = {"encoder_decay": decays[chosen], "candidates": [
+        {"encoder_decay": w, **({"val_loss": cv[g][0], "best_step": int(cv[g][1])} if cv else {})}
+        for g, w in enumerate(decays)]}
+    if cv:
+        best = min(range(len(cv)), key=lambda g: cv[g][0])
+        runner = best if best != chosen else min((g for g in range(len(cv)) if g != chosen), key=lambda g: cv[g][0])
+        info["reason"] = (f"encoder decay {decays[chosen]:g}: held-out DSM {cv[chosen][0]:.4g} at step "
+                          f"{int(cv[chosen][1])}, " + ("next best " if best == chosen else
+                                                       "within one standard error of the lowest, ")
+                          + f"{cv[runner][0]:.4g} (decay {decays[runner]:g}); {len(decays)} decays compared")
+    return info
 
 
 def _pretrain_rank(cfg: Config, taskset: TaskSet, model: ScoreModel, dist: Dist, device, tracking_uri, resume,
@@ -237,8 +338,8 @@ def _pretrain_rank(cfg: Config, taskset: TaskSet, model: ScoreModel, dist: Dist,
     store = resolve_store(tracking_uri, cfg.tracking.uri, cfg.tracking.home)
     ckpt_dir = store.work_dir(resume) / "checkpoints" if resume else store.home / "work" / "none"
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-    result, _ = _pretrain_loop(cfg, taskset, model, process, train_rows, val_rows, dist, device, resume, ckpt_dir,
-                               {}, None, True)
+    result, _, _ = _pretrain_loop(cfg, taskset, model, process, train_rows, val_rows, dist, device, resume,
+                                  ckpt_dir, {}, None, True)
     distributed.finish(dist)
     return RunSummary("", "pretrain", {"final_loss": result.final_loss}, {}, {"rank": dist.rank}, store.uri)
 
@@ -429,11 +530,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
             owned = [(params, torch.full((copies,), g, device=device))  # a trainable encoder: `copies` blocks of g
                      for g, part in enumerate(parts) if (params := [p for p in part.parameters() if p.requires_grad])]
             clip = unit_clipper(model, owned, G, a.grad_clip)
-
-            def on_step(done, val, ema):  # a candidate that stopped stops computing (its results are kept)
-                live = [g for g, c in enumerate(val.candidates or []) if not c[3]]
-                if live and len(live) < loss_fn.repeat:
-                    _run_only(model, live, copies, loss_fn, clip)
+            on_step = _stop_finished(model, copies, loss_fn, clip)
         result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=ckpt, meta=meta,
                        metrics=with_reg_metrics(sink, reg), progress=_progress(a.steps, label, quiet),
                        resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, clip=clip,
@@ -531,6 +628,17 @@ def _short(c: Candidate) -> str:
     """A compact label for tables: frozen / ft×0.1, with +rand when the head started at random."""
     encoder = "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
     return encoder + ("+rand" if c.head_init == "random" else "")
+
+
+def _stop_finished(model: ScoreModel, copies: int, loss_fn, clip):
+    """on_step for G stacked candidates of `copies` heads each: a candidate that stopped stops computing (its best
+    loss, step and weights were kept when it stopped)."""
+    def on_step(done, val, ema):
+        live = [g for g, c in enumerate(val.candidates or []) if not c[3]]
+        if live and len(live) < loss_fn.repeat:
+            _run_only(model, live, copies, loss_fn, clip)
+
+    return on_step
 
 
 def _run_only(model: ScoreModel, live: list[int], copies: int, loss_fn, clip) -> None:

@@ -50,6 +50,7 @@ class TrainResult:
     converged: bool | None = None  # stopped because validation stopped improving (False: hit the step cap first)
     candidates: list | None = None  # per-candidate validation: [(best loss, its step)] (None for a scalar loss)
     rows: RowLosses | None = None  # each candidate's best check row by row (a RowLosses validation)
+    candidate_states: list | None = None  # with keep_candidates: each candidate's weights at its own best step
 
 
 @dataclass
@@ -63,14 +64,16 @@ class Validation:
     best_state: dict | None = None  # EMA weights at best_step
     candidates: list | None = None  # per candidate: [best loss, best step, bad, stopped], when the loss is a vector
     best_rows: RowLosses | None = None  # per candidate, its best check row by row (a RowLosses validation)
+    candidate_states: list | None = None  # per candidate, keep(ema, g) at its best step (train's keep_candidates)
 
     def update(self, value: float, step: int, ema: nn.Module, cfg: TrainConfig, per: list | None = None,
-               rows: RowLosses | None = None) -> None:
+               rows: RowLosses | None = None, keep=None) -> None:
         """Record one check: an improvement over the best by more than min_delta (relative) and min_delta_se standard
         errors (of the paired gain over the rows, when `rows` gives them) keeps these EMA weights as the best.
 
         `per`: G candidates' losses (`value` is their minimum). Each candidate keeps its own best loss and step and
         stops by the same rule as a run of its own would, its later checks ignored; the run stops when all have.
+        `keep(ema, g)`, when given, is what to keep of candidate g's weights at its best step.
         """
         se = [0.0] * len(per or [value])
         if rows is not None:
@@ -84,6 +87,9 @@ class Validation:
                 c[3] = _stops(c[2], step, c[1], cfg)
                 if better and rows is not None:
                     self.best_rows.values[g] = rows.values[g]
+                if better and keep is not None:
+                    self.candidate_states = self.candidate_states or [{} for _ in self.candidates]
+                    self.candidate_states[g] = {k: v.detach().clone() for k, v in keep(ema, g).items()}
         if _improves(value, self.best, cfg, 0.0 if self.candidates else se[0]):
             self.best, self.best_step, self.bad = value, step, 0
             self.best_state = {k: v.detach().clone() for k, v in ema.state_dict().items()}
@@ -97,7 +103,8 @@ class Validation:
     def to_state(self) -> dict:
         return {"best": self.best, "best_step": self.best_step, "bad": self.bad, "stopped": self.stopped,
                 "best_state": self.best_state or {}, "candidates": self.candidates or [],
-                "best_rows": vars(self.best_rows) if self.best_rows is not None else {}}
+                "best_rows": vars(self.best_rows) if self.best_rows is not None else {},
+                "candidate_states": self.candidate_states or []}
 
     @classmethod
     def from_state(cls, state: dict | None) -> "Validation":
@@ -105,7 +112,8 @@ class Validation:
             return cls()
         return cls(float(state["best"]), int(state["best_step"]), int(state["bad"]), bool(state["stopped"]),
                    state["best_state"] or None, [list(c) for c in state.get("candidates", [])] or None,
-                   RowLosses(**state["best_rows"]) if state.get("best_rows") else None)
+                   RowLosses(**state["best_rows"]) if state.get("best_rows") else None,
+                   state.get("candidate_states") or None)
 
 
 def _improves(value: float, best: float, cfg: TrainConfig, se: float) -> bool:
@@ -142,14 +150,16 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
           label: str = "train", device: torch.device | None = None, dist: Dist = Dist(),
           validate: ValFn | None = None, stop_at: int | None = None,
           clip: Callable[[], torch.Tensor] | None = None,
-          on_step: Callable[[int, Validation, nn.Module], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, Validation, nn.Module], None] | None = None,
+          keep_candidates: Callable[[nn.Module, int], dict] | None = None) -> TrainResult:
     """Train for at most `cfg.steps` steps (continuing from the newest checkpoint in `ckpt_dir` when `resume`).
 
     With `validate`, stop early by validation and return the best EMA weights. `stop_at` ends the run at that step
     with the learning-rate schedule of the full `cfg.steps` (a refit to a length chosen elsewhere). `clip()`, when
     given, replaces the global gradient clipping (stacked candidates clip each its own: validation.unit_clipper)
     and returns the norm to log. `on_step(done, validation, ema)`, when given, is called after every step (batched cells:
-    cells.py snapshots a cell at its own stop and refit steps).
+    cells.py snapshots a cell at its own stop and refit steps). `keep_candidates(ema, g)`, with a per-candidate
+    validation, gives what to keep of candidate g's EMA weights whenever it improves (result.candidate_states).
     Under torchrun (`dist.active`) gradients are averaged by DistributedDataParallel and only rank 0 logs,
     shows progress and writes checkpoints; every rank validates the same EMA weights, so all stop together.
     """
@@ -162,7 +172,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     if resume:
         start, val = _restore(ckpt_dir, model, ema, optimizer, generator)
     elif validate is not None:  # the starting point competes too (a head started from a source head may be best)
-        _check(validate, ema, val, 0, cfg)
+        _check(validate, ema, val, 0, cfg, keep_candidates)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     net = nn.parallel.DistributedDataParallel(model) if dist.active else model
     if not dist.is_main:
@@ -202,7 +212,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         optimizer.step()
         ema_update(ema, model, step, cfg.ema_decay)
         if validate is not None and (done % cfg.val_every == 0 or done == last):
-            logged = _check(validate, ema, val, done, cfg)
+            logged = _check(validate, ema, val, done, cfg, keep_candidates)
             if metrics is not None:
                 metrics.log_metrics(logged, step=done)
         if on_step is not None:
@@ -224,11 +234,11 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
         ema.load_state_dict(val.best_state)
         result.step, result.val_loss, result.converged = val.best_step, val.best, val.stopped
         result.candidates = [(c[0], c[1]) for c in val.candidates] if val.candidates else None
-        result.rows = val.best_rows
+        result.rows, result.candidate_states = val.best_rows, val.candidate_states
     return result
 
 
-def _check(validate: ValFn, ema: nn.Module, val: Validation, step: int, cfg: TrainConfig) -> dict:
+def _check(validate: ValFn, ema: nn.Module, val: Validation, step: int, cfg: TrainConfig, keep=None) -> dict:
     """One validation check; returns what to log (val_loss, and val_loss_<g> per candidate)."""
     with torch.no_grad():
         result = validate(ema)
@@ -242,7 +252,7 @@ def _check(validate: ValFn, ema: nn.Module, val: Validation, step: int, cfg: Tra
     # a candidate that stopped counts with its best: its later weights are not trained (stages._run_only, cells)
     values = [c[0] if c[3] else v for c, v in zip(val.candidates, values)]
     value = min((v for v in values if math.isfinite(v)), default=math.nan)
-    val.update(value, step, ema, cfg, per=values, rows=rows)
+    val.update(value, step, ema, cfg, per=values, rows=rows, keep=keep)
     return {"val_loss": value, **{f"val_loss_{g}": v for g, v in enumerate(values)}}
 
 
