@@ -115,7 +115,7 @@ def _print_summary(summary, json_out: bool, title: str) -> None:
     for key, why in skipped.items():
         out.print(f"skipped {key}: {why}")
     choice = summary.info.get("choice") or {}
-    if choice.get("reason"):  # what adapt's cross-validation chose, and why
+    if choice.get("reason"):  # what adapt's cross-validation or the pretrain's decay grid chose, and why
         out.print(choice["reason"])
     if summary.run_id:
         out.print(f"run id: {summary.run_id}")

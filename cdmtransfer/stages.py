@@ -212,8 +212,8 @@ def pretrain(cfg: Config, *, tracking_uri: str | None = None, resume: str | None
         model_id = _finish(run, model_dir, cfg, "pretrain")
     distributed.finish(dist)
     return RunSummary(run.run_id, "pretrain", metrics, {"model": model_dir, "checkpoints": run.work_dir / "checkpoints"},
-                      {"model_id": model_id, "taskset": taskset.summary(), "logging_seconds": run.logging_seconds},
-                      tracker.store.uri)
+                      {"model_id": model_id, "taskset": taskset.summary(), "logging_seconds": run.logging_seconds,
+                       **({"choice": choice} if "reason" in choice else {})}, tracker.store.uri)
 
 
 def _pretrain_loop(cfg: Config, taskset: TaskSet, model: ScoreModel, process: OUProcess, train_rows, val_rows,
@@ -325,7 +325,7 @@ def decay_choice(decays: list[float], chosen: int, cv: list | None) -> dict:
     if cv:
         best = min(range(len(cv)), key=lambda g: cv[g][0])
         runner = best if best != chosen else min((g for g in range(len(cv)) if g != chosen), key=lambda g: cv[g][0])
-        info["reason"] = (f"encoder decay {decays[chosen]:g}: held-out DSM {cv[chosen][0]:.4g} at step "
+        info["reason"] = (f"pretrain chose encoder decay {decays[chosen]:g}: held-out DSM {cv[chosen][0]:.4g} at step "
                           f"{int(cv[chosen][1])}, " + ("next best " if best == chosen else
                                                        "within one standard error of the lowest, ")
                           + f"{cv[runner][0]:.4g} (decay {decays[runner]:g}); {len(decays)} decays compared")

@@ -64,10 +64,11 @@ def test_each_decay_of_the_grid_trains_as_a_pretrain_pinned_to_it(tmp_path, stor
             assert a.keys() == b.keys()
             assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert choice["encoder_decay"] > 0  # a candidate of the grid won: its weights were taken out of the stacked model
-    assert grid.metrics["encoder_decay"] == choice["encoder_decay"]
+    assert grid.metrics["encoder_decay"] == choice["encoder_decay"] == grid.info["choice"]["encoder_decay"]
     assert grid.metrics["val_loss"] == pytest.approx(min(losses.values()), rel=0.01)  # the best, or a near tie
     tags = MlflowClient(tracking_uri=store).get_run(grid.run_id).data.tags
-    assert tags["cdmtransfer.encoder_decay_choice"].startswith(f"encoder decay {choice['encoder_decay']:g}: ")
+    chose = f"pretrain chose encoder decay {choice['encoder_decay']:g}: "
+    assert tags["cdmtransfer.encoder_decay_choice"].startswith(chose) and grid.info["choice"]["reason"].startswith(chose)
 
 
 def test_a_pretrain_whose_start_stays_best_tries_no_decay(tmp_path, store):
