@@ -227,8 +227,9 @@ class TrainConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     # weight_decay applies to the heads; the encoder's own decay: null compares encoder_decay_grid by the held-out DSM
-    # (all values trained at once, stages.pretrain_decays) and keeps the best; a value pins it. A pretrain that
-    # overfits its source rows learns a worse ĥ without it (README, "Pretrain: the encoder's weight decay").
+    # and keeps the best (stages._pretrain_loop: the first value alone, the others stacked where it learned past its
+    # start); a value pins it. A pretrain that overfits its source rows learns a worse ĥ without it (README, "The
+    # encoder's weight decay, chosen by validation").
     encoder_decay: Optional[float] = field(default=None, metadata=_range(0.0))
     encoder_decay_grid: list[float] = field(default_factory=lambda: [0.0, 0.3, 1.0])
 
