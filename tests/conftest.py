@@ -13,6 +13,7 @@ torch.set_num_threads(1)  # tiny ops: one thread is fastest and immune to core c
 
 import os  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -26,13 +27,19 @@ settings.register_profile("fuzz", max_examples=600, **_FUZZ_SETTINGS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
-@pytest.fixture(scope="session")
-def _migrated_db(tmp_path_factory):
-    """An MLflow SQLite database with its schema already migrated (migration takes seconds; copying, milliseconds)."""
-    from mlflow import MlflowClient
+# New embedded stores start from an empty-store template in this cache (store_template.py): the tests' own, never the
+# user's ~/.cache; subprocesses inherit it.
+os.environ["CDMTRANSFER_CACHE"] = tempfile.mkdtemp(prefix="cdmtransfer-test-cache-")
 
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+
+@pytest.fixture(scope="session")
+def _migrated_db():
+    """An MLflow SQLite database with its schema already migrated (migration takes seconds; copying, milliseconds)."""
+    from cdmtransfer.store_template import build_template, template_path
+
+    path = template_path()
+    if not path.is_file():
+        build_template(path)
     return path
 
 
