@@ -4,7 +4,8 @@
 The empty store (the template) is built once per MLflow version, by MLflow itself, in the user's cache directory
 (CDMTRANSFER_CACHE, else $XDG_CACHE_HOME/cdmtransfer, else ~/.cache/cdmtransfer), and copied from then on. Its
 Default experiment's artifact folder is set to the new store's own. Anything that goes wrong (no writable cache, a
-damaged template) leaves the store to MLflow's own set-up, as before.
+damaged template, which is then removed so that the next new store builds it again) leaves the store to MLflow's own
+set-up, as before.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def start_from_template(db_file: Path, artifacts: Path) -> bool:
     building the template first if this MLflow version has none. Returns False, having written nothing, when it
     cannot; MLflow then sets the store up itself."""
     tmp = db_file.with_suffix(".db.tmp")
+    template = None
     try:
         template = template_path()
         if not template.is_file():
@@ -65,7 +67,9 @@ def start_from_template(db_file: Path, artifacts: Path) -> bool:
                        ((artifacts / "0").as_uri(),))
         os.replace(tmp, db_file)
         return True
-    except Exception:  # noqa: BLE001 (OSError, sqlite3.Error, MLflow's own): the normal set-up still works
+    except Exception as exc:  # noqa: BLE001 (OSError, sqlite3.Error, MLflow's own): the normal set-up still works
         if tmp.exists():
             tmp.unlink()
+        if isinstance(exc, sqlite3.DatabaseError) and template is not None:
+            template.unlink(missing_ok=True)  # damaged: the next new store builds it again
         return False

@@ -50,13 +50,16 @@ def test_new_stores_copy_the_template_with_the_schema_mlflow_migrates_to(tmp_pat
     assert _default_artifacts(second) == (tmp_path / "b" / "artifacts" / "0").as_uri()  # not the template's
 
 
-def test_a_damaged_template_or_no_cache_leaves_the_store_to_mlflow(tmp_path, monkeypatch):
+def test_a_damaged_template_is_rebuilt_and_without_a_cache_mlflow_sets_the_store_up(tmp_path, monkeypatch):
     monkeypatch.setenv("CDMTRANSFER_CACHE", str(tmp_path / "cache"))
     template_path().parent.mkdir(parents=True)
     template_path().write_bytes(b"not a database" * 100)
     db = _open(tmp_path / "a")
     assert _default_artifacts(db) != (tmp_path / "a" / "artifacts" / "0").as_uri()  # MLflow set it up itself
     assert not list((tmp_path / "a").glob("*.tmp"))
+    assert not template_path().exists()  # removed: the next new store builds a good one
+    _open(tmp_path / "c")
+    assert _default_artifacts(tmp_path / "c" / "mlflow.db") == (tmp_path / "c" / "artifacts" / "0").as_uri()
     (tmp_path / "plain-file").write_text("x")
     monkeypatch.setenv("CDMTRANSFER_CACHE", str(tmp_path / "plain-file"))  # no cache can be made under a file
     _open(tmp_path / "b")
