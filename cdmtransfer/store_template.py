@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 
@@ -42,7 +43,7 @@ def build_template(path: Path) -> None:
     try:
         store = SqlAlchemyStore(f"sqlite:///{tmp}", (path.parent / "artifacts").as_uri())
         store.engine.dispose()
-        with sqlite3.connect(tmp) as db:
+        with closing(sqlite3.connect(tmp)) as db:
             db.execute("VACUUM")
         os.replace(tmp, path)
     finally:
@@ -61,7 +62,7 @@ def start_from_template(db_file: Path, artifacts: Path) -> bool:
         if not template.is_file():
             build_template(template)
         shutil.copyfile(template, tmp)
-        with sqlite3.connect(tmp) as db:
+        with closing(sqlite3.connect(tmp)) as db, db:  # closed after the update is committed
             db.execute("SELECT version_num FROM alembic_version").fetchone()  # a damaged file fails here
             db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
                        ((artifacts / "0").as_uri(),))
