@@ -323,8 +323,7 @@ def decay_choice(decays: list[float], chosen: int, cv: list | None) -> dict:
         {"encoder_decay": w, **({"val_loss": cv[g][0], "best_step": int(cv[g][1])} if cv else {})}
         for g, w in enumerate(decays)]}
     if cv:
-        best = min(range(len(cv)), key=lambda g: cv[g][0])
-        runner = best if best != chosen else min((g for g in range(len(cv)) if g != chosen), key=lambda g: cv[g][0])
+        best, runner = _compared_with(cv, chosen)
         info["reason"] = (f"pretrain chose encoder decay {decays[chosen]:g}: held-out DSM {cv[chosen][0]:.4g} at step "
                           f"{int(cv[chosen][1])}, " + ("next best " if best == chosen else
                                                        "within one standard error of the lowest, ")
@@ -615,13 +614,19 @@ def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, m
     if not cv:
         info["reason"] = f"{mode} used {pick.label()} (no cross-validation: the first setting)"
         return info
-    best = min(range(len(cv)), key=lambda g: cv[g][0])
-    other = best if best != chosen else min((g for g in range(len(cv)) if g != chosen), key=lambda g: cv[g][0])
+    best, other = _compared_with(cv, chosen)
     info["reason"] = (f"{mode} chose {info['mode']} ({pick.label()}): cross-validated DSM {cv[chosen][0]:.4g} at "
                       f"step {int(cv[chosen][1])}, " + (f"the simplest within {margin:.0%} of the lowest, "
                                                         if other == best else "next best ")
                       + f"{cv[other][0]:.4g} ({candidates[other].label()}); {len(candidates)} settings compared")
     return info
+
+
+def _compared_with(cv: list, chosen: int) -> tuple[int, int]:
+    """For a choice's reason among candidates' (loss, step): the lowest loss, and the candidate the chosen one is
+    compared with (the lowest when it was not chosen, else the next lowest)."""
+    best = min(range(len(cv)), key=lambda g: cv[g][0])
+    return best, best if best != chosen else min((g for g in range(len(cv)) if g != chosen), key=lambda g: cv[g][0])
 
 
 def _short(c: Candidate) -> str:
