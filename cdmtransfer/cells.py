@@ -32,9 +32,10 @@ from cdmtransfer.config import FROM_PRETRAIN, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
-from cdmtransfer.head_start import adapt_scale, fit_linear_means, stack_copies, start_scratch
-from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, choice_info, load_head, pick_source_head,
-                                score_model, training_loss)
+from cdmtransfer.head_start import adapt_scale, stack_copies, start_scratch
+from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, candidate_heads, candidate_rate,
+                                choice_info, fresh_encoder, pick_source_head, resolve_scale, scratch_ok, score_model,
+                                training_loss)
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
 from cdmtransfer.validation import (Candidate, GridEncoder, RowLosses, StackedEncoder, choose, fold_split,
@@ -61,7 +62,7 @@ def cell_heads(cfg: Config) -> int:
     """How many heads a cell stacks in cross-validation: its candidate settings × its folds."""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
-    return len(adapt_candidates(a, a.mode in FROM_PRETRAIN)) * (folds.count if folds else 1)
+    return len(adapt_candidates(a, a.mode in FROM_PRETRAIN, scratch_ok(cfg))) * (folds.count if folds else 1)
 
 
 @dataclass
@@ -80,14 +81,19 @@ class Cell:
     candidates: list = field(default_factory=list)
     start: int | None = None  # the source head its heads start from
     sigma_data: float | None = None  # its heads' σ_d (head_start.adapt_scale); None: its m samples' RMS
+    sigma_fresh: float | None = None  # σ_d of its new encoder's heads (cell.fresh; scratch's rule)
     error: str | None = None  # why it failed (a NaN loss), else None
+    fresh: torch.nn.Module | None = None  # a pretrained mode's new encoder for scratch's candidate (auto), else None
 
 
 def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> None:
-    """Each cell's candidate settings, source head and σ_d, as stages.train_adapt computes them."""
+    """Each cell's candidate settings, source head, σ_d and new encoder, as stages.train_adapt computes them."""
     for cell in cells:
         a = cell.cfg.adapt
-        cell.candidates = adapt_candidates(a, cell.source_heads is not None)
+        cell.candidates = adapt_candidates(a, cell.source_heads is not None, scratch_ok(cell.cfg))
+        if a.mode != "scratch" and any(c.fresh for c in cell.candidates):
+            cell.fresh = fresh_encoder(cell.cfg, taskset)
+            cell.sigma_fresh = adapt_scale(cell.cfg, taskset, None, (cell.x, cell.y), scratch=True)
         uses_source = any(c.head_init == "source" for c in cell.candidates)
         cell.start = pick_source_head(cell.source_heads, cell.x, cell.y, process, a) if uses_source else None
         cell.sigma_data = adapt_scale(cell.cfg, taskset, cell.source_heads if uses_source else None, (cell.x, cell.y))
@@ -100,10 +106,9 @@ class Unit:
     rate: float  # the encoder's learning rate (0: fixed)
 
 
-def _rate(cell: Cell, c: Candidate) -> float:
-    """The encoder's learning rate of a candidate (stages._candidate_groups): scratch lr, else mult × lr."""
-    a = cell.cfg.adapt
-    return (a.lr if a.mode == "scratch" else 0.0) if c.encoder_mult is None else c.encoder_mult * a.lr
+def _base(cell: Cell, c: Candidate) -> torch.nn.Module:
+    """The encoder a candidate of this cell starts from: its new encoder (auto's scratch candidate), else cell.enc."""
+    return cell.fresh if c.fresh and cell.fresh is not None else cell.enc
 
 
 def _parts(units: list[Unit], cells: list[Cell]) -> list[tuple[tuple, list[int]]]:
@@ -111,7 +116,7 @@ def _parts(units: list[Unit], cells: list[Cell]) -> list[tuple[tuple, list[int]]
     or one learning rate and architecture (one stacked encoder, its own parameter group)."""
     parts: dict[tuple, list[int]] = {}
     for i, u in enumerate(units):
-        enc = cells[u.cell].enc
+        enc = _base(cells[u.cell], u.cand)
         key = ("fixed", id(enc)) if u.rate == 0 else ("train", u.rate, repr(encoder_spec(enc)))
         parts.setdefault(key, []).append(i)
     return list(parts.items())
@@ -172,10 +177,10 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     order = [i for _, ids in parts for i in ids]
     units = [units[i] for i in order]
     encoders, sizes, trainable, part_of, k = [], [], [], [None] * len(units), 0
-    starts = [start_scratch(cells[u.cell].enc, *data[u.cell]) if cells[u.cell].cfg.adapt.mode == "scratch" else None
+    starts = [start_scratch(_base(cells[u.cell], u.cand), *data[u.cell]) if u.cand.fresh else None
               for u in units]  # scratch's copies, each started on its own rows (head_start.start_scratch)
     for p, (key, ids) in enumerate(parts):
-        bases = [cells[order_u.cell].enc for order_u in units[k:k + len(ids)]]
+        bases = [_base(cells[u.cell], u.cand) for u in units[k:k + len(ids)]]
         if key[0] == "fixed":
             enc = bases[0]
         elif any(starts[k + j] is not None for j in range(len(ids))):
@@ -194,8 +199,8 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
         k += len(ids)
     first = cells[units[0].cell]
     encoder = encoders[0] if len(encoders) == 1 else GridEncoder(encoders, copies, sizes)
-    model = score_model(first.cfg, encoder, len(units) * copies, taskset, first.x, first.sigma_data)
-    scales = [_sigma_data(cells[u.cell]) for u in units]
+    scales = [_sigma_data(cells[u.cell], u.cand) for u in units]
+    model = score_model(first.cfg, encoder, len(units) * copies, taskset, first.x, scales[0])
     sd = None
     if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its own cell's σ_d
         sd = model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
@@ -212,25 +217,19 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     return stage
 
 
-def _sigma_data(cell: Cell) -> float:
-    """The σ_d of a cell's models (stages.score_model): the source heads', else its m samples' second moment."""
-    if cell.sigma_data is not None:
-        return float(cell.sigma_data)
-    return float(cell.x.pow(2).mean().sqrt().clamp_min(1e-3))
+def _sigma_data(cell: Cell, cand: Candidate) -> float:
+    """The σ_d of a cell's candidate's models (stages.train_adapt): its new encoder's (auto's scratch candidate), the
+    source heads', else its m samples' second moment."""
+    return resolve_scale(cell.sigma_fresh if cand.fresh and cell.fresh is not None else cell.sigma_data, cell.x)
 
 
 def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data: tuple,
                 started: list | None = None) -> dict:
-    """The `copies` heads a lone run of this cell and candidate starts from (stages.train_adapt's run_stage), on
-    `data` = (x, y, counts) of those heads; `started`: scratch's encoder copies, when start_scratch started them."""
-    torch.manual_seed(cell.cfg.seed + 2)
-    model = score_model(cell.cfg, cell.enc, copies, taskset, cell.x, cell.sigma_data)
-    if cand.head_init == "source":
-        load_head(model, cell.source_heads, cell.start)
-    if cell.cfg.adapt.mode != "scratch" or started is not None:  # (head_start.fit_linear_means)
-        enc = cell.enc if started is None else stack_copies(started)
-        fit_linear_means(model, enc, *data, range(copies), fresh=cand.head_init != "source", sources=cell.source_heads)
-    return model.heads.state_dict()
+    """The `copies` heads a lone run of this cell and candidate starts from (stages.candidate_heads), on `data` =
+    (x, y, counts) of those heads; `started`: scratch's encoder copies, when start_scratch started them."""
+    enc = _base(cell, cand) if started is None else stack_copies(started)
+    return candidate_heads(cell.cfg, taskset, cand, copies, data, _sigma_data(cell, cand), enc,
+                           fit=not cand.fresh or started is not None, source_heads=cell.source_heads, start=cell.start)
 
 
 def _pack(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], device):
@@ -405,7 +404,7 @@ def train_cells(cells: list[Cell], taskset: TaskSet, *, device=None) -> list[dic
         out[c] = {"metrics": values, "skipped": skipped, "model_dir": str(model_dir),
                   "history": getattr(cell.sink, "records", []),
                   "choice": choice_info(cell.cfg.adapt.mode, cell.candidates, chosen, losses,
-                                        cell.cfg.adapt.select_margin)}
+                                        cell.cfg.adapt.select_margin, cell.cfg.adapt.min_delta_se)}
     return out
 
 
@@ -418,7 +417,8 @@ def _meta(cell: Cell, model, taskset: TaskSet) -> dict:
 def _cross_validate(cells, taskset, process, F, device, ckpt: Path) -> list:
     """Stage 1: every cell's G candidates × F folds; per cell (chosen candidate, [(loss, step)], cv_stats)."""
     a = cells[0].cfg.adapt
-    units = [Unit(c, cand, _rate(cell, cand)) for c, cell in enumerate(cells) for cand in cell.candidates]
+    units = [Unit(c, cand, candidate_rate(cand, cell.cfg.adapt.lr)) for c, cell in enumerate(cells)
+             for cand in cell.candidates]
     split = [fold_split(cell.cfg.adapt.m, a.val_folds).gather(cell.x, cell.y) for cell in cells]
     stage = build_stage(cells, units, F, taskset, device, [s[0] for s in split])
     x, y, n = _pack([s[0] for s in split], device)
@@ -488,7 +488,8 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
         return []
     a = cells[0].cfg.adapt
     F = fold_split(a.m, a.val_folds).count
-    units = [Unit(c, cell.candidates[cv[c][0]], _rate(cell, cell.candidates[cv[c][0]])) for c, cell in enumerate(cells)]
+    picks = [cell.candidates[cv[c][0]] for c, cell in enumerate(cells)]
+    units = [Unit(c, pick, candidate_rate(pick, cell.cfg.adapt.lr)) for c, (cell, pick) in enumerate(zip(cells, picks))]
     stop = [min(cell.cfg.adapt.steps, math.ceil(cv[c][1][cv[c][0]][1] * F / (F - 1))) for c, cell in enumerate(cells)]
     data = [(cell.x[None], cell.y[None], torch.tensor([len(cell.x)])) for cell in cells]
     stage = build_stage(cells, units, 1, taskset, device, data)
@@ -536,7 +537,8 @@ def _refit(cells: list[Cell], cv: list, taskset, process, device, ckpt: Path) ->
 
 def _extract(stage: Stage, u: int, cell: Cell, taskset: TaskSet, source) -> torch.nn.Module:
     """Unit u (one head) of a stacked model as the single-head model its own run would export."""
-    model = score_model(cell.cfg, copy.deepcopy(cell.enc), 1, taskset, cell.x, cell.sigma_data)
+    cand = stage.units[u].cand
+    model = score_model(cell.cfg, copy.deepcopy(_base(cell, cand)), 1, taskset, cell.x, _sigma_data(cell, cand))
     U = len(stage.units)
     heads = {k: v.detach().reshape(U, -1)[u].reshape(model.heads.state_dict()[k].shape).clone()
              for k, v in source.heads.state_dict().items()}

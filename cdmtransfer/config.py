@@ -246,8 +246,9 @@ class AdaptConfig(TrainConfig):
     # than one standard error of its gain to be chosen
     min_delta_se: float = field(default=1.0, metadata=_range(0.0))
     # frozen: ĥ fixed (the paper's estimator); finetune: ĥ trained too, its learning rate chosen by cross-validation;
-    # auto: frozen or finetune (and the head's start) chosen by cross-validation; scratch; oracle: frozen with the
-    # suite's true h* in place of ĥ (a pretrain on h*, `oracle_config`): the ceiling of any learned representation
+    # auto: frozen, finetune (and the head's start) or scratch chosen by cross-validation; scratch; oracle: frozen
+    # with the suite's true h* in place of ĥ (a pretrain on h*, `oracle_config`): the ceiling of any learned
+    # representation
     mode: Literal["frozen", "finetune", "auto", "scratch", "oracle"] = "frozen"
     m: int = field(default=32, metadata=_range(1))  # target samples
     # finetune/auto: the encoder's learning rate. null: chosen by cross-validation among encoder_lr_grid × lr
@@ -264,6 +265,9 @@ class AdaptConfig(TrainConfig):
     # frozen/finetune/auto: start the new head from the source head with the lowest DSM on the m samples (source),
     # or from a random initialisation (random). null: source, and auto tries both and keeps the better by validation.
     head_init: Optional[Literal["source", "random"]] = None
+    # auto: also try a new encoder trained on the m samples (scratch, started by its closed form), chosen only when
+    # cross-validation prefers it: a target outside the sources' span can be learned better from scratch at large m
+    auto_scratch: bool = True
 
 
 def oracle_config(cfg: "Config", d: int) -> "Config":

@@ -39,14 +39,16 @@ def pretrain_scale(cfg: Config, x: torch.Tensor, y: torch.Tensor, counts: torch.
 
 
 def adapt_scale(cfg: Config, taskset: TaskSet, source_heads: SourceHeads | None,
-                target: tuple[torch.Tensor, torch.Tensor] | None = None) -> float | None:
+                target: tuple[torch.Tensor, torch.Tensor] | None = None, scratch: bool | None = None) -> float | None:
     """σ_d of an adapt run's heads: the source heads' own when its heads may start from them (`source_heads` given);
     for fresh heads whose linear mean starts at least squares, the pretrain's rule (pretrain_scale) on the sources'
-    rows, or for scratch (started on its own rows by start_scratch) on its m `target` rows; else None: the m samples'
-    RMS (score_model)."""
-    if source_heads is not None:
+    rows, or for scratch (started on its own rows by start_scratch; `scratch`, by default adapt.mode = scratch: also
+    auto's scratch candidate) on its m `target` rows; else None: the m samples' RMS (score_model)."""
+    if scratch is None:
+        scratch = cfg.adapt.mode == "scratch"
+    if source_heads is not None and not scratch:
         return source_heads.spec.get("sigma_data")
-    if cfg.adapt.mode == "scratch":
+    if scratch:
         if target is None or not (cfg.model.encoder_linear and cfg.model.encoder == "mlp") or len(target[0]) < 2:
             return None
         x, y = target

@@ -109,8 +109,7 @@ def score_model(cfg: Config, encoder: torch.nn.Module, K: int, taskset: TaskSet,
     """A ScoreModel with the recipe's heads and parametrisation; σ_d² is the per-coordinate second moment of the
     stage's own training x (models.Preconditioning) unless given."""
     m = cfg.model
-    if sigma_data is None:
-        sigma_data = float(x_train.pow(2).mean().sqrt().clamp_min(1e-3))
+    sigma_data = resolve_scale(sigma_data, x_train)
     model = ScoreModel(encoder, K, taskset.d_x, m.head_width, m.head_depth, m.time_dim,
                        **head_options(m, taskset.image_shape), parametrization=m.parametrization,
                        sigma_data=sigma_data, linear_mean=m.linear_mean, mean_covariance=m.mean_covariance)
@@ -415,18 +414,23 @@ def new_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
     return MLPEncoder(taskset.D_y, m.d, m.encoder_width, m.encoder_depth, m.encoder_linear)
 
 
+def fresh_encoder(cfg: Config, taskset: TaskSet) -> torch.nn.Module:
+    """The new encoder scratch trains (and auto's scratch candidate: the same weights), seeded by cfg.seed."""
+    torch.manual_seed(cfg.seed + 1)
+    return new_encoder(cfg, taskset)
+
+
 def prepare_encoder(cfg: Config, taskset: TaskSet, tracker: Tracker | None,
                     encoder: str | None) -> tuple[torch.nn.Module, dict, SourceHeads | None]:
     """The encoder adapt starts from, by mode, its lineage (empty unless it came from a pretrain run) and the
     pretrained source heads (None unless it did)."""
     mode = cfg.adapt.mode
-    torch.manual_seed(cfg.seed + 1)
     if mode in PRETRAINED_MODES:
         if not encoder:
             raise ConfigError(f"--mode {mode} needs --encoder (a pretrain run id, MLflow model URI or path)")
         return load_encoder(tracker, encoder, taskset, cfg)
     if mode == "scratch":
-        return new_encoder(cfg, taskset), {}, None
+        return fresh_encoder(cfg, taskset), {}, None
     truth = oracle_truth(taskset)
     if not encoder:
         raise ConfigError(f"--mode oracle needs --encoder: a pretrain on h* (cdmtransfer pretrain RECIPE --set "
@@ -452,16 +456,17 @@ def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str 
     return tags
 
 
-def adapt_candidates(a, has_sources: bool) -> list[Candidate]:
+def adapt_candidates(a, has_sources: bool, scratch_ok: bool = True) -> list[Candidate]:
     """The settings adapt's cross-validation compares, simplest first (ties go to the earlier one).
 
     frozen: the frozen encoder. finetune: the encoder's learning rate, encoder_lr_grid × lr (0 keeps it frozen, so
     validation can always fall back to frozen) unless encoder_lr pins it. auto: the same rates plus 0, each with the
-    head started from the best source head and from a random initialisation, unless head_init pins it.
+    head started from the best source head and from a random initialisation, unless head_init pins it; and, last,
+    scratch's setting (a new encoder; with adapt.auto_scratch, where the recipe's encoder can train: `scratch_ok`).
     oracle: as frozen, on h*. scratch: one setting (nothing pretrained to choose).
     """
     if a.mode == "scratch" or not has_sources:
-        return [Candidate(None if a.mode in ("scratch", "oracle") else 0.0, "random")]
+        return [Candidate(None if a.mode in ("scratch", "oracle") else 0.0, "random", fresh=a.mode == "scratch")]
     inits = [a.head_init] if a.head_init else (["source", "random"] if a.mode == "auto" else ["source"])
     if a.mode in ("frozen", "oracle"):
         mults = [0.0]
@@ -469,7 +474,13 @@ def adapt_candidates(a, has_sources: bool) -> list[Candidate]:
         mults = [a.encoder_lr / a.lr] if a.encoder_lr is not None else sorted(set(a.encoder_lr_grid))
         if a.mode == "auto" and 0.0 not in mults:
             mults = [0.0, *mults]
-    return [Candidate(mult, init) for mult in mults for init in inits]
+    scratch = [Candidate(None, "random", fresh=True)] if a.mode == "auto" and a.auto_scratch and scratch_ok else []
+    return [Candidate(mult, init) for mult in mults for init in inits] + scratch
+
+
+def scratch_ok(cfg: Config) -> bool:
+    """Whether the recipe's encoder can train from scratch (model.encoder = oracle is h*, fixed)."""
+    return cfg.model.encoder != "oracle"
 
 
 def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: dict, run_id: str, work_dir: Path,
@@ -491,35 +502,30 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     reg = make_objective(cfg.regularize, "adapt", process, taskset.truth)
     folds = fold_split(a.m, a.val_folds)
-    candidates = adapt_candidates(a, source_heads is not None)
+    candidates = adapt_candidates(a, source_heads is not None, scratch_ok(cfg))
     uses_source = any(c.head_init == "source" for c in candidates)
     start = pick_source_head(source_heads, x_m, y_m, process, a) if uses_source else None
     sigma_data = adapt_scale(cfg, taskset, source_heads if uses_source else None, (x_m, y_m))
+    fresh = enc if a.mode == "scratch" else fresh_encoder(cfg, taskset) if any(c.fresh for c in candidates) else None
+    sigma_fresh = adapt_scale(cfg, taskset, None, (x_m, y_m), scratch=True) if fresh is not None else None
+    scale = lambda c: resolve_scale(sigma_fresh if c.fresh else sigma_data, x_m)  # noqa: E731 (each candidate's σ_d)
 
     def run_stage(cands: list[Candidate], copies: int, x, y, n, ckpt: Path, label: str, sink, **kw):
         """Train len(cands) × copies heads, candidate g owning heads g·copies … (g + 1)·copies − 1, each candidate
         exactly as a run of its own would train (same start, draws, gradient and clipping: `unit_clipper`)."""
         G = len(cands)
-        if G > 1:  # the random start of a lone run's `copies` heads, for every candidate whose head starts at random
-            torch.manual_seed(cfg.seed + 2)
-            fresh = score_model(cfg, enc, copies, taskset, x_m, sigma_data).heads.state_dict()
-        torch.manual_seed(cfg.seed + 2)  # the new heads start the same in every mode
-        parts = [_candidate_encoder(enc, c, a.mode, copies) for c in cands]
-        started = start_scratch(enc, x, y, n) if a.mode == "scratch" else None  # each fold model on its own rows
-        if started is not None:
-            started = parts[0] = stack_copies(started)
-        encoder = parts[0] if G == 1 else GridEncoder(parts, copies)
-        model = score_model(cfg, encoder, G * copies, taskset, x_m, sigma_data).to(device)
-        for g, c in enumerate(cands):
-            into = range(g * copies, (g + 1) * copies)
-            if c.head_init == "source":
-                load_head(model, source_heads, start, into=into)
-            elif G > 1:
-                set_heads(model, fresh, into)
-            if a.mode != "scratch" or started is not None:  # (head_start.fit_linear_means)
-                fit_linear_means(model, enc if started is None else started, x, y, n, into,
-                                 fresh=c.head_init != "source", sources=source_heads)
-        groups = _candidate_groups(model, parts, cands, a)
+        parts, started = zip(*[_candidate_encoder(fresh if c.fresh else enc, c, copies, x, y, n) for c in cands])
+        sigmas = [scale(c) for c in cands]
+        encoder = parts[0] if G == 1 else GridEncoder(list(parts), copies)
+        model = score_model(cfg, encoder, G * copies, taskset, x_m, sigmas[0]).to(device)
+        heads = [candidate_heads(cfg, taskset, c, copies, (x, y, n), sigmas[g], parts[g] if c.fresh else enc,
+                                 fit=not c.fresh or started[g], source_heads=source_heads, start=start)
+                 for g, c in enumerate(cands)]
+        model.heads.load_state_dict({name: torch.cat([h[name] for h in heads]) for name in heads[0]})
+        sd = None
+        if model.precond is not None and len(set(sigmas)) > 1:  # EDM: each candidate's heads keep their own σ_d
+            sd = model.precond.sd = torch.tensor(sigmas).repeat_interleave(copies)[:, None, None].to(device)
+        groups = _candidate_groups(model, list(parts), cands, a)
         meta = {"stage": "adapt", "mode": a.mode, "model": model_spec(model), "config": cfg.to_dict(),
                 "run_id": run_id, "lineage": lineage, "taskset": taskset.summary()}
         loss_fn = dsm_objective(x.to(device), y.to(device), n.to(device), process, a.batch_size, regularizer=reg,
@@ -529,7 +535,7 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
             owned = [(params, torch.full((copies,), g, device=device))  # a trainable encoder: `copies` blocks of g
                      for g, part in enumerate(parts) if (params := [p for p in part.parameters() if p.requires_grad])]
             clip = unit_clipper(model, owned, G, a.grad_clip)
-            on_step = _stop_finished(model, copies, loss_fn, clip)
+            on_step = _stop_finished(model, copies, loss_fn, clip, sd)
         result = train(model, groups, loss_fn, a, seed=cfg.seed, ckpt_dir=ckpt, meta=meta,
                        metrics=with_reg_metrics(sink, reg), progress=_progress(a.steps, label, quiet),
                        resume=resume and bool(list_checkpoints(ckpt)), label=label, device=device, clip=clip,
@@ -564,7 +570,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                                    trainable=trainable)
     if reg is not None:
         values.update(reg.summary())  # mean of each regulariser term over the steps run
-    return values, skipped, model_dir, choice_info(a.mode, candidates, chosen, cv, a.select_margin)
+    return values, skipped, model_dir, choice_info(a.mode, candidates, chosen, cv, a.select_margin,
+                                                      a.min_delta_se)
 
 
 def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path, cv_stats: dict | None,
@@ -598,10 +605,13 @@ def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path,
     if pick.encoder_mult is not None:
         values.update(encoder_lr_mult=pick.encoder_mult, encoder_lr=pick.encoder_mult * a.lr,
                       head_from_source=float(pick.head_init == "source"))
+    if any(c.fresh for c in candidates) and a.mode == "auto":  # auto chose scratch's new encoder (1) or not (0)
+        values["new_encoder"] = float(pick.fresh)
     return values, skipped
 
 
-def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, margin: float = 0.0) -> dict:
+def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, margin: float = 0.0,
+                se_margin: float = 0.0) -> dict:
     """What adapt chose and why: the candidates' cross-validated DSM (loss, best step) and one line for people."""
     pick = candidates[chosen]
     info = {"mode": pick.mode if mode in ("finetune", "auto") else mode, "setting": pick.label(),
@@ -615,9 +625,9 @@ def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, m
         info["reason"] = f"{mode} used {pick.label()} (no cross-validation: the first setting)"
         return info
     best, other = _compared_with(cv, chosen)
+    within = f"the simplest within {margin:.0%}" + (f" or {se_margin:g} standard error" if se_margin else "")
     info["reason"] = (f"{mode} chose {info['mode']} ({pick.label()}): cross-validated DSM {cv[chosen][0]:.4g} at "
-                      f"step {int(cv[chosen][1])}, " + (f"the simplest within {margin:.0%} of the lowest, "
-                                                        if other == best else "next best ")
+                      f"step {int(cv[chosen][1])}, " + (within + " of the lowest, " if other == best else "next best ")
                       + f"{cv[other][0]:.4g} ({candidates[other].label()}); {len(candidates)} settings compared")
     return info
 
@@ -630,23 +640,25 @@ def _compared_with(cv: list, chosen: int) -> tuple[int, int]:
 
 
 def _short(c: Candidate) -> str:
-    """A compact label for tables: frozen / ft×0.1, with +rand when the head started at random."""
+    """A compact label for tables: frozen / ft×0.1 (+rand when the head started at random) / scratch."""
+    if c.fresh:
+        return "scratch"
     encoder = "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
     return encoder + ("+rand" if c.head_init == "random" else "")
 
 
-def _stop_finished(model: ScoreModel, copies: int, loss_fn, clip):
+def _stop_finished(model: ScoreModel, copies: int, loss_fn, clip, sd: torch.Tensor | None = None):
     """on_step for G stacked candidates of `copies` heads each: a candidate that stopped stops computing (its best
-    loss, step and weights were kept when it stopped)."""
+    loss, step and weights were kept when it stopped). `sd`: every head's σ_d when candidates differ, else None."""
     def on_step(done, val, ema):
         live = [g for g, c in enumerate(val.candidates or []) if not c[3]]
         if live and len(live) < loss_fn.repeat:
-            _run_only(model, live, copies, loss_fn, clip)
+            _run_only(model, live, copies, loss_fn, clip, sd)
 
     return on_step
 
 
-def _run_only(model: ScoreModel, live: list[int], copies: int, loss_fn, clip) -> None:
+def _run_only(model: ScoreModel, live: list[int], copies: int, loss_fn, clip, sd: torch.Tensor | None = None) -> None:
     """From now on only candidates `live` of a stacked cross-validation run (forward, backward, loss): each is
     unaffected, since the candidates share draws and clip their own gradients; a stopped one's weights take
     optimizer steps without gradients, which nothing reads (its best loss and step were kept when it stopped).
@@ -656,28 +668,57 @@ def _run_only(model: ScoreModel, live: list[int], copies: int, loss_fn, clip) ->
     G = len(model.encoder.parts)
     device = next(model.heads.parameters()).device
     model.heads.active = torch.cat([torch.arange(g * copies, (g + 1) * copies) for g in live]).to(device)
+    if sd is not None:
+        model.precond.sd = sd[model.heads.active]
     model.encoder.sizes = [copies if g in live else 0 for g in range(G)]
     loss_fn.repeat = clip.count = len(live)
 
 
-def _candidate_encoder(enc: torch.nn.Module, c: Candidate, mode: str, copies: int) -> torch.nn.Module:
-    """The encoder of one candidate's `copies` models: shared and fixed when it does not train (frozen, oracle),
-    else `copies` independent trainable copies (one plain copy when copies = 1)."""
-    trains = mode == "scratch" if c.encoder_mult is None else c.encoder_mult > 0
-    if not trains:
-        return enc
-    return StackedEncoder(enc, copies) if copies > 1 else enc
+def _candidate_encoder(enc: torch.nn.Module, c: Candidate, copies: int, x, y, n) -> tuple[torch.nn.Module, bool]:
+    """The encoder of one candidate's `copies` models, and whether scratch's closed form started it: shared and fixed
+    when it does not train (frozen, oracle), else `copies` independent trainable copies (one plain copy when
+    copies = 1); a new encoder (c.fresh) starts each copy on its own rows (x, y, n) where it can (start_scratch)."""
+    if not (c.fresh or c.encoder_mult):
+        return enc, False
+    if c.fresh and (started := start_scratch(enc, x, y, n)) is not None:
+        return stack_copies(started), True
+    return StackedEncoder(enc, copies) if copies > 1 else enc, False
+
+
+def candidate_rate(c: Candidate, lr: float) -> float:
+    """A candidate's encoder learning rate: the head's for a new encoder (scratch), encoder_mult × lr, or 0 (fixed)."""
+    return lr if c.fresh else (c.encoder_mult or 0.0) * lr
 
 
 def _candidate_groups(model: ScoreModel, parts: list[torch.nn.Module], cands: list[Candidate], a) -> list[dict]:
-    """Parameter groups: the heads at lr; each candidate's encoder at encoder_mult × lr (scratch: lr), or fixed."""
+    """Parameter groups: the heads at lr; each candidate's encoder at its rate (candidate_rate), or fixed."""
     groups = [{"params": list(model.heads.parameters()), "lr": a.lr}]
     for part, c in zip(parts, cands):
-        rate = (a.lr if a.mode == "scratch" else 0.0) if c.encoder_mult is None else c.encoder_mult * a.lr
+        rate = candidate_rate(c, a.lr)
         part.requires_grad_(rate > 0)
         if rate > 0:
             groups.append({"params": list(part.parameters()), "lr": rate})
     return groups
+
+
+def candidate_heads(cfg: Config, taskset: TaskSet, c: Candidate, copies: int, data: tuple, sigma: float,
+                    enc: torch.nn.Module, *, fit: bool, source_heads: SourceHeads | None = None,
+                    start: int | None = None) -> dict:
+    """The state of the `copies` heads a lone run of candidate c starts from: random (torch seed cfg.seed + 2, the
+    same in every mode) or source head `start`, at σ_d `sigma`; with `fit`, their linear means fitted to `data` =
+    (x, y, counts) of those heads on the code of `enc` (head_start.fit_linear_means)."""
+    torch.manual_seed(cfg.seed + 2)
+    model = score_model(cfg, enc, copies, taskset, data[0], sigma)
+    if c.head_init == "source":
+        load_head(model, source_heads, start)
+    if fit:
+        fit_linear_means(model, enc, *data, range(copies), fresh=c.head_init != "source", sources=source_heads)
+    return model.heads.state_dict()
+
+
+def resolve_scale(sigma: float | None, x: torch.Tensor) -> float:
+    """A model's σ_d: `sigma`, else the RMS of its training x (score_model's rule)."""
+    return float(sigma) if sigma is not None else float(x.pow(2).mean().sqrt().clamp_min(1e-3))
 
 
 def pick_source_head(source: SourceHeads | None, x_m: torch.Tensor, y_m: torch.Tensor, process: OUProcess,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from cdmtransfer.config import adapt_defaults, load_config, resolve_adapt
 from cdmtransfer.curves import summarise
 from cdmtransfer.models import MLPEncoder, ScoreModel, model_spec
-from cdmtransfer.stages import SourceHeads, adapt_candidates, load_head, score_model, train_adapt
+from cdmtransfer.stages import SourceHeads, adapt_candidates, fresh_encoder, load_head, score_model, train_adapt
 from cdmtransfer.tasks import build_taskset
 
 TINY = ["suite.K=3", "suite.n=128", "suite.n_target_pool=64", "suite.n_test=64", "suite.gaussian.d_x=3",
@@ -41,6 +41,8 @@ def _adapt(tmp_path: Path, encoder: str, sets: list[str]):
             enc.net[-1].bias.zero_()
     pretrained = score_model(cfg, enc, taskset.K, taskset, taskset.source_x[0])
     source = SourceHeads(model_spec(pretrained), pretrained.state_dict())
+    if cfg.adapt.mode == "scratch":  # as stages.prepare_encoder: a new encoder, no sources
+        enc, source = fresh_encoder(cfg, taskset), None
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     values, _, model_dir, choice = train_adapt(cfg, taskset, enc, {}, "test", tmp_path, None, source_heads=source)
     exported = load_file(model_dir / "model.safetensors")
@@ -88,20 +90,46 @@ def test_a_stopped_candidate_stops_computing_and_the_others_are_unchanged(tmp_pa
 
 
 def test_auto_chooses_the_mode_that_must_win(tmp_path):
-    values, choice, moved = _adapt(tmp_path / "blind", "blind",
-                                   ["adapt.mode=auto", "adapt.encoder_lr_grid=[1]", "adapt.head_init=source"])
+    values, choice, moved = _adapt(tmp_path / "blind", "blind", ["adapt.mode=auto", "adapt.encoder_lr_grid=[1]",
+                                                                 "adapt.head_init=source", "adapt.auto_scratch=false"])
     assert [c["encoder_lr_mult"] for c in choice["candidates"]] == [0.0, 1.0]  # auto always has frozen to fall back on
     assert choice["mode"] == "finetune" and moved and values["head_from_source"] == 1.0
     assert choice["reason"].startswith("auto chose finetune")
     values, choice, moved = _adapt(tmp_path / "exact", "exact",
                                    ["adapt.mode=auto", "adapt.encoder_lr_grid=[1000]", "adapt.head_init=source"])
+    assert [c["setting"] for c in choice["candidates"]][-1] == "new encoder, head random"
     assert choice["mode"] == "frozen" and not moved and values["encoder_lr_mult"] == 0.0
+    assert values["new_encoder"] == 0.0
+
+
+def test_auto_chooses_scratch_when_the_pretrained_encoder_is_blind_and_trains_it_as_scratch_would(tmp_path):
+    # a blind encoder kept frozen cannot see y; scratch's new encoder can: auto must choose it, and its candidate is
+    # scratch itself (the same new encoder, start, draws and stopping), so the exported model is scratch's
+    values, choice, moved = _adapt(tmp_path / "auto", "blind",
+                                   ["adapt.mode=auto", "adapt.encoder_lr_grid=[0]", "adapt.head_init=source"])
+    assert [(c["encoder_lr_mult"], c["head_init"]) for c in choice["candidates"]] == [(0.0, "source"),
+                                                                                       (None, "random")]
+    assert choice["mode"] == "scratch" and values["new_encoder"] == 1.0 and moved
+    assert choice["reason"].startswith("auto chose scratch (new encoder, head random)")
+    assert choice["candidates"][1]["cv_loss"] < 0.9 * choice["candidates"][0]["cv_loss"]
+    scratch, scratch_choice, _ = _adapt(tmp_path / "scratch", "blind", ["adapt.mode=scratch"])
+    assert choice["candidates"][1]["cv_step"] == scratch["cv_best_step"] and values["steps"] == scratch["steps"]
+    assert choice["candidates"][1]["cv_loss"] == pytest.approx(scratch["cv_val_loss"], rel=1e-5)
+    for key in ("score_error", "test_dsm", "posterior_mean_mse"):
+        assert values[key] == pytest.approx(scratch[key], rel=1e-5), key
+    auto = load_file(tmp_path / "auto" / "model" / "model.safetensors")
+    alone = load_file(tmp_path / "scratch" / "model" / "model.safetensors")
+    assert auto.keys() == alone.keys()
+    for name in auto:
+        torch.testing.assert_close(auto[name], alone[name], rtol=1e-5, atol=1e-6)
 
 
 def test_candidates_by_mode_and_pins():
     a = load_config(None, ["adapt.mode=auto"]).adapt
     got = [(c.encoder_mult, c.head_init) for c in adapt_candidates(a, has_sources=True)]
-    assert got == [(m, h) for m in (0.0, 0.03, 0.1, 0.3) for h in ("source", "random")]
+    assert got == [(m, h) for m in (0.0, 0.03, 0.1, 0.3) for h in ("source", "random")] + [(None, "random")]
+    assert [c.fresh for c in adapt_candidates(a, True)] == [False] * 8 + [True]
+    assert not any(c.fresh for c in adapt_candidates(a, True, scratch_ok=False))
     a = resolve_adapt(load_config(None, ["adapt.mode=finetune", "adapt.encoder_lr=2e-4"])).adapt
     assert [(c.encoder_mult, c.head_init) for c in adapt_candidates(a, True)] == [(pytest.approx(0.1), "source")]
     a = load_config(None, ["adapt.mode=frozen", "adapt.head_init=random"]).adapt

@@ -71,7 +71,10 @@ def test_one_cell_batched_equals_train_adapt(tmp_path, mode, sets):
         assert (k in out["metrics"]) == (k in values), k  # final_loss: skipped by both when no step ran
         if k in values:
             assert out["metrics"][k] == pytest.approx(values[k], rel=1e-5, abs=1e-6), k
-    assert out["choice"] == choice and out["skipped"] == skipped
+    assert out["skipped"] == skipped
+    # the same choice; the cross-validated losses to rounding (candidates of different σ_d: auto's scratch candidate)
+    losses = lambda c: [g.pop("cv_loss") for g in c["candidates"]]  # noqa: E731
+    assert losses(out["choice"]) == pytest.approx(losses(choice), rel=1e-5) and out["choice"] == choice
     assert [s for _, s in out["history"]] == [s for _, s in rec.records]  # the same curves, at the same steps
     for (a, _), (b, _) in zip(out["history"], rec.records):
         assert a.keys() == b.keys()

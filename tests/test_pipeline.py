@@ -155,10 +155,10 @@ def test_modes_and_oracle_and_dry_run(recipe, store):
     bad = cli("adapt", recipe, "--mode", "oracle", "--encoder", pre["run_id"])  # a learned encoder is not h*
     assert bad.exit_code != 0 and "pretrain on the suite's h*" in bad.output and "Traceback" not in bad.output
     auto = cli("adapt", recipe, "--encoder", pre["run_id"], "--mode", "auto")  # says what it chose, and why
-    assert auto.exit_code == 0 and "auto chose " in auto.stdout and "8 settings compared" in auto.stdout
+    assert auto.exit_code == 0 and "auto chose " in auto.stdout and "9 settings compared" in auto.stdout
     run = client(store).get_run(auto.stdout.split("run id: ")[1].split()[0])
-    assert run.data.tags[TAG + "mode"] == "auto" and run.data.tags[TAG + "choice"] in ("frozen", "finetune")
-    losses = [run.data.metrics[f"cv_candidate_loss_{g}"] for g in range(8)]  # the chosen: simplest within 3%
+    assert run.data.tags[TAG + "mode"] == "auto" and run.data.tags[TAG + "choice"] in ("frozen", "finetune", "scratch")
+    losses = [run.data.metrics[f"cv_candidate_loss_{g}"] for g in range(9)]  # the chosen: simplest within 3%
     assert run.data.metrics["cv_val_loss"] in losses and run.data.metrics["cv_val_loss"] <= 1.03 * min(losses)
     assert "cv_candidates.json" in {a.path for a in client(store).list_artifacts(run.info.run_id)}
     dry = cli("adapt", recipe, "--mode", "scratch", "--m", 5, "--set", "adapt.steps=7", "--dry-run")
