@@ -4,7 +4,7 @@ it replaced (a fixed 1,500-step run on all m samples, no validation). Run from t
     .venv/bin/python benchmarks/bench_adapt_cost.py [--quick] [--threads N]
 
 One pretrain of the quickstart recipe (in a temporary store), then for m in {16, 128}, interleaved: each mode as it
-runs today (frozen: F = 4 fold models; finetune: 4 encoder rates × F; auto: 8 settings × F; then the refit) and the
+runs today (frozen: F = 4 fold models; finetune: 4 encoder rates × F; auto: 9 settings × F; then the refit) and the
 old fixed-step run (`adapt.val_folds=1`, 1,500 steps, batch 64, lr 2e-3, finetune's encoder at the head's rate).
 `auto` did not exist before; it is compared with the old finetune. Wall = the whole `cdmtransfer.adapt` call
 (evaluation and MLflow included); train = its training seconds (cross-validation + refit). Goal (issue #13): a
