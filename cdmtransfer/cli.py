@@ -157,8 +157,8 @@ def adapt(recipe: RecipeArg,
           encoder: EncoderOpt = None,
           mode: Annotated[Optional[str], typer.Option(
               metavar="frozen|finetune|auto|scratch|oracle",
-              help="How the encoder is treated (default: adapt.mode); auto: frozen or finetune, chosen by "
-                   "cross-validation on the m samples; oracle: frozen with the suite's true h* in place of the "
+              help="How the encoder is treated (default: adapt.mode); auto: frozen, finetune or scratch, chosen "
+                   "by cross-validation on the m samples; oracle: frozen with the suite's true h* in place of the "
                    "learned encoder, the ceiling of any learned one (its source heads are pretrained on h* first, "
                    "or --encoder names such a pretrain: pretrain --set model.encoder=oracle --set model.d=D)."
               )] = None,

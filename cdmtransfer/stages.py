@@ -3,8 +3,8 @@
 pretrain: joint DSM over the K source tasks, in the shared encoder h and the K heads f_1..f_K.
 adapt:    DSM on m target samples with a new head f_0 and an encoder that is
           frozen (the pretrained ĥ; the paper's fine-tuning estimator), finetune (ĥ trained too, at a learning rate
-          cross-validation chooses, 0 included), auto (frozen or finetune and the head's start, chosen by
-          cross-validation), scratch (a fresh encoder; the paper's baseline) or oracle (frozen with the suite's true
+          cross-validation chooses, 0 included), auto (frozen, finetune or scratch and the head's start, chosen
+          by cross-validation), scratch (a fresh encoder; the paper's baseline) or oracle (frozen with the suite's true
           h* in place of ĥ, its source heads pretrained on h*: the ceiling of any learned representation).
 Both run the one loop in train.py and end with an exported EMA model and metrics in MLflow.
 """
