@@ -157,13 +157,15 @@ def test_unset_adapt_keys_follow_the_m_rule_and_pinned_keys_stay():
     for m in (8, 32, 128, 512, 4096):
         rule = adapt_defaults(m)
         cfg = resolve_adapt(load_config(None, [f"adapt.m={m}"]))
-        assert (cfg.adapt.steps, cfg.adapt.batch_size, cfg.adapt.lr) == (rule["steps"], rule["batch_size"],
-                                                                          rule["lr"])
+        assert (cfg.adapt.steps, cfg.adapt.batch_size, cfg.adapt.lr, cfg.adapt.patience) == (
+            rule["steps"], rule["batch_size"], rule["lr"], rule["patience"])
     assert adapt_defaults(512)["batch_size"] > adapt_defaults(32)["batch_size"]
     assert adapt_defaults(4096)["steps"] > adapt_defaults(32)["steps"]
     cfg = resolve_adapt(load_config(None, ["adapt.m=512", "adapt.batch_size=64", "adapt.lr=1e-3"]))
     assert (cfg.adapt.batch_size, cfg.adapt.lr) == (64, 1e-3)  # pinned by the recipe
     assert cfg.adapt.steps == adapt_defaults(512)["steps"]  # unset: the rule
+    assert adapt_defaults(128)["patience"] < adapt_defaults(512)["patience"]
+    assert resolve_adapt(load_config(None, ["adapt.m=512", "adapt.patience=2"])).adapt.patience == 2
     assert load_config(None, []).adapt.steps is None  # unresolved until adapt knows its m
 
 
