@@ -3,7 +3,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench_logging.py [--quick] [--threads N] [--pretrain-steps N]
 
-Runs cdmtransfer.stages.pretrain twice on a temporary store (cold, then warm) and splits its wall time with timing
+Runs cdmtransfer.pretraining.pretrain twice on a temporary store (cold, then warm) and splits its wall time with timing
 wrappers around a few functions, restored afterwards. Prints markdown tables on stdout; progress goes to stderr.
 See benchmarks/README.md.
 """
@@ -62,7 +62,7 @@ def run(args) -> dict:
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # the store must be the temporary one
     import mlflow
 
-    from cdmtransfer import stages, tracking
+    from cdmtransfer import pretraining, tracking
     from cdmtransfer import train as train_mod
     from cdmtransfer.config import load_config
 
@@ -72,21 +72,21 @@ def run(args) -> dict:
             cfg = load_config(None, [f"tracking.home={home}", f"pretrain.steps={args.pretrain_steps}",
                                      "pretrain.log_every=25", f"threads={args.threads}", "name=bench"])
             t = Timings()
-            t.wrap(stages, "build_taskset", "build task set")
-            t.wrap(stages, "open_tracker", "open store + experiment")
+            t.wrap(pretraining, "build_taskset", "build task set")
+            t.wrap(pretraining, "open_tracker", "open store + experiment")
             t.wrap(mlflow.MlflowClient, "create_run", "create run")
             t.wrap(tracking.Run, "log_params", "log params")
             t.wrap(tracking.Run, "log_dict", "log config.json")
-            t.wrap(stages, "train", "train() (= train_seconds)")
+            t.wrap(pretraining, "train", "train() (= train_seconds)")
             t.wrap(train_mod, "save_checkpoint", "  of which checkpoints")
             t.wrap(tracking.Run, "flush", "metric flushes (= logging_seconds)")
-            t.wrap(stages, "export_model", "export model")
-            t.wrap(stages, "_finish", "log artifacts + register model")
+            t.wrap(pretraining, "export_model", "export model")
+            t.wrap(pretraining, "finish_run", "log artifacts + register model")
             t.wrap(mlflow.MlflowClient, "set_terminated", "set terminated")
             log(f"logging: pretrain {args.pretrain_steps} steps ({label})")
             t0 = time.perf_counter()
             try:
-                summary = stages.pretrain(cfg, quiet=True)
+                summary = pretraining.pretrain(cfg, quiet=True)
             finally:
                 t.restore()
             total = time.perf_counter() - t0

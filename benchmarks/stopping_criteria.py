@@ -21,8 +21,9 @@ import torch
 from cdmtransfer.config import load_config, resolve_adapt
 from cdmtransfer.diffusion import OUProcess, dsm_loss
 from cdmtransfer.metrics import conditional_samples
-from cdmtransfer.stages import (_candidate_encoder, _candidate_groups, adapt_candidates, dsm_objective, load_head,
-                                pick_source_head, prepare_encoder, score_model, setup_torch)
+from cdmtransfer.adaptation import (_candidate_encoder, _candidate_groups, adapt_candidates, pick_source_head,
+                                    prepare_encoder)
+from cdmtransfer.stages import dsm_objective, load_head, score_model, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import open_tracker
 from cdmtransfer.train import train
@@ -106,9 +107,9 @@ def main() -> None:
     (xt, yt, nt), (xv, yv, nv) = folds.gather(x_m, y_m)
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     torch.manual_seed(cfg.seed + 2)
-    cand = adapt_candidates(a, source_heads is not None)[-1]  # one setting: finetune's largest rate in the grid
+    cand = adapt_candidates(a, source_heads is not None, scratch_ok=False)[-1]  # finetune: its largest rate
     start = pick_source_head(source_heads, x_m, y_m, process, a) if cand.head_init == "source" else None
-    part = _candidate_encoder(enc, cand, a.mode, folds.count)
+    part, _ = _candidate_encoder(enc, cand, folds.count, xt, yt, nt)
     model = score_model(cfg, part, folds.count, taskset, x_m, source_heads.spec.get("sigma_data") if start else None)
     if start is not None:
         load_head(model, source_heads, start)

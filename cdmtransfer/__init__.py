@@ -36,14 +36,14 @@ def load_config(recipe=None, overrides=()):
 
 def pretrain(recipe, overrides=(), **kwargs):
     """Pretrain the shared encoder and K source heads. kwargs: tracking_uri, resume, quiet."""
-    from cdmtransfer.stages import pretrain as run
+    from cdmtransfer.pretraining import pretrain as run
 
     return run(_cfg(recipe, overrides), **kwargs)
 
 
 def adapt(recipe, overrides=(), **kwargs):
     """Adapt to the target set. kwargs: encoder (run id, URI or path), tracking_uri, resume, quiet."""
-    from cdmtransfer.stages import adapt as run
+    from cdmtransfer.adaptation import adapt as run
 
     return run(_cfg(recipe, overrides), **kwargs)
 

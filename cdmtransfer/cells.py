@@ -1,7 +1,7 @@
 """Batched cells (issue #12): the adapt runs of a sweep that share a training schedule train as one stacked model
 in the one loop of train.py, each as it would alone.
 
-A cell is one (mode, m, seed) adapt run. Its cross-validation trains G candidate settings × F folds (stages.train_adapt);
+A cell is one (mode, m, seed) adapt run. Its cross-validation trains G candidate settings × F folds (adaptation.train_adapt);
 here every cell's G·F models, or its one refit model, are *units* of one model: heads stacked like the K source heads
 (models.BatchedHeads), encoders grouped into parts (one shared call per fixed encoder, one vmapped StackedEncoder per
 learning rate for trainable ones), units ordered part by part. Per cell, as in its own run:
@@ -12,14 +12,13 @@ learning rate for trainable ones), units ordered part by part. Per cell, as in i
 - its own refit length: the refit runs to the longest and keeps each cell's EMA weights at its own step;
 - a cell whose loss turns NaN or infinite is masked out of the loss (its blocks alone go bad), named and failed;
   the others go on.
-One cell alone trains exactly as stages.train_adapt (tests/test_batched_cells.py). Tracking stays with the caller
+One cell alone trains exactly as adaptation.train_adapt (tests/test_batched_cells.py). Tracking stays with the caller
 (curves.py): each cell gets its metrics by step, its exported single-head model and its metrics, as run_cell gives.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
 from cdmtransfer.head_start import adapt_scale, stack_copies, start_scratch
-from cdmtransfer.stages import (SourceHeads, adapt_candidates, adapt_values, candidate_heads, candidate_rate,
-                                choice_info, fresh_encoder, pick_source_head, resolve_scale, scratch_ok, score_model,
-                                training_loss)
+from cdmtransfer.adaptation import (adapt_candidates, adapt_values, candidate_heads, candidate_rate, choice_info,
+                                    pick_source_head, scratch_ok)
+from cdmtransfer.stages import SourceHeads, fresh_encoder, resolve_scale, score_model, training_loss
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
 from cdmtransfer.validation import (Candidate, GridEncoder, RowLosses, StackedEncoder, choose, fold_split,
@@ -47,7 +46,7 @@ LOOP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "grad_clip", "ema_deca
 
 def group_key(cfg: Config) -> tuple | None:
     """Cells with equal keys share one loop (the same steps, batch, schedule, folds and model); None: this cell
-    trains on its own (stages.train_adapt), as regularisers, m < 2 (no folds) and, for now, conv / U-Net heads do."""
+    trains on its own (adaptation.train_adapt), as regularisers, m < 2 (no folds) and, for now, conv / U-Net heads do."""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
     if folds is None or make_objective(cfg.regularize, "adapt", OUProcess(1e-3, 1.0), None) is not None \
@@ -87,7 +86,7 @@ class Cell:
 
 
 def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> None:
-    """Each cell's candidate settings, source head, σ_d and new encoder, as stages.train_adapt computes them."""
+    """Each cell's candidate settings, source head, σ_d and new encoder, as adaptation.train_adapt computes them."""
     for cell in cells:
         a = cell.cfg.adapt
         cell.candidates = adapt_candidates(a, cell.source_heads is not None, scratch_ok(cell.cfg))
@@ -218,14 +217,14 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
 
 
 def _sigma_data(cell: Cell, cand: Candidate) -> float:
-    """The σ_d of a cell's candidate's models (stages.train_adapt): its new encoder's (auto's scratch candidate), the
+    """The σ_d of a cell's candidate's models (adaptation.train_adapt): its new encoder's (auto's scratch candidate), the
     source heads', else its m samples' second moment."""
     return resolve_scale(cell.sigma_fresh if cand.fresh and cell.fresh is not None else cell.sigma_data, cell.x)
 
 
 def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data: tuple,
                 started: list | None = None) -> dict:
-    """The `copies` heads a lone run of this cell and candidate starts from (stages.candidate_heads), on `data` =
+    """The `copies` heads a lone run of this cell and candidate starts from (adaptation.candidate_heads), on `data` =
     (x, y, counts) of those heads; `started`: scratch's encoder copies, when start_scratch started them."""
     enc = _base(cell, cand) if started is None else stack_copies(started)
     return candidate_heads(cell.cfg, taskset, cand, copies, data, _sigma_data(cell, cand), enc,
@@ -409,7 +408,7 @@ def train_cells(cells: list[Cell], taskset: TaskSet, *, device=None) -> list[dic
 
 
 def _meta(cell: Cell, model, taskset: TaskSet) -> dict:
-    """The exported model's meta.json, as stages.train_adapt writes it."""
+    """The exported model's meta.json, as adaptation.train_adapt writes it."""
     return {"stage": "adapt", "mode": cell.cfg.adapt.mode, "model": model_spec(model), "config": cell.cfg.to_dict(),
             "run_id": cell.run_id, "lineage": cell.lineage, "taskset": taskset.summary()}
 

@@ -143,7 +143,7 @@ def pretrain(recipe: RecipeArg, set_: SetOpt = None, seed: SeedOpt = None, resum
     cfg = _config(recipe, set_, {"seed": seed})
     if dry_run:
         return _dry_run(cfg)
-    from cdmtransfer.stages import pretrain as run_pretrain
+    from cdmtransfer.pretraining import pretrain as run_pretrain
 
     summary = run_pretrain(cfg, tracking_uri=tracking_uri, resume=resume, quiet=quiet or json_out)
     if summary.info.get("rank"):  # torchrun ranks other than 0 stay silent
@@ -173,7 +173,7 @@ def adapt(recipe: RecipeArg,
     cfg = _config(recipe, set_, {"adapt.mode": mode, "adapt.m": m, "seed": seed})
     if dry_run:
         return _dry_run(resolve_adapt(cfg))  # unset steps / batch size / lr as the m-aware rule fills them
-    from cdmtransfer.stages import adapt as run_adapt
+    from cdmtransfer.adaptation import adapt as run_adapt
 
     summary = run_adapt(cfg, encoder=encoder, tracking_uri=tracking_uri, resume=resume, quiet=quiet or json_out)
     _print_summary(summary, json_out, f"adapt {cfg.adapt.mode}, m = {cfg.adapt.m}")

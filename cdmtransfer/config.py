@@ -227,7 +227,7 @@ class TrainConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     # weight_decay applies to the heads; the encoder's own decay: null compares encoder_decay_grid by the held-out DSM
-    # and keeps the best (stages._pretrain_loop: the first value alone, the others stacked where it learned past its
+    # and keeps the best (pretraining._pretrain_loop: the first value alone, the others stacked where it learned past its
     # start); a value pins it. A pretrain that overfits its source rows learns a worse ĥ without it (README, "The
     # encoder's weight decay, chosen by validation").
     encoder_decay: Optional[float] = field(default=None, metadata=_range(0.0))
@@ -260,7 +260,7 @@ class AdaptConfig(TrainConfig):
     # finetune/auto choose the simplest setting (frozen encoder first, then the lowest encoder rate; the source-started
     # head before a random one) whose cross-validated DSM is within this relative margin of the lowest
     select_margin: float = field(default=0.03, metadata=_range(0.0))
-    # Adapt chooses its length by cross-validation on the m samples (stages.py): val_folds fold models train at once,
+    # Adapt chooses its length by cross-validation on the m samples (adaptation.py): val_folds fold models train at once,
     # each validated on its held-out fold, and the final model retrains on all m for the step the folds chose.
     # 1: no cross-validation, the final model trains to the cap (reported as not converged).
     val_folds: int = field(default=4, metadata=_range(1))

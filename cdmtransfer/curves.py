@@ -26,7 +26,9 @@ from cdmtransfer.config import FROM_PRETRAIN, PRETRAINED_MODES, Config, flatten,
 from cdmtransfer.errors import ConfigError, stop_requested
 from cdmtransfer.plots import learning_curves
 from cdmtransfer.schedule import WorkQueue, Workers, default_jobs
-from cdmtransfer.stages import adapt_tags, load_encoder, oracle_truth, pretrain, record_adapt, setup_torch
+from cdmtransfer.adaptation import adapt_tags, oracle_truth, record_adapt
+from cdmtransfer.pretraining import pretrain
+from cdmtransfer.stages import load_encoder, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
 
@@ -146,7 +148,7 @@ def run_cell(cfg_dict: dict, encoder_dir: str | None, lineage: dict, run_id: str
     Touches no tracking store: the parent process is the only writer, so parallel cells cannot lose or mix runs.
     """
     from cdmtransfer.config import from_dict
-    from cdmtransfer.stages import prepare_encoder, train_adapt
+    from cdmtransfer.adaptation import prepare_encoder, train_adapt
 
     cfg = from_dict(Config, cfg_dict, "sweep cell")
     device = setup_torch(cfg)
@@ -166,7 +168,7 @@ def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dic
     {"error": why} for a cell that failed alone (a NaN loss)."""
     from cdmtransfer.cells import Cell, train_cells
     from cdmtransfer.config import from_dict
-    from cdmtransfer.stages import prepare_encoder
+    from cdmtransfer.adaptation import prepare_encoder
 
     cfgs = [from_dict(Config, d, "sweep cell") for d in cfg_dicts]
     device = setup_torch(cfgs[0])

@@ -237,7 +237,8 @@ def pretrain_snapshots(cfg, taskset, *, steps: int, snapshot_steps, seed: int, q
 
     from cdmtransfer.diffusion import OUProcess
     from cdmtransfer.progress import Progress
-    from cdmtransfer.stages import dsm_objective, started_pretrain_model
+    from cdmtransfer.pretraining import started_pretrain_model
+    from cdmtransfer.stages import dsm_objective
     from cdmtransfer.train import train
     from cdmtransfer.validation import dsm_validation, holdout_split
 

@@ -98,7 +98,7 @@ def run_holdouts(cfg: Config, ks: list[int], *, ladder=LADDER, modes=("frozen", 
                  jobs: int = 0) -> list[Holdout]:
     """Train (or find) the pseudo-target sweeps of the held-out tasks `ks`."""
     from cdmtransfer.curves import sweep
-    from cdmtransfer.stages import pretrain
+    from cdmtransfer.pretraining import pretrain
 
     tracker = open_tracker(cfg, tracking_uri)
     out = []

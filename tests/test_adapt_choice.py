@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from cdmtransfer.config import adapt_defaults, load_config, resolve_adapt
 from cdmtransfer.curves import summarise
 from cdmtransfer.models import MLPEncoder, ScoreModel, model_spec
-from cdmtransfer.stages import SourceHeads, adapt_candidates, fresh_encoder, load_head, score_model, train_adapt
+from cdmtransfer.adaptation import adapt_candidates, train_adapt
+from cdmtransfer.stages import SourceHeads, fresh_encoder, load_head, score_model
 from cdmtransfer.tasks import build_taskset
 
 TINY = ["suite.K=3", "suite.n=128", "suite.n_target_pool=64", "suite.n_test=64", "suite.gaussian.d_x=3",
@@ -41,7 +42,7 @@ def _adapt(tmp_path: Path, encoder: str, sets: list[str]):
             enc.net[-1].bias.zero_()
     pretrained = score_model(cfg, enc, taskset.K, taskset, taskset.source_x[0])
     source = SourceHeads(model_spec(pretrained), pretrained.state_dict())
-    if cfg.adapt.mode == "scratch":  # as stages.prepare_encoder: a new encoder, no sources
+    if cfg.adapt.mode == "scratch":  # as adaptation.prepare_encoder: a new encoder, no sources
         enc, source = fresh_encoder(cfg, taskset), None
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     values, _, model_dir, choice = train_adapt(cfg, taskset, enc, {}, "test", tmp_path, None, source_heads=source)

@@ -1,6 +1,6 @@
 """Batched cells (cells.py, issue #12): many adapt runs in one stacked model and one loop, each as it would alone.
 
-One cell batched equals stages.train_adapt; cells are independent (another cell's data does not change a cell's
+One cell batched equals adaptation.train_adapt; cells are independent (another cell's data does not change a cell's
 result, bit for bit); one cell's NaN fails that cell alone; per-cell clipping."""
 
 import copy
@@ -16,7 +16,8 @@ from cdmtransfer.cells import Cell, group_key, train_cells
 from cdmtransfer.config import load_config, resolve_adapt
 from cdmtransfer.curves import MetricRecorder
 from cdmtransfer.models import MLPEncoder, model_spec
-from cdmtransfer.stages import SourceHeads, new_encoder, score_model, train_adapt
+from cdmtransfer.adaptation import train_adapt
+from cdmtransfer.stages import SourceHeads, new_encoder, score_model
 from cdmtransfer.tasks import build_taskset
 
 TINY = ["suite.K=3", "suite.n=128", "suite.n_target_pool=64", "suite.n_test=64", "suite.gaussian.d_x=3",
@@ -39,7 +40,7 @@ def _setup(mode: str, seed: int = 0, sets=()):
 
 
 def _start(cfg, taskset, enc):
-    """The encoder a mode starts from (stages.prepare_encoder without a store)."""
+    """The encoder a mode starts from (adaptation.prepare_encoder without a store)."""
     if cfg.adapt.mode == "scratch":
         torch.manual_seed(cfg.seed + 1)
         return new_encoder(cfg, taskset)

@@ -125,7 +125,7 @@ def test_a_stop_request_whose_interrupt_was_swallowed_still_stops_training_and_m
     here as a run that went on to exit 0); the flag the handler also sets stops the loop at its next step."""
     from cdmtransfer import errors
     from cdmtransfer.config import load_config
-    from cdmtransfer.stages import pretrain
+    from cdmtransfer.pretraining import pretrain
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY)
@@ -145,12 +145,12 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     import math
 
     import cdmtransfer
-    import cdmtransfer.stages as stages
+    import cdmtransfer.pretraining as pretraining
     from cdmtransfer.errors import TrainingError
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY)
-    real = stages.dsm_objective
+    real = pretraining.dsm_objective
 
     def poisoned(*args, **kwargs):
         loss_fn, calls = real(*args, **kwargs), {"n": 0}
@@ -162,7 +162,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
 
         return wrapped
 
-    monkeypatch.setattr(stages, "dsm_objective", poisoned)
+    monkeypatch.setattr(pretraining, "dsm_objective", poisoned)
     with pytest.raises(TrainingError, match="NaN or infinite by step 100.*step_000080"):
         cdmtransfer.pretrain(recipe)
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")

@@ -374,14 +374,14 @@ def test_damaged_model_directories(tmp_path, exported, data):
 
 @given(meta=st.data())
 def test_resume_against_damaged_checkpoint(tmp_path, exported, meta):
-    from cdmtransfer.stages import _check_resume
+    from cdmtransfer.stages import check_resume
 
     run_dir = tmp_path / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(exported / "checkpoints", run_dir / "checkpoints")
     meta_file = run_dir / "checkpoints" / "step_000001" / "meta.json"
     meta_file.write_bytes(meta.draw(damaged_meta(json.loads(meta_file.read_text()))))
-    only_own_errors(_check_resume, run_dir, Config(), "adapt")
+    only_own_errors(check_resume, run_dir, Config(), "adapt")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -108,9 +108,9 @@ def test_resume_equals_uninterrupted(recipe, store, monkeypatch):
     cfg = cdmtransfer.load_config(recipe)
     full = cdmtransfer.pretrain(cfg)
 
-    import cdmtransfer.stages as stages
+    import cdmtransfer.pretraining as pretraining
 
-    real = stages.dsm_objective
+    real = pretraining.dsm_objective
 
     def dying_objective(*args, **kwargs):
         loss_fn, calls = real(*args, **kwargs), {"n": 0}
@@ -123,13 +123,13 @@ def test_resume_equals_uninterrupted(recipe, store, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(stages, "dsm_objective", dying_objective)
+    monkeypatch.setattr(pretraining, "dsm_objective", dying_objective)
     with pytest.raises(KeyboardInterrupt):
         cdmtransfer.pretrain(cfg)
     c = client(store)
     killed = [r for r in c.search_runs([c.get_run(full.run_id).info.experiment_id]) if r.info.status == "KILLED"]
     assert len(killed) == 1
-    monkeypatch.setattr(stages, "dsm_objective", real)
+    monkeypatch.setattr(pretraining, "dsm_objective", real)
     resumed = cdmtransfer.pretrain(cfg, resume=killed[0].info.run_id)
     assert resumed.run_id == killed[0].info.run_id
     assert c.get_run(resumed.run_id).info.status == "FINISHED"

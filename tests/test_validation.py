@@ -168,7 +168,8 @@ def test_dsm_validation_is_deterministic_ignores_padding_and_is_lowest_for_the_t
 
 def test_head_init_copies_the_chosen_source_head_into_every_fold_head():
     from cdmtransfer.models import model_spec
-    from cdmtransfer.stages import SourceHeads, load_head, pick_source_head
+    from cdmtransfer.adaptation import pick_source_head
+    from cdmtransfer.stages import SourceHeads, load_head
 
     torch.manual_seed(0)
     pretrained = ScoreModel(MLPEncoder(5, 2, 8, 1), 3, 4, 16, 2, 4, parametrization="edm", sigma_data=0.7)
@@ -193,16 +194,16 @@ def test_head_init_copies_the_chosen_source_head_into_every_fold_head():
             eps = x_t / process.sigma(t)[..., None]
             return eps + torch.tensor([1.0, -0.5, 0.0])[:, None, None]
 
-    import cdmtransfer.stages as stages
+    import cdmtransfer.adaptation as adaptation
 
-    real = stages.rebuild
-    stages.rebuild = lambda spec, what: Exact()
+    real = adaptation.rebuild
+    adaptation.rebuild = lambda spec, what: Exact()
     Exact.load_state_dict = lambda self, w: None
     try:
         from cdmtransfer.config import AdaptConfig
         choice = pick_source_head(source, torch.zeros(8, 4), torch.zeros(8, 5), process, AdaptConfig())
     finally:
-        stages.rebuild = real
+        adaptation.rebuild = real
     assert choice == 3
 
 
