@@ -201,7 +201,7 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     scales = [_sigma_data(cells[u.cell], u.cand) for u in units]
     model = score_model(first.cfg, encoder, len(units) * copies, taskset, first.x, scales[0])
     sd = None
-    if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its own cell's σ_d
+    if model.precond is not None and len(set(scales)) > 1:  # EDM: each head keeps its cell and candidate's σ_d
         sd = model.precond.sd = torch.tensor(scales).repeat_interleave(copies)[:, None, None].to(device)
     heads = [_unit_heads(cells[u.cell], u.cand, copies, taskset, data[u.cell], start)
              for u, start in zip(units, starts)]
