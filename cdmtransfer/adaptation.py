@@ -118,7 +118,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     start = pick_source_head(source_heads, x_m, y_m, process, a) if uses_source else None
     sigma_data = adapt_scale(cfg, taskset, source_heads if uses_source else None, (x_m, y_m))
     fresh = enc if a.mode == "scratch" else fresh_encoder(cfg, taskset) if any(c.fresh for c in candidates) else None
-    sigma_fresh = adapt_scale(cfg, taskset, None, (x_m, y_m), scratch=True) if fresh is not None else None
+    sigma_fresh = sigma_data if a.mode == "scratch" else (
+        adapt_scale(cfg, taskset, None, (x_m, y_m), scratch=True) if fresh is not None else None)
     scale = lambda c: resolve_scale(sigma_fresh if c.fresh else sigma_data, x_m)  # noqa: E731 (each candidate's σ_d)
 
     def run_stage(cands: list[Candidate], copies: int, x, y, n, ckpt: Path, label: str, sink, **kw):

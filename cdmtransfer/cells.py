@@ -82,7 +82,7 @@ class Cell:
     sigma_data: float | None = None  # its heads' σ_d (head_start.adapt_scale); None: its m samples' RMS
     sigma_fresh: float | None = None  # σ_d of its new encoder's heads (cell.fresh; scratch's rule)
     error: str | None = None  # why it failed (a NaN loss), else None
-    fresh: torch.nn.Module | None = None  # a pretrained mode's new encoder for scratch's candidate (auto), else None
+    fresh: torch.nn.Module | None = None  # the encoder a scratch candidate trains (scratch: enc; auto: a new one)
 
 
 def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> None:
@@ -90,12 +90,14 @@ def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> No
     for cell in cells:
         a = cell.cfg.adapt
         cell.candidates = adapt_candidates(a, cell.source_heads is not None, scratch_ok(cell.cfg))
-        if a.mode != "scratch" and any(c.fresh for c in cell.candidates):
-            cell.fresh = fresh_encoder(cell.cfg, taskset)
-            cell.sigma_fresh = adapt_scale(cell.cfg, taskset, None, (cell.x, cell.y), scratch=True)
         uses_source = any(c.head_init == "source" for c in cell.candidates)
         cell.start = pick_source_head(cell.source_heads, cell.x, cell.y, process, a) if uses_source else None
         cell.sigma_data = adapt_scale(cell.cfg, taskset, cell.source_heads if uses_source else None, (cell.x, cell.y))
+        if a.mode == "scratch":  # its own encoder is the new one
+            cell.fresh, cell.sigma_fresh = cell.enc, cell.sigma_data
+        elif any(c.fresh for c in cell.candidates):  # auto's scratch candidate
+            cell.fresh = fresh_encoder(cell.cfg, taskset)
+            cell.sigma_fresh = adapt_scale(cell.cfg, taskset, None, (cell.x, cell.y), scratch=True)
 
 
 @dataclass
@@ -106,8 +108,8 @@ class Unit:
 
 
 def _base(cell: Cell, c: Candidate) -> torch.nn.Module:
-    """The encoder a candidate of this cell starts from: its new encoder (auto's scratch candidate), else cell.enc."""
-    return cell.fresh if c.fresh and cell.fresh is not None else cell.enc
+    """The encoder a candidate of this cell starts from: the new one for a scratch candidate, else cell.enc."""
+    return cell.fresh if c.fresh else cell.enc
 
 
 def _parts(units: list[Unit], cells: list[Cell]) -> list[tuple[tuple, list[int]]]:
@@ -217,9 +219,9 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
 
 
 def _sigma_data(cell: Cell, cand: Candidate) -> float:
-    """The σ_d of a cell's candidate's models (adaptation.train_adapt): its new encoder's (auto's scratch candidate), the
+    """The σ_d of a cell's candidate's models (adaptation.train_adapt): its new encoder's (a scratch candidate), the
     source heads', else its m samples' second moment."""
-    return resolve_scale(cell.sigma_fresh if cand.fresh and cell.fresh is not None else cell.sigma_data, cell.x)
+    return resolve_scale(cell.sigma_fresh if cand.fresh else cell.sigma_data, cell.x)
 
 
 def _unit_heads(cell: Cell, cand: Candidate, copies: int, taskset: TaskSet, data: tuple,
