@@ -194,9 +194,10 @@ def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path,
     the candidates' losses and the chosen setting; with the skipped metrics' reasons. Also draws the samples figure."""
     a = cfg.adapt
     pick = candidates[chosen]
-    values, skipped = evaluate_model(ema.cpu(), taskset, cfg)
+    draws: dict = {}
+    values, skipped = evaluate_model(ema.cpu(), taskset, cfg, keep=draws)
     if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
-        adapt_samples_figure(ema, taskset, cfg, work_dir / "plots" / "samples.png")
+        adapt_samples_figure(ema, taskset, cfg, work_dir / "plots" / "samples.png", draws=draws or None)
     values.update(train_seconds=seconds + (cv_stats["cv_seconds"] if cv_stats else 0),
                   trainable_parameters=trainable, steps=steps)
     if steps > 0:

@@ -201,11 +201,16 @@ def sweep(recipe: RecipeArg,
                                  "sweep.seeds": seeds, "sweep.pretrain_seeds": pretrain_seeds, "seed": seed})
     if dry_run:
         return _dry_run(cfg)
-    from cdmtransfer import report
-    from cdmtransfer.curves import sweep as run_sweep
+    from cdmtransfer.schedule import Workers, default_jobs
 
-    result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out, jobs=jobs,
-                       resume=resume)
+    s = cfg.sweep
+    with Workers((jobs or default_jobs(len(s.modes) * len(s.m) * s.seeds)) - 1) as workers:
+        workers.warm()  # the workers import torch and MLflow while this process does
+        from cdmtransfer import report
+        from cdmtransfer.curves import sweep as run_sweep
+
+        result = run_sweep(cfg, encoder=encoder, tracking_uri=tracking_uri, quiet=quiet or json_out,
+                           resume=resume, workers=workers)
     if json_out:
         return report.emit_json(result.to_dict())
     out = report.console()

@@ -284,10 +284,12 @@ def _runs(pretrains: list) -> list[tuple[str, str]]:
 
 
 def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
-          jobs: int = 0, resume: str | None = None, tags: dict | None = None) -> SweepResult:
+          jobs: int = 0, resume: str | None = None, tags: dict | None = None,
+          workers: Workers | None = None) -> SweepResult:
     """Learning curves over sweep.modes × sweep.m × sweep.seeds; `resume` continues an interrupted sweep run.
 
-    `tags` are added to the sweep run (estimate finds its pseudo-target sweeps by them)."""
+    `tags` are added to the sweep run (estimate finds its pseudo-target sweeps by them). `workers`: processes the
+    caller started (the command line spawns them before it imports torch), in place of `jobs` − 1 new ones."""
     s = cfg.sweep
     setup_torch(cfg)
     taskset = build_taskset(cfg)
@@ -307,6 +309,9 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                                                seed=cfg.seed + offset,
                                                adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m)))
              for mode in modes for m in s.m for offset in range(s.seeds)]  # unset adapt keys follow m's rule
+    if workers is not None:
+        return _sweep(cfg, taskset, modes, skipped, cells, encoder, tracking_uri, quiet, workers.count + 1, workers,
+                      resume, tags, h_star_d)
     jobs = jobs or default_jobs(len(cells))
     with Workers(jobs - 1) as workers:
         workers.warm()  # the workers import torch while this process opens the store
@@ -370,25 +375,31 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                     encoders.append((str(model_dir), lineage))
                 parent.set_tags({TAG + "encoder_source": sources[0],
                                  **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
-            oracle_run, oracle = None, (None, {})  # the pretrain on h* that oracle cells adapt: (model dir, lineage)
-            if oracle_cfg is not None:
-                if oracle_job is not None:
-                    oracle_run = oracle_job.result()
-                elif cfg.model.encoder == "oracle" and sources:  # the recipe's own encoder is h*: one pretrain serves
-                    oracle_run = sources[0]
-                else:
-                    oracle_run = _sweep_pretrain(oracle_cfg, tracking_uri, parent.run_id, oracle_prior, quiet)
-                model_dir, _ = find_model_dir(tracker, oracle_run, Path(tmp))
-                _, lineage, _ = load_encoder(tracker, oracle_run, taskset, oracle_cfg, h_star=oracle_truth(taskset))
-                oracle = (str(model_dir), lineage)
-                parent.set_tags({TAG + "oracle_pretrain_run_id": oracle_run})
-            items = scratch_items + runs.items([c for c in todo[0] if c.adapt.mode == "oracle"], oracle,
-                                               jobs=workers.count + 1)
+            oracle_run = None  # the pretrain on h* that oracle cells adapt
+            if oracle_cfg is not None and oracle_job is None:
+                oracle_run = (sources[0] if cfg.model.encoder == "oracle" and sources  # one pretrain serves both
+                              else _sweep_pretrain(oracle_cfg, tracking_uri, parent.run_id, oracle_prior, quiet))
+
+            def oracle_items(run_id: str) -> list:
+                """The oracle cells' work items, once their pretrain on h* (`run_id`) is done."""
+                model_dir, _ = find_model_dir(tracker, run_id, Path(tmp))
+                _, lineage, _ = load_encoder(tracker, run_id, taskset, oracle_cfg, h_star=oracle_truth(taskset))
+                parent.set_tags({TAG + "oracle_pretrain_run_id": run_id})
+                return runs.items([c for c in todo[0] if c.adapt.mode == "oracle"], (str(model_dir), lineage),
+                                  jobs=workers.count + 1)
+
+            items, later = list(scratch_items), {}
             for p, learned_encoder in enumerate(encoders):
                 label = f" (encoder {p + 1}/{len(encoders)})" if len(encoders) > 1 else ""
                 items += runs.items([c for c in todo[p] if c.adapt.mode in PRETRAINED_MODES], learned_encoder,
                                     pretrain=p, label=label, jobs=workers.count + 1)
-            runs.queue.run(items)
+            if oracle_job is not None:  # the learned encoder's cells need not wait for the worker's pretrain on h*
+                later[oracle_job] = lambda: oracle_items(oracle_job.result())
+            elif oracle_run is not None:
+                items += oracle_items(oracle_run)
+            runs.queue.run(items, later)
+            if oracle_job is not None:
+                oracle_run = oracle_job.result()
         plan = [(c, p) for c in cells
                 for p in (range(len(encoders)) if c.adapt.mode in PRETRAINED_MODES else [0])]
         rows = list(done.values()) + runs.rows

@@ -145,13 +145,16 @@ def divergence_warning(label: str, metrics: dict, skipped: dict | None, threshol
 
 
 def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
-                   target: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict[str, float], dict]:
+                   target: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   keep: dict | None = None) -> tuple[dict[str, float], dict]:
     """All metrics the suite allows, with the evaluation noise fixed by `cfg.evaluate.seed`.
 
     Returns (metrics, skipped): skipped maps each metric not computed to the reason, and, when the samples diverged,
     skipped[FLAGS] maps each sample-based metric to why it is not a result (metrics["diverged"] is then 1.0).
     `target` = (x_m, y_m), the m samples the model was adapted on, for ref/linear_target_mse and ref/oracle_ls_mse;
     by default the adapt run's own subset, drawn as train_adapt draws it (taskset.target_subset(adapt.m, seed)).
+    `keep`, where given, receives the conditional samples the distribution distance drew ("model", "true":
+    [C, N, d_x]; "x": the conditions' held-out x), for the adapt run's samples figure to reuse.
     """
     e = cfg.evaluate
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
@@ -205,6 +208,8 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
                                                      e.sampler, gen))
         metrics["sliced_w2"] = float(sliced_w2(model_draws, reference, 64, gen).mean())
         metrics["sliced_w2_floor"] = float(sliced_w2(reference2, reference, 64, gen).mean())
+        if keep is not None:
+            keep.update(model=model_draws, true=reference, x=taskset.test_x[:n_dist])
     reference_diagnostics = getattr(taskset.truth, "reference_diagnostics", None)  # MCMC references (Langevin)
     if reference_diagnostics is not None:
         metrics.update(reference_diagnostics())

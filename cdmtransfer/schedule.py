@@ -23,9 +23,13 @@ def default_jobs(cells: int) -> int:
 
 
 def _start_worker() -> None:
-    """Each worker's start: the imports every sweep task needs (torch, MLflow: seconds; while the sweep's process
-    sets up its store when `Workers.warm` spawned it), and an exit without a final collection over their objects."""
+    """Each worker's start: the imports its tasks need (torch, MLflow, its SQLite store and matplotlib for the
+    cells' figures: seconds, while the sweep's process does its own and sets up its store when `Workers.warm` spawned
+    it), and an exit without a final collection over their objects."""
     import cdmtransfer.curves  # noqa: F401  (imports the stages, torch and the tracking client)
+    import matplotlib.backends.backend_agg  # noqa: F401  (plots.conditional_scatter)
+    import matplotlib.figure  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401  (a pretrain's own run: the pretrain on h*)
 
     atexit.register(gc.freeze)
 
@@ -78,24 +82,30 @@ class WorkQueue:
         for item in sorted(items, key=self.work, reverse=True):
             self._submit(item)
 
-    def run(self, items: list) -> None:
+    def run(self, items: list, later: dict[Future, Callable[[], list]] | None = None) -> None:
         """Train `items` (largest first) and wait for those started before. This process takes the first item, then
         the next whenever it is free; before it starts one, the workers get the next items until each has two or
         at least as much work waiting as that item (this process hands out nothing while it trains). With none
-        left, it takes back an item a worker has not started."""
+        left, it takes back an item a worker has not started.
+
+        `later` maps a future running elsewhere (a worker's pretrain) to what gives the items that wait for it; it
+        counts as a worker's item until it ends, then its items join the queue."""
         queue = deque(sorted(items, key=self.work, reverse=True))
-        while queue or self.running:
+        later = dict(later or {})
+        while queue or self.running or later:
             self._collect()  # items that ended while this process was busy free their worker's slot first
+            for future in [f for f in later if f.done()]:
+                queue = deque(sorted([*queue, *later.pop(future)()], key=self.work, reverse=True))
             own = queue.popleft() if queue else self._take_back()
             mine = self.work(own) if own is not None else 0
-            while queue and (len(self.running) < 2 * self.workers.count
+            while queue and (len(self.running) + len(later) < 2 * self.workers.count
                              or sum(map(self.work, self.running.values())) < mine * self.workers.count):
                 self._submit(queue.popleft())
             if own is not None:
                 fn, args = self.call(own)
                 self.finish(own, fn(*args))
             else:
-                wait(self.running, return_when=FIRST_COMPLETED)
+                wait([*self.running, *later], return_when=FIRST_COMPLETED)
             self._collect()
 
     def _take_back(self):

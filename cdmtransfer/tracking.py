@@ -110,6 +110,8 @@ class Tracker:
         except OSError as exc:
             raise ConfigError(f"{store.home}: cannot create the run directory ({exc.strerror or exc}); "
                               f"set CDMTRANSFER_HOME or tracking.home to a writable place") from None
+        if store.uri.startswith("sqlite:"):  # its ~1 s of imports outside the lock other processes wait on
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
         with _sqlite_init_lock(store.uri):
             db_file = Path(store.uri[len("sqlite:///"):]) if store.uri.startswith("sqlite:///") else None
             if store.embedded and db_file is not None and not db_file.exists():
