@@ -74,30 +74,36 @@ def psnr(estimate: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 
 
 def save_grid(path: Path, images: torch.Tensor, row_labels: list[str] | None = None, title: str = "") -> Path:
-    """Write a [R, C, H, W] grid of [0, 1] images as a PNG (matplotlib, Agg backend, imported lazily)."""
-    import matplotlib
+    """Write a [R, C, H, W] grid of [0, 1] images as a PNG (matplotlib's object API, Agg, imported lazily).
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
+    The images are tiled into one array, 1-pixel white gaps between them, and drawn as one image with the row
+    labels as y tick labels: one axes instead of R·C (a 4 × 8 grid took ~1.4 s that way, drawn with every adapt
+    run of an image suite)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     images = images.detach().cpu().clamp(0, 1)
-    R, C = images.shape[:2]
-    fig, axes = plt.subplots(R, C, figsize=(0.9 * C + 0.9, 0.9 * R + 0.3), squeeze=False)
-    for i in range(R):
-        for j in range(C):
-            ax = axes[i][j]
-            ax.imshow(images[i, j].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        if row_labels:
-            axes[i][0].set_ylabel(row_labels[i], fontsize=7)
+    R, C, H, W = images.shape
+    gap = 1
+    padded = torch.ones(R, C, H + gap, W + gap)
+    padded[:, :, :H, :W] = images
+    canvas = padded.permute(0, 2, 1, 3).reshape(R * (H + gap), C * (W + gap))[:-gap, :-gap]  # [R·(H+1)−1, C·(W+1)−1]
+    fig = Figure(figsize=(0.9 * C + 0.9, 0.9 * R + 0.3), dpi=80)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.9 / (0.9 * C + 0.9), 0.02, 1 - 1.0 / (0.9 * C + 0.9), 1 - 0.32 / (0.9 * R + 0.3)))
+    ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+    ax.set_xticks([])
+    ax.set_yticks([i * (H + gap) + (H - 1) / 2 for i in range(R)] if row_labels else [])
+    if row_labels:
+        ax.set_yticklabels(row_labels, fontsize=7)
+        ax.tick_params(axis="y", length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(path)
     return path
 
 
