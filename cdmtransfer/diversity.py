@@ -176,8 +176,6 @@ def held_out_errors(model, truth_model, x, y, counts, process, draws: int, seed:
 def task_stacks(taskset, test_rows: int):
     """Training and test stacks of the K + 1 tasks (row 0 the target, 1..K the sources, theory.md §1.1):
     ((x, y, counts), (x, y, counts)). Each source gives its last min(test_rows, n_k/4) rows to the test part."""
-    import torch
-
     from cdmtransfer.tasks.base import stack_sources
 
     n = [int(c) for c in taskset.source_n]
