@@ -80,23 +80,32 @@ def time_train_step(args, steps: int) -> dict:
             "source": f"own short train() run ({steps} steps, first {args.warmup_steps} dropped)"}
 
 
-def run(args) -> dict:
+def matmul_peak(sizes: list[int], reps: int) -> list[dict]:
+    """GFLOP/s of torch.mm on two n × n fp32 matrices for each n of `sizes`: 2 warm-up calls, then `reps` timed ones
+    (the peak is the largest median over the sizes)."""
     import torch
 
-    torch.set_num_threads(args.threads)
     peak = []
-    for n in args.matmul_sizes:
+    for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
         out = torch.empty(n, n)
         for _ in range(2):  # warm up
             torch.mm(a, b, out=out)
         gf = []
-        for _ in range(args.matmul_reps):
+        for _ in range(reps):
             t0 = time.perf_counter()
             torch.mm(a, b, out=out)
             gf.append(2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
         peak.append({"n": n, "gflops_median": median(gf), "gflops_best": max(gf), "gflops_runs": gf})
         log(f"matmul: {n}x{n} fp32: median {median(gf):.1f} GFLOP/s, best {max(gf):.1f}")
+    return peak
+
+
+def run(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak(args.matmul_sizes, args.matmul_reps)
     peak_med = max(p["gflops_median"] for p in peak)
     peak_best = max(p["gflops_best"] for p in peak)
     flops = step_flops()
