@@ -72,9 +72,9 @@ def adapt_samples_figure(model, taskset, cfg, path: Path, draws: dict | None = N
                          n_per: int = 200) -> Path | None:
     """The sample plot logged with every adapt run: the suite's image grid, or a scatter for vector data.
 
-    `draws`: the conditional samples evaluation already drew (metrics.evaluate_model's `keep`: test conditions
-    y, their held-out x, model and, where the suite has them, true samples [C, N, d_x]); the figure shows the first
-    n_cond of them instead of sampling its own."""
+    `draws`: the conditional samples evaluation already drew for its first test conditions (metrics.evaluate_model's
+    `keep`: model and true samples [C, N, d_x], the conditions' held-out x); the figure shows the first n_cond of
+    them instead of sampling its own."""
     import torch
 
     from cdmtransfer.diffusion import OUProcess
