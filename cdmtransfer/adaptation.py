@@ -16,6 +16,7 @@ from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, oracle_config,
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.errors import ConfigError, DataError
 from cdmtransfer.head_start import adapt_scale, fit_linear_means, stack_copies, start_scratch
+from cdmtransfer.eval_cache import evaluation_key, load as eval_cache_load, store as eval_cache_store
 from cdmtransfer.metrics import divergence_warning, evaluate_model
 from cdmtransfer.models import FixedEncoder, ScoreModel, head_options, model_spec, rebuild
 from cdmtransfer.plots import adapt_samples_figure
@@ -188,14 +189,22 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
 
 def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path, cv_stats: dict | None,
                  candidates: list[Candidate], chosen: int, cv: list, start: int | None, *, final_loss: float,
-                 seconds: float, steps: int, trainable: int) -> tuple[dict, dict]:
+                 seconds: float, steps: int, trainable: int, eval_cache: Path | None = None) -> tuple[dict, dict]:
     """An adapted model's metrics (evaluate_model) and what its training reports: the refit's loss, steps and
     seconds, cross-validation's `cv_stats` (convergence_metrics with prefix cv_, and cv_seconds; None without folds),
-    the candidates' losses and the chosen setting; with the skipped metrics' reasons. Also draws the samples figure."""
+    the candidates' losses and the chosen setting; with the skipped metrics' reasons. Also draws the samples figure.
+    `eval_cache`: a directory of evaluations to reuse and add to (a sweep's cells: eval_cache.py)."""
     a = cfg.adapt
     pick = candidates[chosen]
-    draws: dict = {}
-    values, skipped = evaluate_model(ema.cpu(), taskset, cfg, keep=draws)
+    key = evaluation_key(ema.cpu(), cfg) if eval_cache else None
+    found = eval_cache_load(eval_cache, key) if key else None
+    if found:
+        values, skipped, draws = found
+    else:
+        draws = {}
+        values, skipped = evaluate_model(ema.cpu(), taskset, cfg, keep=draws)
+        if key:
+            eval_cache_store(eval_cache, key, values, skipped, draws)
     if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
         adapt_samples_figure(ema, taskset, cfg, work_dir / "plots" / "samples.png", draws=draws or None)
     values.update(train_seconds=seconds + (cv_stats["cv_seconds"] if cv_stats else 0),

@@ -83,6 +83,7 @@ class Cell:
     sigma_fresh: float | None = None  # σ_d of its new encoder's heads (cell.fresh; scratch's rule)
     error: str | None = None  # why it failed (a NaN loss), else None
     fresh: torch.nn.Module | None = None  # the encoder a scratch candidate trains (scratch: enc; auto: a new one)
+    eval_cache: Path | None = None  # evaluations shared with the sweep's other cells (eval_cache.py)
 
 
 def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> None:
@@ -401,7 +402,7 @@ def train_cells(cells: list[Cell], taskset: TaskSet, *, device=None) -> list[dic
         ema, fit = got
         model_dir = export_model(cell.work_dir / "model", ema.state_dict(), _meta(cell, ema, taskset))
         values, skipped = adapt_values(cell.cfg, taskset, ema, cell.work_dir, cv_stats, cell.candidates, chosen,
-                                       losses, cell.start, **fit)
+                                       losses, cell.start, eval_cache=cell.eval_cache, **fit)
         out[c] = {"metrics": values, "skipped": skipped, "model_dir": str(model_dir),
                   "history": getattr(cell.sink, "records", []),
                   "choice": choice_info(cell.cfg.adapt.mode, cell.candidates, chosen, losses,

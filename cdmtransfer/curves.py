@@ -162,10 +162,11 @@ def run_cell(cfg_dict: dict, encoder_dir: str | None, lineage: dict, run_id: str
 
 
 def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dict], run_ids: list[str],
-              work_dirs: list[str]) -> list[dict]:
+              work_dirs: list[str], eval_cache: str | None = None) -> list[dict]:
     """Train and evaluate cells that share cells.group_key as one stacked model in one loop (cells.train_cells);
     like run_cell, in the sweep's process or a worker, touching no tracking store. Per cell run_cell's dict, or
-    {"error": why} for a cell that failed alone (a NaN loss)."""
+    {"error": why} for a cell that failed alone (a NaN loss). `eval_cache`: the sweep's shared evaluations
+    (eval_cache.py)."""
     from cdmtransfer.cells import Cell, train_cells
     from cdmtransfer.config import from_dict
     from cdmtransfer.adaptation import prepare_encoder
@@ -184,7 +185,8 @@ def run_group(cfg_dicts: list[dict], encoder_dir: str | None, lineages: list[dic
                 shared[kind] = got
         enc, _, source_heads = got if kind == "scratch" else shared[kind]
         x, y = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
-        cells.append(Cell(cfg, x, y, enc, run_id, Path(work_dir), lineage, source_heads, MetricRecorder()))
+        cells.append(Cell(cfg, x, y, enc, run_id, Path(work_dir), lineage, source_heads, MetricRecorder(),
+                          eval_cache=Path(eval_cache) if eval_cache else None))
     outs = train_cells(cells, taskset, device=device)
     return [out if out is not None else {"error": cell.error} for cell, out in zip(cells, outs)]
 
@@ -351,7 +353,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                     and (p == 0 or c.adapt.mode in PRETRAINED_MODES)]
                 for p in range(s.pretrain_seeds if pretrains_here else 1)}
         with _CellRuns(tracker, parent.run_id, taskset, workers, quiet, s.batch_cells,
-                       sum(map(len, todo.values()))) as runs:
+                       sum(map(len, todo.values())), str(Path(tmp) / "evaluations")) as runs:
             early = bool(workers.count and pretrains_here)  # the workers start what needs no encoder now
             oracle_job = None  # the pretrain on h*, in a worker while this process pretrains the learned encoder(s)
             if early and oracle_cfg is not None and cfg.model.encoder != "oracle":
@@ -437,8 +439,10 @@ class _CellRuns:
     recorded here as each item ends, the sweep's process being the only writer of cell runs. Leaving the `with`
     block by an exception closes every run not recorded (KILLED on an interrupt, else FAILED)."""
 
-    def __init__(self, tracker, parent_id: str, taskset, workers: Workers, quiet: bool, batch: bool, total: int):
+    def __init__(self, tracker, parent_id: str, taskset, workers: Workers, quiet: bool, batch: bool, total: int,
+                 eval_cache: str | None = None):
         self.tracker, self.parent_id, self.taskset, self.quiet, self.batch = tracker, parent_id, taskset, quiet, batch
+        self.eval_cache = eval_cache  # a directory the items' processes share: a model evaluated once (eval_cache.py)
         self.total, self.rows, self.open = total, [], {}  # cell index -> _OpenCell, until recorded
         self.opened = 0  # cells opened so far: the next cell's index
         self.queue = WorkQueue(workers, self._call, self._finish, self.work)
@@ -470,7 +474,8 @@ class _CellRuns:
         if not self.batch or group_key(cells[0].cfg) is None:
             return run_cell, args[0]
         cols = list(zip(*args))
-        return run_group, (list(cols[0]), cells[0].encoder[0], list(cols[2]), list(cols[3]), list(cols[4]))
+        return run_group, (list(cols[0]), cells[0].encoder[0], list(cols[2]), list(cols[3]), list(cols[4]),
+                           self.eval_cache)
 
     def _finish(self, item: list[int], outs) -> None:
         for i, out in zip(item, outs if isinstance(outs, list) else [outs]):
