@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_train.py --json bench-results/train.json
     .venv/bin/python benchmarks/bench_train.py --only heads,cli
 
-Runs, in this order, the seven benchmarks of this folder, each of which also runs alone
+Runs, in this order, the eight benchmarks of this folder, each of which also runs alone
 (`.venv/bin/python benchmarks/bench_heads.py --quick`); see benchmarks/README.md for what each number means and
 the goals:
   1. train       (bench_train_loop.py)  time per step of the package's `train()` loop vs a bare PyTorch loop;
@@ -15,7 +15,9 @@ the goals:
   5. matmul      (bench_matmul.py)      the fp32 torch.mm peak and the share of it one pretrain step achieves
                                         (using section 1's ms/step when both run in one invocation);
   6. memory      (bench_memory.py)      peak RSS of a short pretrain for K in {8, 32} x n in {512, 4096};
-  7. quickstart  (bench_quickstart.py)  wall time of `cdmtransfer sweep recipes/quickstart.yaml --quiet`, cold store.
+  7. quickstart  (bench_quickstart.py)  wall time of `cdmtransfer sweep recipes/quickstart.yaml --quiet`, cold store;
+  8. cells       (bench_cells.py)       a step of U stacked adapt units (batched cells) per unit, and its share of
+                                        the fp32 matmul peak.
 
 Prints one combined report of markdown tables on stdout; progress goes to stderr. Nothing under cdmtransfer/ is
 modified: the benchmarks observe the real loop through its public hooks (a Progress-compatible clock, and timing
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import sys
 
+import bench_cells
 import bench_cli
 import bench_heads
 import bench_logging
@@ -35,7 +38,8 @@ import bench_quickstart
 import bench_train_loop
 from _common import main
 
-MODULES = [bench_train_loop, bench_logging, bench_heads, bench_cli, bench_matmul, bench_memory, bench_quickstart]
+MODULES = [bench_train_loop, bench_logging, bench_heads, bench_cli, bench_matmul, bench_memory, bench_quickstart,
+           bench_cells]
 
 if __name__ == "__main__":
     sys.exit(main(MODULES, __doc__))
