@@ -10,6 +10,7 @@ encoders' means) says how much of it is the encoder's.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -311,14 +312,13 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
                                                seed=cfg.seed + offset,
                                                adapt=dataclasses.replace(cfg.adapt, mode=mode, m=m)))
              for mode in modes for m in s.m for offset in range(s.seeds)]  # unset adapt keys follow m's rule
-    if workers is not None:
+    own = workers is None  # else the caller's, which it closes
+    workers = workers or Workers((jobs or default_jobs(len(cells))) - 1)
+    with workers if own else contextlib.nullcontext():
+        if own:
+            workers.warm()  # the workers import torch while this process opens the store
         return _sweep(cfg, taskset, modes, skipped, cells, encoder, tracking_uri, quiet, workers.count + 1, workers,
                       resume, tags, h_star_d)
-    jobs = jobs or default_jobs(len(cells))
-    with Workers(jobs - 1) as workers:
-        workers.warm()  # the workers import torch while this process opens the store
-        return _sweep(cfg, taskset, modes, skipped, cells, encoder, tracking_uri, quiet, jobs, workers, resume,
-                      tags, h_star_d)
 
 
 def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Config], encoder: str | None,
