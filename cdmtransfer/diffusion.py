@@ -76,14 +76,14 @@ def sample_sde(score: ScoreFn, x: torch.Tensor, grid: torch.Tensor, generator: t
 
     The last step returns the noise-free drift update, the usual choice at the early-stopping time T0.
     """
-    n = x.shape[0]
+    n, times = x.shape[0], grid.tolist()
+    x = x.clone()  # updated in place below
     for i in range(len(grid) - 1):
-        t, t_next = grid[i], grid[i + 1]
-        h = t - t_next
-        drift = x + 2 * score(x, t.expand(n))  # Euler–Maruyama drift
-        x = x + h * drift
+        h = times[i] - times[i + 1]
+        s = score(x, grid[i].expand(n))
+        x.mul_(1 + h).add_(s, alpha=2 * h)  # x + h·(x + 2 s): Euler–Maruyama
         if i < len(grid) - 2:
-            x = x + torch.sqrt(2 * h) * torch.randn(x.shape, generator=generator, device=x.device)
+            x.add_(torch.randn(x.shape, generator=generator, device=x.device), alpha=math.sqrt(2 * h))
     return x
 
 

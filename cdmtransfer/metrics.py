@@ -58,18 +58,17 @@ def conditional_samples(model: ScoreModel, y: torch.Tensor, n_per: int, process:
     with torch.no_grad():
         code = model.encoder(y).repeat_interleave(n_per, dim=0)  # h(y) once per condition
         y_rep = y.repeat_interleave(n_per, dim=0) if model.head_sees_y else None
-        heads = model.heads.K
 
         def score(x, t):
-            # All heads on the batch, `head` kept (K is 1 for adapted models); in row chunks whose activations stay
-            # in a core's cache: the same values (rows are independent), ~25% faster than one pass over 12,800 rows
+            # Every sampler step has one time for all rows (t[0]); the head runs in row chunks whose activations
+            # stay in a core's cache (rows are independent: ~25% faster than one pass over 12,800 rows)
             eps = torch.empty_like(x)
-            for rows in chunks(x.shape[0]):
-                inputs = [None if v is None else v[rows] for v in (x, code, t, y_rep)]
-                eps[rows] = model.eps_from_code(*(None if v is None else v.expand(heads, *v.shape)
-                                                  for v in inputs))[head]
-            return eps.div_(-process.sigma(t)[:, None])
+            for rows, eps_rows in zip(chunks(x.shape[0]), row_eps):
+                eps_rows(x[rows], t[0], out=eps[rows])
+            return eps.div_(-process.sigma(t[0]))
 
+        row_eps = [model.sampling_eps(code[rows], None if y_rep is None else y_rep[rows], head)
+                   for rows in chunks(code.shape[0])]
         x = sample(score, code.shape[0], model.d_x, process, steps, method, generator, denoise=denoise)
     return x.view(y.shape[0], n_per, model.d_x)
 

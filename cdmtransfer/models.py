@@ -298,6 +298,60 @@ class ScoreModel(nn.Module):
         c_in = self.precond.c_in(t)
         return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t, y), t)
 
+    @torch.no_grad()
+    def sampling_eps(self, code: torch.Tensor, y: torch.Tensor | None = None, head: int = 0):
+        """eps(x [B, d_x], t: a 0-d time, out=None) -> ε̂ of head `head` for fixed conditions (codes [B, d], and y
+        when the heads see it) at one time for all rows: a sampler's step. Equal to eps_from_code up to float
+        rounding, without its per-row work that does not depend on the row or on t: for MLP heads the code's share of
+        the first layer (W_c w + b) and μ(w) are computed once, the time's share (W_τ τ(t)) and the preconditioning
+        coefficients (vectors over coordinates) once per call, so a step is three matmuls and a few passes over x.
+        Other heads, stacks with `heads.active` set and subclasses with an ε̂ of their own run eps_from_code as is."""
+        heads = self.heads
+        own_eps = type(self).eps_from_code is not ScoreModel.eps_from_code
+        if self.head != "mlp" or heads.active is not None or own_eps:
+            y_k = None if y is None else y[None]
+
+            def generic(x, t, out=None):
+                eps = self.eps_from_code(x[None], code[None], t.expand(1, x.shape[0]), y_k)[0]
+                return eps if out is None else out.copy_(eps)
+
+            return generic
+        W = [w[head] for w in heads.weights]
+        b = [bias[head] for bias in heads.biases]
+        d_x, d = self.d_x, code.shape[1]
+        row_part = torch.addmm(b[0], code, W[0][d_x:d_x + d])  # [B, width]: b₀ + W_c h(y)
+        mu = None
+        if self.linear_mean:
+            mean = heads.mean
+            mu = torch.addmm(mean.biases[0][head], code, mean.weights[0][head])  # μ(w) = A w + b
+        basis, sd = None, getattr(self.precond, "sd", None)  # σ_d: a float, or one per head [K, 1, 1]
+        if self.full_covariance:
+            basis, sd = heads.mean.basis[head], heads.mean.scale[head][0]  # U, and σ_d per coordinate [d_x]
+        elif torch.is_tensor(sd):
+            sd = sd[head].reshape(1)
+
+        def eps(x, t, out=None):
+            alpha, sigma = torch.exp(-t), torch.sqrt(-torch.expm1(-2 * t))
+            time_part = self.time(t.reshape(1)) @ W[0][d_x + d:]  # [1, width]: W_τ τ(t)
+            z = x if mu is None else x - alpha * mu  # x_t − α_t μ(w)
+            if basis is not None:
+                z = z @ basis  # Σ's eigenbasis
+            if self.precond is None:
+                x_in = z
+            else:
+                c_in = torch.rsqrt(alpha**2 * sd**2 + sigma**2)  # Preconditioning.c_in, one per coordinate
+                x_in = z * c_in
+            h = torch.addmm(row_part + time_part, x_in, W[0][:d_x])
+            for w, bias in zip(W[1:], b[1:]):
+                h = torch.addmm(bias, nn.functional.silu(h), w)
+            if self.precond is not None:  # Preconditioning.eps: c_in (σ c_in z − α σ_d F)
+                h = torch.addcmul(z * (sigma * c_in**2), h, -(c_in * alpha * sd))
+            if basis is None:
+                return h if out is None else out.copy_(h)
+            return torch.mm(h, basis.T, out=out)
+
+        return eps
+
     def covariance(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(U_k [K, d_x, d_x], s_k [K, 1, d_x]) of the heads that run (mean_covariance = full): Σ_k = U diag(s²) Uᵀ."""
         mean, active = self.heads.mean, getattr(self.heads, "active", None)

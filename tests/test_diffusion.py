@@ -227,3 +227,51 @@ def test_ode_is_deterministic_given_start_and_sde_is_not(one_thread):
     c = sample_sde(score, x.clone(), grid, torch.Generator().manual_seed(1))
     d = sample_sde(score, x.clone(), grid, torch.Generator().manual_seed(2))
     assert not torch.allclose(c, d)
+
+
+@pytest.mark.parametrize("parametrization, linear_mean, covariance, per_head_sd", [
+    ("eps", False, "scalar", False), ("eps", True, "scalar", False), ("edm", False, "scalar", False),
+    ("edm", True, "scalar", True), ("edm", True, "full", False)])
+def test_sampling_eps_equals_eps_from_code(parametrization, linear_mean, covariance, per_head_sd):
+    """The sampler's fast path (row- and time-constant terms computed once) is the model's ε̂, head by head."""
+    from cdmtransfer.models import MLPEncoder, ScoreModel
+
+    torch.manual_seed(0)
+    model = ScoreModel(MLPEncoder(6, 3, 16, 2), 3, 4, 16, 2, 8, parametrization=parametrization, sigma_data=0.7,
+                       linear_mean=linear_mean, mean_covariance=covariance)
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.5)  # zero-initialised means and biases would hide a term left out
+        if model.full_covariance:
+            model.heads.mean.basis.copy_(torch.linalg.qr(torch.randn(3, 4, 4))[0])
+            model.heads.mean.scale.uniform_(0.3, 2.0)
+    if per_head_sd:
+        model.precond.sd = torch.tensor([0.5, 1.5, 3.0])[:, None, None]
+    y, x = torch.randn(10, 6), torch.randn(10, 4)
+    with torch.no_grad():
+        code = model.encoder(y)
+        for head in range(3):
+            eps = model.sampling_eps(code, head=head)
+            for t in (0.01, 0.4, 3.0):
+                tt = torch.full((3, 10), t)
+                want = model.eps_from_code(x.expand(3, 10, 4), code.expand(3, 10, 3), tt)[head]
+                out = torch.empty(10, 4)
+                assert torch.allclose(eps(x, torch.tensor(t), out=out), want, rtol=1e-5, atol=1e-5)
+                assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+        sd = model.precond.sd if model.precond is not None else None
+        model.heads.active = torch.tensor([2])  # a stack still training (stages._run_only): the generic path
+        if per_head_sd:
+            model.precond.sd = sd[2:]
+        got = model.sampling_eps(code)(x, torch.tensor(0.4))
+        model.heads.active = None
+        if per_head_sd:
+            model.precond.sd = sd
+        assert torch.allclose(got, model.eps_from_code(x.expand(3, 10, 4), code.expand(3, 10, 3),
+                                                       torch.full((3, 10), 0.4))[2], rtol=1e-5, atol=1e-5)
+
+
+def test_sde_sampler_leaves_its_start_alone():
+    x = torch.randn(32, 3)
+    start = x.clone()
+    sample_sde(gaussian_score(MU, SIGMA), x, time_grid(10, 0.01, 5.0), torch.Generator().manual_seed(0))
+    assert torch.equal(x, start)
