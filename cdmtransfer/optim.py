@@ -1,5 +1,6 @@
-"""AdamW (Loshchilov & Hutter 2019) with one fused call per operation over all parameters: the update of
-torch.optim.AdamW(foreach=True), operation for operation, so the numbers are the same.
+"""AdamW (Loshchilov & Hutter 2019) as torch.optim.AdamW(fused=True) computes it: one fused kernel per step that reads
+and writes each parameter and its two moments once (3.5× faster than the foreach update, one pass instead of eight:
+benchmarks/README.md), bit for bit the same numbers as torch's fused AdamW.
 
 Why not torch.optim: its Optimizer methods are wrapped to be skipped by torch.compile, and the first call of any
 of them imports torch._dynamo, 1.3–1.6 s in every process that trains (here: each CLI command and each sweep
@@ -39,28 +40,23 @@ class AdamW:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
             states = [self._state(p) for p in params]
-            exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-            steps = [s["step"] for s in states]
-            (beta1, beta2), lr, eps, decay = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-            torch._foreach_add_(steps, torch.tensor(1.0), alpha=1.0)
-            if decay != 0:
-                torch._foreach_mul_(params, 1 - lr * decay)
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-            counts = [float(t) for t in steps]
-            step_size = [(lr / (1 - beta1**t)) * -1 for t in counts]
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in counts])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denom, step_size)
+            torch._foreach_add_([s["step"] for s in states], 1.0)  # t ← t + 1, as torch does before the kernel
+            beta1, beta2 = group["betas"]
+            by_kind: dict[tuple, list[int]] = {}  # the kernel takes tensors of one device and dtype per call
+            for i, p in enumerate(params):
+                by_kind.setdefault((p.device, p.dtype), []).append(i)
+            for ids in by_kind.values():
+                torch._fused_adamw_([params[i] for i in ids], [params[i].grad for i in ids],
+                                    [states[i]["exp_avg"] for i in ids], [states[i]["exp_avg_sq"] for i in ids], [],
+                                    [states[i]["step"] for i in ids], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                    weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False,
+                                    maximize=False)
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state.get(p)
-        if state is None:
-            state = self.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+        if state is None:  # the step count lives on the parameter's device, as the fused kernel needs it
+            state = self.state[p] = {"step": torch.zeros((), device=p.device), "exp_avg": torch.zeros_like(p),
                                      "exp_avg_sq": torch.zeros_like(p)}
         return state
 
@@ -87,6 +83,6 @@ class AdamW:
                     if s["exp_avg"].shape != p.shape:
                         raise ValueError(f"the optimizer state of parameter {i} has shape "
                                          f"{tuple(s['exp_avg'].shape)}, the model's {tuple(p.shape)}")
-                    state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).clone(),
+                    state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32, device=p.device).clone(),
                                 "exp_avg": s["exp_avg"].to(p).clone(), "exp_avg_sq": s["exp_avg_sq"].to(p).clone()}
         self.state = state
