@@ -36,7 +36,7 @@ bench: $(STAMP)
 # then frozen (the paper's fine-tuning) / finetune / scratch for m in {10,...,100}, 2 seeds, at the in-domain
 # target β0 = 5.5 and the out-of-domain β0 = 15; then the digits-restoration analogue of §4.2 (digits-denoise.yaml).
 # Every run trains to convergence by validation. Measured here (OMP_NUM_THREADS=1, 2 quiet cores, both used by the
-# sweeps): 7 min 32 s wall, 13.8 min of CPU in all (the pretrains stop by validation within a minute).
+# sweeps): 5 min 1 s wall on 2026-12-01 (the pretrains stop by validation within a minute; README "make paper").
 PAPER_M ?= 10,20,30,40,50,100
 PAPER_SEEDS ?= 2
 PAPER_ENCODER = $(BIN)/python -c "import json; print(json.load(open('cdmtransfer-runs/paper-pretrain.json'))['run_id'])"

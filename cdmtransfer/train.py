@@ -164,7 +164,7 @@ def train(model: nn.Module, param_groups: list[dict], loss_fn: LossFn, cfg: Trai
     shows progress and writes checkpoints; every rank validates the same EMA weights, so all stop together.
     """
     generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-    optimizer = AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # optim.py: torch's foreach AdamW
+    optimizer = AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)  # optim.py: torch's fused AdamW
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ema = copy.deepcopy(model).requires_grad_(False)
     last = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
