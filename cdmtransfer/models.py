@@ -306,13 +306,14 @@ class ScoreModel(nn.Module):
         the first layer (W_c w + b) and μ(w) are computed once, the time's share (W_τ τ(t)) and the preconditioning
         coefficients (vectors over coordinates) once per call, so a step is three matmuls and a few passes over x.
         Other heads, stacks with `heads.active` set and subclasses with an ε̂ of their own run eps_from_code as is."""
-        heads = self.heads
+        heads, active = self.heads, getattr(self.heads, "active", None)
         own_eps = type(self).eps_from_code is not ScoreModel.eps_from_code
-        if self.head != "mlp" or heads.active is not None or own_eps:
-            y_k = None if y is None else y[None]
+        if self.head != "mlp" or active is not None or own_eps:
+            K = heads.K if active is None else len(active)  # every running head, `head` kept
+            code_k, y_k = code.expand(K, *code.shape), None if y is None else y.expand(K, *y.shape)
 
             def generic(x, t, out=None):
-                eps = self.eps_from_code(x[None], code[None], t.expand(1, x.shape[0]), y_k)[0]
+                eps = self.eps_from_code(x.expand(K, *x.shape), code_k, t.expand(K, x.shape[0]), y_k)[head]
                 return eps if out is None else out.copy_(eps)
 
             return generic

@@ -262,12 +262,15 @@ def test_sampling_eps_equals_eps_from_code(parametrization, linear_mean, covaria
         model.heads.active = torch.tensor([2])  # a stack still training (stages._run_only): the generic path
         if per_head_sd:
             model.precond.sd = sd[2:]
-        got = model.sampling_eps(code)(x, torch.tensor(0.4))
+        got = model.sampling_eps(code)(x, torch.tensor(0.4))  # head 0 of the running heads: head 2
         model.heads.active = None
         if per_head_sd:
             model.precond.sd = sd
-        assert torch.allclose(got, model.eps_from_code(x.expand(3, 10, 4), code.expand(3, 10, 3),
-                                                       torch.full((3, 10), 0.4))[2], rtol=1e-5, atol=1e-5)
+        want = model.eps_from_code(x.expand(3, 10, 4), code.expand(3, 10, 3), torch.full((3, 10), 0.4))
+        assert torch.allclose(got, want[2], rtol=1e-5, atol=1e-5)
+        model.__class__ = type("OwnEps", (ScoreModel,), {"eps_from_code": ScoreModel.eps_from_code})
+        got = model.sampling_eps(code, head=1)(x, torch.tensor(0.4))  # a subclass's own ε̂: the generic path
+        assert torch.allclose(got, want[1], rtol=1e-6, atol=1e-6)
 
 
 def test_sde_sampler_leaves_its_start_alone():
