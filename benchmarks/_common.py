@@ -152,6 +152,12 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
+def samples_table(label: str, unit: str, samples: dict[str, list[float]]) -> str:
+    """A table of interleaved timings: one row per variant, every sample and their median."""
+    rows = [[name, " / ".join(f"{v:.2f}" for v in values), f"{median(values):.2f}"] for name, values in samples.items()]
+    return table([label, unit, "median"], rows)
+
+
 def status(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "MISS")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-from _common import log, main, median, status, table
+from _common import log, main, median, samples_table, status
 
 NAME = "optim"
 OPTIONS = []
@@ -72,11 +72,10 @@ def details(res: dict) -> list[str]:
     got = res.get(NAME)
     if not got:
         return []
-    rows = [[name, " / ".join(f"{v:.2f}" for v in ms), f"{median(ms):.2f}"] for name, ms in got["ms"].items()]
     return ["", "## AdamW: one update of 128 stacked heads", "",
             f"{got['parameters']:,} parameters, {got['threads']} threads, {got['blocks']} interleaved blocks of 50 "
             f"updates; after 20 updates the two differ by at most {got['max_abs_diff']:.2g}.", "",
-            table(["optimizer", "ms / update", "median"], rows)]
+            samples_table("optimizer", "ms / update", got["ms"])]
 
 
 if __name__ == "__main__":

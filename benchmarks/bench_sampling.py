@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import time
 
-from _common import log, main, median, status, table
+from _common import log, main, median, samples_table, status
 
 NAME = "sampling"
 OPTIONS = []
@@ -82,12 +82,10 @@ def details(res: dict) -> list[str]:
     got = res.get(NAME)
     if not got:
         return []
-    rows = [[name, " / ".join(f"{s:.2f}" for s in got["seconds"][name]), f"{median(got['seconds'][name]):.2f}"]
-            for name in ("fast", "general")]
     return ["", "## Sampling: 100 conditions x 128 denoised draws x 100 SDE steps, Langevin-sized model", "",
             f"{got['threads']} threads, {got['reps']} interleaved repetitions; largest difference between the two "
             f"paths' samples {got['max_abs_diff']:.2g} (samples' mean |x| {got['sample_scale']:.2f}).", "",
-            table(["path", "seconds", "median"], rows)]
+            samples_table("path", "seconds", got["seconds"])]
 
 
 if __name__ == "__main__":
