@@ -332,7 +332,7 @@ class ScoreModel(nn.Module):
             sd = sd[head].reshape(1)
 
         def eps(x, t, out=None):
-            alpha, sigma = torch.exp(-t), torch.sqrt(-torch.expm1(-2 * t))
+            alpha, sigma = Preconditioning._alpha_sigma(t)  # [1] each
             time_part = self.time(t.reshape(1)) @ W[0][d_x + d:]  # [1, width]: W_τ τ(t)
             z = x if mu is None else x - alpha * mu  # x_t − α_t μ(w)
             if basis is not None:
@@ -340,7 +340,7 @@ class ScoreModel(nn.Module):
             if self.precond is None:
                 x_in = z
             else:
-                c_in = torch.rsqrt(alpha**2 * sd**2 + sigma**2)  # Preconditioning.c_in, one per coordinate
+                c_in = self.precond.c_in(t, sd)  # one per coordinate (or one for all)
                 x_in = z * c_in
             h = torch.addmm(row_part + time_part, x_in, W[0][:d_x])
             for w, bias in zip(W[1:], b[1:]):
