@@ -9,11 +9,14 @@ Runs always end FINISHED, FAILED or KILLED: `tracked_run` sets the status on eve
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -100,6 +103,54 @@ def _sqlite_init_lock(uri: str) -> Iterator[None]:
         yield
 
 
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+_deferral = {"active": False, "caught": []}
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then reach whatever handler was installed. A KeyboardInterrupt
+    raised inside an SQLite write leaves that write's transaction open in this process: the database stays locked,
+    and every later write (marking the runs KILLED) waits out the 20 s busy timeout and fails."""
+    if _deferral["active"] or threading.current_thread() is not threading.main_thread():
+        yield  # nested: the outermost block delivers; another thread: signals reach only the main thread anyway
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _DEFERRED}
+    previous = {sig: handler for sig, handler in previous.items() if handler is not None}  # None: not set by Python
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: _deferral["caught"].append(signum))
+    _deferral["active"] = True
+    try:
+        yield
+    finally:
+        _deferral["active"] = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        caught, _deferral["caught"] = _deferral["caught"], []
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)  # runs the handler now (SIGTERM's in cli.main raises KeyboardInterrupt)
+
+
+class _UninterruptedClient:
+    """An MlflowClient on an SQLite store whose calls a signal cannot stop midway (`_signals_deferred`); a call to a
+    server is interrupted as usual (nothing stays locked, and a server that does not answer must not hold Ctrl-C)."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            with _signals_deferred():
+                return attr(*args, **kwargs)
+
+        return call
+
+
 class Tracker:
     """One tracking store and experiment; creates and reopens runs."""
 
@@ -116,7 +167,8 @@ class Tracker:
             db_file = Path(store.uri[len("sqlite:///"):]) if store.uri.startswith("sqlite:///") else None
             if store.embedded and db_file is not None and not db_file.exists():
                 start_from_template(db_file, store.home / "artifacts")  # milliseconds instead of ~2 s of migrations
-            self.client = MlflowClient(tracking_uri=store.uri)
+            client = MlflowClient(tracking_uri=store.uri)
+            self.client = _UninterruptedClient(client) if store.uri.startswith("sqlite:") else client
             self.experiment_id = self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:

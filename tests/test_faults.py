@@ -141,6 +141,42 @@ def test_a_stop_request_whose_interrupt_was_swallowed_still_stops_training_and_m
     assert [r.info.status for r in runs] == ["KILLED"]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_in_the_middle_of_a_store_write_waits_for_the_write_and_the_run_is_still_closed(signum, tmp_path):
+    """SIGTERM (the CLI's handler) or Ctrl-C (Python's) arriving while SQLite executes a write: the write completes,
+    then KeyboardInterrupt. (Raised mid-write, it left the transaction open: the database stayed locked and marking
+    the runs KILLED waited 20 s per try and failed; a CI run of the sweep's SIGTERM test hung on it.)"""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from cdmtransfer import cli as cli_module
+    from cdmtransfer import errors
+    from cdmtransfer.tracking import Store, Tracker, close_run, open_run
+
+    tracker = Tracker(Store(f"sqlite:///{tmp_path}/mlflow.db", tmp_path, embedded=True), "signals")
+    run = open_run(tracker, "r", {})
+    run.log_metrics({"loss": 0.5}, 7)
+
+    def signal_mid_write(conn, cursor, statement, *rest):
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS"):
+            signal.raise_signal(signum)  # its Python handler runs here, inside the write, unless deferred
+
+    handler = cli_module._terminate if signum == signal.SIGTERM else signal.default_int_handler
+    previous = signal.signal(signum, handler)
+    event.listen(Engine, "before_cursor_execute", signal_mid_write)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run.flush()
+    finally:
+        event.remove(Engine, "before_cursor_execute", signal_mid_write)
+        signal.signal(signum, previous)
+        errors.clear_stop()
+    assert signal.getsignal(signum) is previous  # the deferral put the handler back
+    close_run(run, "KILLED")
+    closed = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run.run_id)
+    assert closed.info.status == "KILLED" and closed.data.metrics == {"loss": 0.5}
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path, store, monkeypatch):
     import math
 
