@@ -90,15 +90,17 @@ def test_sigterm_marks_run_killed(tmp_path, store):
     assert client.get_run(run_id).info.status == "KILLED"
 
 
-def test_sigterm_during_a_sweep_stops_the_workers_without_waiting_for_their_cells(tmp_path, store):
-    """A scratch cell trains in a worker while the sweep pretrains; SIGTERM to the sweep marks every run KILLED and
-    ends the worker at once: the cell (20,000 CV steps, about 40 s here) is never finished and exported. (Before,
-    the sweep waited for the worker's cell, which was then exported.)"""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_a_stopped_sweep_stops_the_workers_without_waiting_for_their_cells(how, tmp_path, store):
+    """A scratch cell trains in a worker while the sweep pretrains; SIGTERM to the sweep (or Ctrl-C: SIGINT to its
+    whole process group, workers included, as a terminal sends it) marks every run KILLED and ends the worker at
+    once: the cell (20,000 CV steps, about 40 s here) is never finished and exported. (Before, the sweep waited for
+    the worker's cell, which was then exported.)"""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY)
     proc = cli(store, "sweep", recipe, "--m", 8, "--modes", "frozen,scratch", "--jobs", 2, "--quiet",
                "--set", "pretrain.steps=8000", "--set", "pretrain.patience=0",
-               "--set", "adapt.steps=20000", "--set", "adapt.patience=0")
+               "--set", "adapt.steps=20000", "--set", "adapt.patience=0", start_new_session=True)
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     deadline, reached = time.time() + 120, 0
     while time.time() < deadline and reached < 3000:  # the pretrain 3,000 steps in: the worker is on the cell
@@ -111,7 +113,10 @@ def test_sigterm_during_a_sweep_stops_the_workers_without_waiting_for_their_cell
                if r.data.tags.get("cdmtransfer.mode") == "scratch"]
     assert len(scratch) == 1
     scratch = scratch[0]
-    proc.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err, err
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
