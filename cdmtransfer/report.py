@@ -94,6 +94,41 @@ def sweep_table(summary: list[dict], title: str) -> Table:
     return table
 
 
+# Limits held beside a sweep's table: estimators every cell's test conditions admit, whatever the mode (references.py)
+REFERENCE_COLUMNS = {"posterior_mean_mse_floor": "exact mean", "ref/oracle_ls_mse": "LS on h*(y)",
+                     "ref/linear_target_mse": "ridge on y", "ref/linear_pooled_mse": "sources' linear",
+                     "sliced_w2_floor": "W2 floor"}
+
+
+def references_table(summary: list[dict]) -> Table | None:
+    """Per m, the limits the sweep's models are held against (mean ± sd over seeds), or None when the suite has none.
+
+    They depend on the test conditions and the seed's m target pairs, not on the mode: each m's values come from its
+    first mode (in MODE_ORDER) that logged them."""
+    keys = [k for k in REFERENCE_COLUMNS if any(k in row for row in summary)]
+    if not keys:
+        return None
+    table = Table(title="limits on the same test conditions (what the columns above compare with)",
+                  caption="posterior-mean MSE of: the exact posterior mean (no model can beat it); least squares on "
+                          "the true features h*(y) of the m pairs; ridge regression of x on y fitted on the m pairs; "
+                          "the best linear estimator fitted on the pooled sources (no target data). W2 floor: the "
+                          "sliced W2 between two sets of true samples", show_header=True)
+    for col in ("m", *(REFERENCE_COLUMNS[k] for k in keys)):
+        table.add_column(col, justify="right")
+    rows = sorted(summary, key=lambda r: (r["m"], MODE_ORDER.get(r["mode"], 9)))
+    for m in sorted({row["m"] for row in rows}):
+        cells = []
+        for k in keys:
+            row = next((r for r in rows if r["m"] == m and k in r), None)
+            if row is None:
+                cells.append("–")
+                continue
+            mean, std = row[k]["mean"], row[k]["std"]
+            cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 and std > 0 else ""))
+        table.add_row(str(m), *cells)
+    return table
+
+
 def choice_counts(choices: list[str]) -> str:
     """'frozen ×2, ft×0.1' from the seeds' choices (frozen: encoder fixed; ft×c: encoder lr c × the head's)."""
     counts: dict[str, int] = {}

@@ -177,3 +177,28 @@ def test_the_sweep_table_bolds_the_best_mode_a_user_can_choose_not_the_oracle():
     summary = [row("frozen", 8, 0.5), row("scratch", 8, 0.9), row("oracle", 8, 0.4), row("oracle", 32, 0.1)]
     assert bold_rows(summary) == {"frozen"}
     assert bold_rows([row("oracle", 8, 0.4)]) == {"oracle"}
+
+
+def test_the_limits_table_shows_each_m_once_from_the_first_mode_that_logged_them():
+    """Limits do not depend on the mode: one row per m, values from the first mode in the table's order (frozen
+    before scratch, whatever the summary's order), '–' where no mode logged one, nothing for a suite without any."""
+    from rich.console import Console
+
+    from cdmtransfer.report import references_table
+
+    def row(mode, m, seeds, **refs):
+        return {"mode": mode, "m": m, "seeds": seeds, "score_error": {"mean": 1.0, "std": 0.1},
+                **{k: {"mean": mean, "std": std} for k, (mean, std) in refs.items()}}
+
+    floor, ls = "posterior_mean_mse_floor", "ref/oracle_ls_mse"
+    summary = [row("scratch", 8, 2, **{floor: (0.9, 0.0), ls: (0.8, 0.05)}),
+               row("frozen", 8, 2, **{floor: (0.1674, 0.0), ls: (0.3351, 0.027)}),
+               row("frozen", 32, 1, **{floor: (0.1674, 0.0)})]
+    console = Console(record=True, width=200)
+    console.print(references_table(summary))
+    lines = {line.split()[1]: line for line in console.export_text().splitlines() if line[:1] == "│"}
+    assert set(lines) == {"8", "32"}
+    assert "0.1674" in lines["8"] and "0.3351 ± 0.027" in lines["8"] and "0.9" not in lines["8"]
+    assert "0.1674 ±" not in lines["8"]  # no spread shown where the seeds agree
+    assert "–" in lines["32"] and "±" not in lines["32"]
+    assert references_table([row("frozen", 8, 1)]) is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -181,8 +183,20 @@ def test_oracle_pretrain_fits_source_heads_on_the_true_representation(recipe, st
     assert bad.exit_code != 0 and "use --set model.d=2" in bad.output and "Traceback" not in bad.output
 
 
-def test_sweep_parent_with_children(recipe, store):
-    res = ok_json("sweep", recipe, "--m", "4,8", "--modes", "frozen,auto", "--seeds", 2)
+def test_sweep_parent_with_children(recipe, store, tmp_path):
+    """The table for people, then the limits its models are held against (report.references_table); the parent run
+    keeps the same rows and summary in results.json."""
+    shown = cli("sweep", recipe, "--m", "4,8", "--modes", "frozen,auto", "--seeds", 2)
+    assert shown.exit_code == 0, shown.output + shown.stderr
+    run_id = re.search(r"sweep run id: ([0-9a-f]{32})", shown.stdout).group(1)
+    res = {"run_id": run_id, **json.loads(Path(client(store).download_artifacts(run_id, "results.json",
+                                                                                 str(tmp_path))).read_text())}
+    limits = shown.stdout[shown.stdout.index("limits on the same test conditions"):]
+    for m in (4, 8):  # every m's row: the exact posterior mean's MSE (same conditions) and least squares on h*(y)
+        entry = next(e for e in res["summary"] if e["mode"] == "frozen" and e["m"] == m)
+        line = next(line for line in limits.splitlines() if re.match(rf"\W*{m} ", line))
+        assert f"{entry['posterior_mean_mse_floor']['mean']:.4g}" in line
+        assert f"{entry['ref/oracle_ls_mse']['mean']:.4g}" in line
     assert len(res["rows"]) == 2 * 2 * 2
     assert {(r["mode"], r["m"]) for r in res["summary"]} == {("frozen", 4), ("frozen", 8), ("auto", 4), ("auto", 8)}
     for entry in res["summary"]:  # what validation chose per seed (auto only), and the DSM's excess over a fitted floor
