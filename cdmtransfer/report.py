@@ -124,7 +124,8 @@ def references_table(summary: list[dict]) -> Table | None:
                 cells.append("–")
                 continue
             mean, std = row[k]["mean"], row[k]["std"]
-            cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if row["seeds"] > 1 and std > 0 else ""))
+            spread = row["seeds"] > 1 and std > 1e-9 * abs(mean)  # not a float's rounding (the sources' fit is one)
+            cells.append(f"{mean:.4g}" + (f" ± {std:.2g}" if spread else ""))
         table.add_row(str(m), *cells)
     return table
 
