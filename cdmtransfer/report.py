@@ -95,7 +95,7 @@ def sweep_table(summary: list[dict], title: str) -> Table:
 
 
 # Limits held beside a sweep's table: estimators every cell's test conditions admit, whatever the mode (references.py)
-REFERENCE_COLUMNS = {"posterior_mean_mse_floor": "exact mean", "ref/oracle_ls_mse": "LS on h*(y)",
+REFERENCE_COLUMNS = {"posterior_mean_mse_floor": "true post. mean", "ref/oracle_ls_mse": "LS on h*(y)",
                      "ref/linear_target_mse": "ridge on y", "ref/linear_pooled_mse": "sources' linear",
                      "sliced_w2_floor": "W2 floor"}
 
@@ -109,7 +109,8 @@ def references_table(summary: list[dict]) -> Table | None:
     if not keys:
         return None
     table = Table(title="limits on the same test conditions (what the columns above compare with)",
-                  caption="posterior-mean MSE of: the exact posterior mean (no model can beat it); least squares on "
+                  caption="posterior-mean MSE of: the true posterior mean (closed form, or MCMC where the suite has none; "
+                          "no model can beat it); least squares on "
                           "the true features h*(y) of the m pairs; ridge regression of x on y fitted on the m pairs; "
                           "the best linear estimator fitted on the pooled sources (no target data). W2 floor: the "
                           "sliced W2 between two sets of true samples", show_header=True)
