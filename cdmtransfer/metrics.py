@@ -15,9 +15,10 @@ in `skipped` with the reason.
   sliced_w2_floor is the same between two independent true sample sets (the finite-sample floor).
 - suite extras (TaskSet.extra_metrics): psnr of the posterior mean (digits, mnist); centre accuracy ID/OOD and
   encoder diagnostics (bumps).
-- ref/linear_pooled_mse, ref/linear_target_mse, ref/oracle_ls_mse, ref/encoder_ls_mse: linear reference estimators
-  scored on the same conditions as posterior_mean_mse (references.py): limits every posterior-mean result can be held
-  against (the last on the model's own features: is the head or the representation the bottleneck?).
+- ref/linear_pooled_mse, ref/linear_target_mse, ref/oracle_ls_mse, ref/encoder_ls_mse, ref/encoder_pooled_mse:
+  linear reference estimators scored on the same conditions as posterior_mean_mse (references.py): limits every
+  posterior-mean result can be held against (the last two on the model's own features: is the head or the
+  representation the bottleneck?).
 - divergence check (issue #10): sample_spread_ratio = RMS of (samples − the target data's per-coordinate mean) over
   RMS of (data − that mean), over every sample drawn here, the data being the target's x (pool `target_x` and the
   test split: the distribution the samples should follow; sources may differ in spread); nonfinite_samples

@@ -15,6 +15,11 @@ reports in standardised units, as the model's own metric does).
   encoder the run ended with): what a linear head on this representation reaches from the m samples. Beside
   posterior_mean_mse it separates the two bottlenecks: a score head far above it is limited by its own training,
   a head near it by the representation (compare ref/oracle_ls_mse).
+- ref/encoder_pooled_mse: the pooled sources' best linear estimator (as ref/linear_pooled_mse) on the model's own
+  features h(y) instead of y: what a linear head on this representation reaches with the sources' data and no
+  target data. Beside ref/linear_pooled_mse it is the price of the representation itself (a d-dimensional code
+  keeps less than y); beside a frozen run's linear_mean_mse, how much its head's target fit gains or loses. Fitted
+  on at most POOL_ROWS source rows (the first rows of each source), encoded in blocks.
 - ref/h_star_readout_error (pretrain and adapt, suites with h*): how much of the true representation the run's
   encoder carries, 1 − R² of the best affine readout of h*(y) from h(y) (least squares fitted on half the sources'
   conditions, scored on the other half, relative to h*'s variance); in adapt, of the encoder the run ended with
@@ -34,9 +39,10 @@ from dataclasses import dataclass
 import torch
 
 POOLED, TARGET, ORACLE = "ref/linear_pooled_mse", "ref/linear_target_mse", "ref/oracle_ls_mse"
-ENCODER = "ref/encoder_ls_mse"
+ENCODER, ENCODER_POOLED = "ref/encoder_ls_mse", "ref/encoder_pooled_mse"
 READOUT = "ref/h_star_readout_error"
 BLOCK = 8192  # rows per block when accumulating pooled moments
+POOL_ROWS = 16384  # source rows encoded for ref/encoder_pooled_mse (image suites hold ~60 000)
 
 
 @dataclass
@@ -158,9 +164,25 @@ def source_readout(encoder, taskset) -> float | None:
     h_star = taskset.truth.encoder()
     if h_star is None or encoder is None:
         return None
-    device = next((t.device for t in (*encoder.parameters(), *encoder.buffers())), torch.device("cpu"))
+    device = _device(encoder)
     y = taskset.source_y[torch.arange(taskset.source_y.shape[1]) < taskset.source_n[:, None]]
     return readout_error(encoder, h_star.to(device), y.to(device))
+
+
+@torch.no_grad()
+def encoded_sources(encoder, taskset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, h(y), counts) of the sources' first rows, at most POOL_ROWS in all, h computed in blocks of BLOCK rows on
+    the encoder's device (returned on the CPU): the pooled fit of ref/encoder_pooled_mse."""
+    K = taskset.source_y.shape[0]
+    keep = min(taskset.source_y.shape[1], -(-POOL_ROWS // K))
+    device = _device(encoder)
+    y = taskset.source_y[:, :keep].reshape(K * keep, -1)
+    codes = torch.cat([encoder(y[i:i + BLOCK].float().to(device)).cpu() for i in range(0, y.shape[0], BLOCK)])
+    return taskset.source_x[:, :keep], codes.view(K, keep, -1), taskset.source_n.clamp(max=keep)
+
+
+def _device(module) -> torch.device:
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
 
 
 def _mse(pred: torch.Tensor, x: torch.Tensor) -> float:
@@ -181,8 +203,15 @@ def reference_metrics(taskset, x_test: torch.Tensor, y_test: torch.Tensor, x_m: 
     try:
         out[POOLED] = _mse(pooled_linear(taskset.source_x, taskset.source_y, taskset.source_n).predict(y_test),
                            x_test)
+        if encoder is None:
+            skipped[ENCODER_POOLED] = "no encoder given"
+        else:
+            x_s, h_s, n_s = encoded_sources(encoder, taskset)
+            with torch.no_grad():
+                h_test = encoder(y_test.float().to(_device(encoder))).cpu()
+            out[ENCODER_POOLED] = _mse(pooled_linear(x_s, h_s, n_s).predict(h_test), x_test.cpu())
     except ValueError as exc:
-        skipped[POOLED] = str(exc)
+        skipped[POOLED] = skipped[ENCODER_POOLED] = str(exc)
     if x_m is None or y_m is None or x_m.shape[0] < 2:
         why = "needs at least 2 target samples" if x_m is not None else "no target samples given"
         skipped[TARGET] = skipped[ORACLE] = skipped[ENCODER] = why

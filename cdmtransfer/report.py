@@ -11,6 +11,7 @@ from rich.table import Table
 
 METRIC_ORDER = ("score_error", "score_error_weighted", "posterior_mean_mse", "posterior_mean_mse_floor",
                 "ref/linear_pooled_mse", "ref/linear_target_mse", "ref/oracle_ls_mse", "ref/encoder_ls_mse",
+                "ref/encoder_pooled_mse",
                 "sliced_w2", "sliced_w2_floor", "test_dsm", "final_loss", "train_seconds")
 DIVERGED_MARK = "!"  # after a value computed from diverged samples (metrics.evaluate_model's divergence check)
 DIVERGED_NOTE = f"{DIVERGED_MARK} from diverged samples: not a result"

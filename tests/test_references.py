@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from cdmtransfer.config import Config
-from cdmtransfer.references import (ENCODER, ORACLE, POOLED, READOUT, TARGET, pooled_linear, readout_error,
-                                   reference_metrics, residual_rms, ridge_gcv)
+from cdmtransfer import references
+from cdmtransfer.references import (ENCODER, ENCODER_POOLED, ORACLE, POOLED, READOUT, TARGET, pooled_linear,
+                                   readout_error, reference_metrics, residual_rms, ridge_gcv)
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tasks.base import TaskSet, stack_sources
 from cdmtransfer.typed import from_dict
@@ -50,7 +51,7 @@ def test_pooled_estimator_reaches_the_noise_variance():
     taskset = TaskSet("linear", X, Y, n, x_test[:10], y_test[:10], x_test, y_test)
     out, skipped = reference_metrics(taskset, x_test, y_test)
     assert out[POOLED] == pytest.approx(mse, rel=1e-12)
-    assert set(skipped) == {TARGET, ORACLE, ENCODER}  # no target samples given
+    assert set(skipped) == {TARGET, ORACLE, ENCODER, ENCODER_POOLED}  # no target samples, no encoder given
 
 
 def test_padding_rows_are_ignored():
@@ -164,6 +165,36 @@ def test_encoder_least_squares_scores_the_given_features():
     assert skipped[ENCODER] == "no encoder given"
     # and how much of h* each encoder carries: all of it (h* itself), little (a random linear map of y)
     assert truth[READOUT] < 1e-10 and with_random[READOUT] > 0.5
+
+
+def test_the_pooled_fit_on_the_encoders_features_is_the_sources_linear_estimator_on_them():
+    """ref/encoder_pooled_mse is the pooled sources' linear estimator on h(y): with h the identity it is
+    ref/linear_pooled_mse itself; with h(y) = A y (all x depends on) it stays there, while a random 3-dimensional
+    summary of y loses; sources of unequal size leave their padding out; rows past POOL_ROWS are left out; no
+    encoder is skipped with a reason."""
+    A, b, draw = linear_world()
+    X, Y, n = sources(draw)
+    x, y = draw(4000, shift=0.2, scale=1.1)
+    taskset = TaskSet("linear", X, Y, n, x[:10], y[:10], x, y)
+    same, _ = reference_metrics(taskset, x, y, encoder=torch.nn.Identity())
+    assert same[ENCODER_POOLED] == pytest.approx(same[POOLED], rel=1e-9)
+    sufficient = torch.nn.Linear(D_Y, D_X)
+    torch.manual_seed(0)
+    random = torch.nn.Linear(D_Y, D_X)
+    with torch.no_grad():
+        sufficient.weight.copy_(A)
+    on_a, _ = reference_metrics(taskset, x, y, encoder=sufficient)
+    on_random, _ = reference_metrics(taskset, x, y, encoder=random)
+    assert on_a[ENCODER_POOLED] == pytest.approx(same[POOLED], rel=0.01)
+    assert on_random[ENCODER_POOLED] > 3 * on_a[ENCODER_POOLED]
+    _, skipped = reference_metrics(taskset, x, y)
+    assert skipped[ENCODER_POOLED] == "no encoder given"
+    with pytest.MonkeyPatch.context() as mp:  # a cap of 8 rows per source: another (worse) fit, of those rows only
+        mp.setattr(references, "POOL_ROWS", 32)
+        capped, _ = reference_metrics(taskset, x, y, encoder=torch.nn.Identity())
+        _, h_s, n_s = references.encoded_sources(torch.nn.Identity(), taskset)
+    assert h_s.shape[:2] == (4, 8) and n_s.tolist() == [8] * 4
+    assert capped[ENCODER_POOLED] > 1.05 * same[ENCODER_POOLED]
 
 
 def test_readout_error_is_zero_for_an_affine_change_of_basis_and_near_one_for_unrelated_features():
