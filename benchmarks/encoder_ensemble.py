@@ -3,11 +3,12 @@
 
 A sweep with `--pretrain-seeds N` adapts every frozen cell on N encoders; this reads its frozen (and oracle) child
 runs from the store and scores, per (m, seed), each member and the average of the members' ε̂ predictions with
-metrics.score_metrics (the evaluator's draws and seed, so members reproduce the sweep's score_error). No training:
+metrics.score_metrics (the evaluator's draws and seed, so members reproduce the sweep's score_error). Several sweeps
+of the same recipe, m and seeds (the same target subsets) pool their encoders. No training:
 
     CDMTRANSFER_HOME=DIR cdmtransfer sweep recipes/gaussian-nonlinear.yaml --m 32,128 --modes frozen,oracle \\
         --seeds 3 --pretrain-seeds 3
-    .venv/bin/python benchmarks/encoder_ensemble.py recipes/gaussian-nonlinear.yaml DIR SWEEP_RUN_ID
+    .venv/bin/python benchmarks/encoder_ensemble.py recipes/gaussian-nonlinear.yaml DIR SWEEP_RUN_ID [DIR2 RUN2 ...]
 """
 
 from __future__ import annotations
@@ -42,24 +43,27 @@ def child_runs(store, sweep_run_id: str) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
-    ap.add_argument("home", help="the store's directory (CDMTRANSFER_HOME of the sweep)")
-    ap.add_argument("sweep_run_id")
+    ap.add_argument("sweeps", nargs="+", metavar="HOME SWEEP_RUN_ID",
+                    help="pairs: a store's directory (CDMTRANSFER_HOME of the sweep) and the sweep's run id")
     args = ap.parse_args()
+    if len(args.sweeps) % 2:
+        ap.error("sweeps come in pairs: HOME SWEEP_RUN_ID")
     cfg = load_config(args.recipe, [])
     taskset = build_taskset(cfg)
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-    store = resolve_store(None, None, args.home)
 
     def score(model) -> float:
         return score_metrics(model, taskset, process, cfg.evaluate.t_draws,
                              torch.Generator().manual_seed(cfg.evaluate.seed))["score_error"]
 
     cells: dict[tuple[int, int], dict[str, list]] = {}
-    for run in child_runs(store, args.sweep_run_id):
-        mode = run.data.params["adapt.mode"]
-        key = (int(run.data.params["adapt.m"]), int(run.data.params["seed"]))
-        model = load_model_dir(store.work_dir(run.info.run_id) / "model", run.info.run_id)[0].eval()
-        cells.setdefault(key, {}).setdefault(mode, []).append(model)
+    for home, sweep_run_id in zip(args.sweeps[0::2], args.sweeps[1::2]):
+        store = resolve_store(None, None, home)
+        for run in child_runs(store, sweep_run_id):
+            mode = run.data.params["adapt.mode"]
+            key = (int(run.data.params["adapt.m"]), int(run.data.params["seed"]))
+            model = load_model_dir(store.work_dir(run.info.run_id) / "model", run.info.run_id)[0].eval()
+            cells.setdefault(key, {}).setdefault(mode, []).append(model)
     rows: dict[int, dict[str, list[float]]] = {}
     for (m, _), by_mode in sorted(cells.items()):
         members = by_mode.get("frozen", [])
