@@ -1,10 +1,7 @@
-"""What an ensemble of pretrained encoders would buy `frozen`: the score error of the average of N frozen models'
-ε̂ (one per encoder, same target subset), against each member's, on a suite with exact scores (the Gaussian suites).
-
-A sweep with `--pretrain-seeds N` adapts every frozen cell on N encoders; this reads its frozen (and oracle) child
-runs from the store and scores, per (m, seed), each member and the average of the members' ε̂ predictions with
-metrics.score_metrics (the evaluator's draws and seed, so members reproduce the sweep's score_error). Several sweeps
-of the same recipe, m and seeds (the same target subsets) pool their encoders. No training:
+"""What an ensemble of pretrained encoders buys `frozen`, pooled over several sweeps: `sweep --pretrain-seeds N`
+prints its own encoders' ensemble (cdmtransfer/ensemble.py); this scores the same way the frozen cells of several
+sweeps of one recipe, m and seeds (the same target subsets: e.g. two encoder depths), as one ensemble per (m, seed),
+beside the best single member picked on the test set (which a user could not pick) and the oracle. No training:
 
     CDMTRANSFER_HOME=DIR cdmtransfer sweep recipes/gaussian-nonlinear.yaml --m 32,128 --modes frozen,oracle \\
         --seeds 3 --pretrain-seeds 3
@@ -18,13 +15,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cdmtransfer.config import load_config  # noqa: E402
-from cdmtransfer.diffusion import OUProcess  # noqa: E402
-from cdmtransfer.metrics import score_metrics  # noqa: E402
+from cdmtransfer.ensemble import ensemble_rows  # noqa: E402
 from cdmtransfer.runs import load_model_dir  # noqa: E402
 from cdmtransfer.tasks import build_taskset  # noqa: E402
 from cdmtransfer.tracking import resolve_store  # noqa: E402
@@ -50,49 +44,36 @@ def main() -> None:
         ap.error("sweeps come in pairs: HOME SWEEP_RUN_ID")
     cfg = load_config(args.recipe, [])
     taskset = build_taskset(cfg)
-    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-
-    def score(model) -> float:
-        return score_metrics(model, taskset, process, cfg.evaluate.t_draws,
-                             torch.Generator().manual_seed(cfg.evaluate.seed))["score_error"]
-
-    cells: dict[tuple[int, int], dict[str, list]] = {}
+    rows, model_dirs, oracle = [], {}, {}
     for home, sweep_run_id in zip(args.sweeps[0::2], args.sweeps[1::2]):
         store = resolve_store(None, None, home)
         for run in child_runs(store, sweep_run_id):
-            mode = run.data.params["adapt.mode"]
-            key = (int(run.data.params["adapt.m"]), int(run.data.params["seed"]))
-            model = load_model_dir(store.work_dir(run.info.run_id) / "model", run.info.run_id)[0].eval()
-            cells.setdefault(key, {}).setdefault(mode, []).append(model)
-    rows: dict[int, dict[str, list[float]]] = {}
-    for (m, _), by_mode in sorted(cells.items()):
-        members = by_mode.get("frozen", [])
-        if len(members) < 2:
-            continue
+            p = run.data.params
+            model_dirs[run.info.run_id] = store.work_dir(run.info.run_id) / "model"
+            if p["adapt.mode"] == "oracle":
+                oracle.setdefault(int(p["adapt.m"]), {})[int(p["seed"])] = run.data.metrics["score_error"]
+            rows.append({"mode": p["adapt.mode"], "m": int(p["adapt.m"]), "seed": int(p["seed"]),
+                         "pretrain": len(rows), "run_id": run.info.run_id})
+    rows = [r for r in rows if r["mode"] == "frozen"]
 
-        @torch.no_grad()
-        def ensemble(x_t, y, t, members=members):  # the average of the members' ε̂: one score field
-            return torch.stack([member(x_t, y, t) for member in members]).mean(0)
+    def load(run_id: str):
+        return load_model_dir(model_dirs[run_id], run_id)[0].eval()
 
-        each = [score(member) for member in members]
-        row = rows.setdefault(m, {"members": [], "best": [], "ensemble": [], "oracle": [], "N": []})
-        row["members"].append(statistics.fmean(each))
-        row["best"].append(min(each))
-        row["ensemble"].append(score(ensemble))
-        row["N"].append(len(members))
-        row["oracle"] += [score(model) for model in by_mode.get("oracle", [])]
+    by_m: dict[int, list[dict]] = {}
+    for row in ensemble_rows(rows, load, taskset, cfg):
+        by_m.setdefault(row["m"], []).append(row)
 
     def cell(values: list[float]) -> str:
-        if not values:
-            return "–"
         sd = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
-        return f"{statistics.fmean(values):.4g}{sd}"
+        return f"{statistics.fmean(values):.4g}{sd}" if values else "–"
 
-    print("| m | encoders | seeds | frozen, members' mean | frozen, best member (picked on the test set) | frozen, ensemble (mean ε̂) | oracle |")
+    print("| m | encoders | seeds | frozen, members' mean | best member (picked on the test set) | ensemble | oracle |")
     print("|---|---|---|---|---|---|---|")
-    for m, row in sorted(rows.items()):
-        print(f"| {m} | {max(row['N'])} | {len(row['ensemble'])} | {cell(row['members'])} | {cell(row['best'])} | "
-              f"{cell(row['ensemble'])} | {cell(row['oracle'])} |")
+    for m, group in sorted(by_m.items()):
+        print(f"| {m} | {max(len(r['members']) for r in group)} | {len(group)} | "
+              f"{cell([r['members_mean']['score_error'] for r in group])} | "
+              f"{cell([min(e['score_error'] for e in r['each']) for r in group])} | "
+              f"{cell([r['metrics']['score_error'] for r in group])} | {cell(list(oracle.get(m, {}).values()))} |")
 
 
 if __name__ == "__main__":

@@ -216,9 +216,9 @@ def sweep(recipe: RecipeArg,
     out = report.console()
     over = "seeds" if len(result.pretrain_run_ids) < 2 else f"seeds × {len(result.pretrain_run_ids)} encoders"
     out.print(report.sweep_table(result.summary, f"{cfg.name}: target error by mode and m (mean ± sd over {over})"))
-    limits = report.references_table(result.summary)
-    if limits is not None:
-        out.print(limits)
+    for extra in (report.references_table(result.summary), report.ensemble_table(result.ensembles)):
+        if extra is not None:
+            out.print(extra)
     for mode, why in result.skipped_modes.items():
         out.print(f"skipped mode {mode}: {why}")
     if result.plots:

@@ -24,11 +24,13 @@ from typing import NamedTuple
 from cdmtransfer import data_checks
 from cdmtransfer.cells import cell_heads, group_key
 from cdmtransfer.config import FROM_PRETRAIN, PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
-from cdmtransfer.errors import ConfigError, stop_requested
+from cdmtransfer.ensemble import ensemble_rows, ensemble_summary
+from cdmtransfer.errors import CdmError, ConfigError, stop_requested
 from cdmtransfer.plots import learning_curves
 from cdmtransfer.schedule import WorkQueue, Workers, default_jobs
 from cdmtransfer.adaptation import adapt_tags, oracle_truth, record_adapt
 from cdmtransfer.pretraining import pretrain
+from cdmtransfer.runs import load_model_dir
 from cdmtransfer.stages import load_encoder, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
@@ -48,6 +50,7 @@ class SweepResult:
     plots: dict = field(default_factory=dict)  # metric -> artifact path of its learning-curve PNG
     pretrain_run_ids: list = field(default_factory=list)  # the sweep's own pretrains, encoder p at index p
     oracle_pretrain_run_id: str | None = None  # the pretrain on h* that the oracle cells adapt
+    ensembles: list = field(default_factory=list)  # with several encoders: ensemble.ensemble_summary of the cells
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -411,7 +414,20 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
         for entry in summary:
             parent.log_metrics({f"{entry['mode']}.{k}": entry[k]["mean"] for k in HEADLINE if k in entry},
                                step=entry["m"])
-        parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped}, "results.json")
+        ensembles = []
+        if len(encoders) > 1:  # what averaging the encoders' cells would buy (ensemble.py)
+            def load(run_id: str):
+                return load_model_dir(find_model_dir(tracker, run_id, Path(tmp))[0], run_id)[0].eval()
+
+            try:
+                ensembles = ensemble_summary(ensemble_rows(rows, load, taskset, cfg))
+            except CdmError as exc:  # a member's model not reachable here: the sweep's results stand without it
+                print(f"warning: the encoders' cells were not scored averaged: {exc}", file=sys.stderr, flush=True)
+            for entry in ensembles:
+                parent.log_metrics({f"ensemble.{entry['mode']}.{k}": v["mean"] for k, v in entry["ensemble"].items()},
+                                   step=entry["m"])
+        parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped, "ensembles": ensembles},
+                        "results.json")
         parent.client.log_text(parent.run_id, to_csv(rows), "results.csv")
         plots = {}
         if len(s.m) > 1 and cfg.tracking.log_artifacts:
@@ -422,7 +438,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                     parent.log_artifact(png, "plots")
                     plots[metric] = f"plots/{png.name}"
     return SweepResult(parent.run_id, own[0] if own else None, rows, summary, skipped, tracker.store.uri, plots,
-                       own, oracle_run)
+                       own, oracle_run, ensembles)
 
 
 class _OpenCell(NamedTuple):

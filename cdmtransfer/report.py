@@ -132,6 +132,28 @@ def references_table(summary: list[dict]) -> Table | None:
     return table
 
 
+def ensemble_table(ensembles: list[dict]) -> Table | None:
+    """Per pretrained mode and m, the members' mean score error and held-out DSM against their ensemble's (the mean
+    of the encoders' ε̂; ensemble.py), means over seeds; None without several encoders."""
+    if not ensembles:
+        return None
+    keys = [k for k in ("score_error", "test_dsm") if any(k in e["ensemble"] for e in ensembles)]
+    names = {"score_error": "score error", "test_dsm": "test DSM"}
+    table = Table(title="the encoders' cells averaged (one model whose ε̂ is the mean of theirs)",
+                  caption="members: each encoder's cell alone, averaged; ensemble: the mean of their ε̂ on the same "
+                          "draws, never worse (Jensen); score metrics only: no samples, not exported", show_header=True)
+    for col in ("mode", "m", "encoders", "seeds", *(f"{names[k]}: members → ensemble" for k in keys)):
+        table.add_column(col, justify="left" if col == "mode" else "right")
+    for e in sorted(ensembles, key=lambda e: (MODE_ORDER.get(e["mode"], 9), e["m"])):
+        cells = []
+        for k in keys:
+            before, after = e["members"][k], e["ensemble"][k]
+            change = after["mean"] / before["mean"] - 1 if before["mean"] else math.nan
+            cells.append(f"{_fmt(before['mean'])} → {_fmt(after['mean'])} ({change:+.0%})")
+        table.add_row(e["mode"], str(e["m"]), str(e["encoders"]), str(e["seeds"]), *cells)
+    return table
+
+
 def choice_counts(choices: list[str]) -> str:
     """'frozen ×2, ft×0.1' from the seeds' choices (frozen: encoder fixed; ft×c: encoder lr c × the head's)."""
     counts: dict[str, int] = {}

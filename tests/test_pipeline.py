@@ -214,7 +214,7 @@ def test_sweep_parent_with_children(recipe, store, tmp_path):
 def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(recipe, store):
     """sweep.pretrain_seeds = 2: two pretrains (seeds 0 and 1000); every frozen cell runs on both with the same
     target subset, scratch and oracle once (oracle on the sweep's own pretrain on h*); the summary's spread covers
-    seeds × encoders and says the encoders' part; a resume finds every cell and pretrain done (the keys include the
+    seeds × encoders and says the encoders' part; the cells of both encoders are also scored averaged; a resume finds every cell and pretrain done (the keys include the
     encoder) and trains nothing. (Random encoder starts: the closed-form
     start of model.encoder_linear is the same for every seed, and this short pretrain would keep it.)"""
     args = ["--m", "4,8", "--modes", "frozen,scratch,oracle", "--seeds", 2, "--pretrain-seeds", 2,
@@ -240,11 +240,27 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     assert entries[("frozen", 8)]["seeds"] == 4 and entries[("frozen", 8)]["pretrains"] == 2
     assert entries[("frozen", 8)]["score_error"]["pretrain_std"] >= 0.0
     assert "pretrains" not in entries[("scratch", 8)] and "pretrain_std" not in entries[("scratch", 8)]["score_error"]
+    # the two encoders' cells averaged (ensemble.py): per m, each member scored as its own run was, the ensemble
+    # never worse (Jensen, same draws) and better where the members differ; logged on the sweep run
+    ensembles = {(e["mode"], e["m"]): e for e in res["ensembles"]}
+    assert set(ensembles) == {("frozen", 4), ("frozen", 8)}
+    for (mode, m), e in ensembles.items():
+        assert e["encoders"] == 2 and e["seeds"] == 2
+        assert e["members"]["score_error"]["mean"] == pytest.approx(entries[(mode, m)]["score_error"]["mean"],
+                                                                    rel=1e-5)
+        assert e["ensemble"]["score_error"]["mean"] <= e["members"]["score_error"]["mean"] * (1 + 1e-6)
+        assert e["ensemble"]["test_dsm"]["mean"] <= e["members"]["test_dsm"]["mean"] * (1 + 1e-6)
+    assert any(e["ensemble"]["score_error"]["mean"] < 0.999 * e["members"]["score_error"]["mean"]
+               for e in ensembles.values())
+    logged = c.get_metric_history(res["run_id"], "ensemble.frozen.score_error")
+    assert {(h.step, h.value) for h in logged} == {(m, e["ensemble"]["score_error"]["mean"])
+                                                   for (_, m), e in ensembles.items()}
     before = len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id]))
     again = ok_json("sweep", recipe, *args, "--resume", res["run_id"])
     assert len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id])) == before
     assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in res["rows"]]
     assert again["oracle_pretrain_run_id"] == on_h_star and again["pretrain_run_ids"] == own
+    assert again["ensembles"] == res["ensembles"]
     bad = cli("sweep", recipe, "--pretrain-seeds", 2, "--encoder", own[0])
     assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
 
