@@ -3,10 +3,10 @@ adapted the same target samples on N pretrained encoders, scored as one model wh
 
 The mean of N score fields is a score field; by Jensen's inequality its squared error to the true score, on the same
 draws, is at most the members' mean error (with equality only when they agree), so ensembling can only help the
-score error; it helps by how much the encoders' errors differ. Scored like metrics.score_metrics (the evaluator's
-draws and seed, so each member reproduces its own run's test_dsm and score_error): test_dsm on any suite,
-score_error where the suite has exact scores. No samples are drawn and no ensemble model is exported: this measures
-the gain, it does not build the model.
+score error and the held-out DSM; it helps by how much the encoders' errors differ. The ensemble is evaluated like
+any adapted model (metrics.evaluate_model: the evaluator's draws and seed, so its score metrics use the members'
+draws; its samples come from the averaged ε̂), and compared with its members' own evaluations. It is not exported:
+this measures the gain, it does not build the model.
 """
 
 from __future__ import annotations
@@ -18,55 +18,97 @@ import torch
 from torch import nn
 
 from cdmtransfer.config import PRETRAINED_MODES, Config
-from cdmtransfer.diffusion import OUProcess
-from cdmtransfer.metrics import score_metrics
+from cdmtransfer.metrics import FLAGS, evaluate_model
 
-METRICS = ("score_error", "test_dsm")
+METRICS = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # the sweep's headline metrics
+
+
+class ConcatEncoder(nn.Module):
+    """The members' codes side by side: [.., Σ d_i], member i's in its own slice (`widths`)."""
+
+    def __init__(self, encoders: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(encoders)
+        self.widths = [int(e.d) for e in encoders]
+        self.d = sum(self.widths)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.cat([e(y) for e in self.parts], -1)
 
 
 class MeanPrediction(nn.Module):
-    """ε̂(x_t, y, t) = mean over the members of theirs (members: ScoreModels with the same x and y)."""
+    """ε̂(x_t, y, t) = mean over the members of theirs (members: adapted ScoreModels of one task, K = 1 head).
+
+    Also what metrics.evaluate_model, conditional_samples and the diagnostics use of a model: `encoder`
+    (ConcatEncoder), `d_x`, `head_sees_y`, `eps_from_code` and `sampling_eps` (each member's on its slice of the
+    code, averaged), and `linear_mean` = False (the members' linear means are not one model's)."""
+
+    linear_mean = False
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.encoder = ConcatEncoder([member.encoder for member in members])
+        self.d_x = members[0].d_x
+        self.head_sees_y = any(member.head_sees_y for member in members)
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(x_t, y, t) for member in self.members]).mean(0)
 
+    @torch.no_grad()
+    def eps_from_code(self, x_t: torch.Tensor, code: torch.Tensor, t: torch.Tensor,
+                      y: torch.Tensor | None = None) -> torch.Tensor:
+        """The members' ScoreModel.eps_from_code on their slices of `code`, averaged (the consistency diagnostics)."""
+        parts = code.split(self.encoder.widths, -1)
+        return torch.stack([member.eps_from_code(x_t, part, t, y if member.head_sees_y else None)
+                            for member, part in zip(self.members, parts)]).mean(0)
+
+    @torch.no_grad()
+    def sampling_eps(self, code: torch.Tensor, y: torch.Tensor | None = None, head: int = 0):
+        """eps(x, t, out=None): the mean of the members' ScoreModel.sampling_eps on their slices of `code`."""
+        steps = [member.sampling_eps(part, y if member.head_sees_y else None, head)
+                 for member, part in zip(self.members, code.split(self.encoder.widths, -1))]
+
+        def eps(x, t, out=None):
+            total = steps[0](x, t).clone()
+            for step in steps[1:]:
+                total += step(x, t)
+            total /= len(steps)
+            return total if out is None else out.copy_(total)
+
+        return eps
+
 
 def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, cfg: Config) -> list[dict]:
     """One row per (mode, m, seed) of a pretrained mode whose cells ran on at least two encoders: the members' run
-    ids (in encoder order), the ensemble's METRICS, each member's (`each`) and their mean (`load`: run id → its
-    model in eval mode)."""
+    ids (in encoder order), the ensemble's METRICS from metrics.evaluate_model on the cells' target subset and
+    evaluation seed (`load`: run id → its model), each member's from its own row (`each`) and their mean. Sample
+    metrics of an ensemble whose samples diverged are left out (not results)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["mode"] in PRETRAINED_MODES:
             groups.setdefault((row["mode"], row["m"], row["seed"]), []).append(row)
-    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-
-    def scored(model: nn.Module) -> dict[str, float]:
-        values = score_metrics(model, taskset, process, cfg.evaluate.t_draws,
-                               torch.Generator().manual_seed(cfg.evaluate.seed))
-        return {k: values[k] for k in METRICS if k in values}
-
     out = []
     for (mode, m, seed), group in groups.items():
         if len(group) < 2:
             continue
         group = sorted(group, key=lambda r: r.get("pretrain", 0))
-        members = [load(row["run_id"]) for row in group]
-        each = [scored(member) for member in members]
+        model = MeanPrediction([load(row["run_id"]) for row in group])
+        values, skipped = evaluate_model(model, taskset, cfg, target=taskset.target_subset(m, seed=seed))
+        not_results = skipped.get(FLAGS, {})
+        keys = [k for k in METRICS if k in values and k not in not_results
+                and all(k in row["metrics"] for row in group)]
+        each = [{k: row["metrics"][k] for k in keys} for row in group]
         out.append({"mode": mode, "m": m, "seed": seed, "members": [row["run_id"] for row in group],
-                    "metrics": scored(MeanPrediction(members)), "each": each,
-                    "members_mean": {k: statistics.fmean(e[k] for e in each) for k in each[0]}})
+                    "metrics": {k: values[k] for k in keys}, "each": each,
+                    "members_mean": {k: statistics.fmean(e[k] for e in each) for k in keys}})
     return out
 
 
 def ensemble_summary(rows: list[dict]) -> list[dict]:
     """Per (mode, m): the number of encoders and seeds, and mean ± sd over seeds of the ensemble's and the members'
-    mean METRICS ({"ensemble": {k: {mean, std}}, "members": {...}})."""
+    mean METRICS that every seed has ({"ensemble": {k: {mean, std}}, "members": {...}})."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["m"]), []).append(row)
@@ -74,7 +116,10 @@ def ensemble_summary(rows: list[dict]) -> list[dict]:
     def stats(values: list[float]) -> dict[str, float]:
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
-    return [{"mode": mode, "m": m, "seeds": len(group), "encoders": max(len(r["members"]) for r in group),
-             "ensemble": {k: stats([r["metrics"][k] for r in group]) for k in group[0]["metrics"]},
-             "members": {k: stats([r["members_mean"][k] for r in group]) for k in group[0]["members_mean"]}}
-            for (mode, m), group in groups.items()]
+    out = []
+    for (mode, m), group in groups.items():
+        keys = [k for k in METRICS if all(k in r["metrics"] for r in group)]  # (a diverged seed's samples: none)
+        out.append({"mode": mode, "m": m, "seeds": len(group), "encoders": max(len(r["members"]) for r in group),
+                    "ensemble": {k: stats([r["metrics"][k] for r in group]) for k in keys},
+                    "members": {k: stats([r["members_mean"][k] for r in group]) for k in keys}})
+    return out

@@ -133,23 +133,28 @@ def references_table(summary: list[dict]) -> Table | None:
 
 
 def ensemble_table(ensembles: list[dict]) -> Table | None:
-    """Per pretrained mode and m, the members' mean score error and held-out DSM against their ensemble's (the mean
-    of the encoders' ε̂; ensemble.py), means over seeds; None without several encoders."""
+    """Per pretrained mode and m, the members' mean of each headline metric against their ensemble's (the mean of the
+    encoders' ε̂; ensemble.py), means over seeds; None without several encoders."""
     if not ensembles:
         return None
-    keys = [k for k in ("score_error", "test_dsm") if any(k in e["ensemble"] for e in ensembles)]
-    names = {"score_error": "score error", "test_dsm": "test DSM"}
-    table = Table(title="the encoders' cells averaged (one model whose ε̂ is the mean of theirs)",
-                  caption="members: each encoder's cell alone, averaged; ensemble: the mean of their ε̂ on the same "
-                          "draws, never worse (Jensen); score metrics only: no samples, not exported", show_header=True)
-    for col in ("mode", "m", "encoders", "seeds", *(f"{names[k]}: members → ensemble" for k in keys)):
+    names = {"score_error": "score error", "posterior_mean_mse": "post. mean MSE", "sliced_w2": "sliced W2",
+             "test_dsm": "test DSM"}
+    keys = [k for k in names if any(k in e["ensemble"] for e in ensembles)]
+    table = Table(title="the encoders' cells averaged (one model whose ε̂ is the mean of theirs): members → ensemble",
+                  caption="members: each encoder's cell alone, averaged; ensemble: the mean of their ε̂, evaluated "
+                          "like a cell (score error and test DSM on the same draws: never worse, by Jensen's "
+                          "inequality); not exported", show_header=True)
+    for col in ("mode", "m", "encoders", "seeds", *(names[k] for k in keys)):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for e in sorted(ensembles, key=lambda e: (MODE_ORDER.get(e["mode"], 9), e["m"])):
         cells = []
         for k in keys:
-            before, after = e["members"][k], e["ensemble"][k]
-            change = after["mean"] / before["mean"] - 1 if before["mean"] else math.nan
-            cells.append(f"{_fmt(before['mean'])} → {_fmt(after['mean'])} ({change:+.0%})")
+            if k not in e["ensemble"]:
+                cells.append("–")
+                continue
+            before, after = e["members"][k]["mean"], e["ensemble"][k]["mean"]
+            change = after / before - 1 if before else math.nan
+            cells.append(f"{_fmt(before)} → {_fmt(after)} ({change:+.0%})")
         table.add_row(e["mode"], str(e["m"]), str(e["encoders"]), str(e["seeds"]), *cells)
     return table
 

@@ -240,12 +240,14 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     assert entries[("frozen", 8)]["seeds"] == 4 and entries[("frozen", 8)]["pretrains"] == 2
     assert entries[("frozen", 8)]["score_error"]["pretrain_std"] >= 0.0
     assert "pretrains" not in entries[("scratch", 8)] and "pretrain_std" not in entries[("scratch", 8)]["score_error"]
-    # the two encoders' cells averaged (ensemble.py): per m, each member scored as its own run was, the ensemble
-    # never worse (Jensen, same draws) and better where the members differ; logged on the sweep run
+    # the two encoders' cells averaged (ensemble.py), evaluated like a cell: per m, the members' mean is the summary's,
+    # the ensemble's score error and test DSM never worse (Jensen, same draws) and better where the members differ;
+    # logged on the sweep run
     ensembles = {(e["mode"], e["m"]): e for e in res["ensembles"]}
     assert set(ensembles) == {("frozen", 4), ("frozen", 8)}
     for (mode, m), e in ensembles.items():
         assert e["encoders"] == 2 and e["seeds"] == 2
+        assert set(e["ensemble"]) == {"score_error", "posterior_mean_mse", "sliced_w2", "test_dsm"}  # sampled too
         assert e["members"]["score_error"]["mean"] == pytest.approx(entries[(mode, m)]["score_error"]["mean"],
                                                                     rel=1e-5)
         assert e["ensemble"]["score_error"]["mean"] <= e["members"]["score_error"]["mean"] * (1 + 1e-6)
