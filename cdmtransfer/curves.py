@@ -26,6 +26,7 @@ from cdmtransfer.cells import cell_heads, group_key
 from cdmtransfer.config import FROM_PRETRAIN, PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
 from cdmtransfer.ensemble import ensemble_rows, ensemble_summary
 from cdmtransfer.errors import CdmError, ConfigError, stop_requested
+from cdmtransfer.metrics import HEADLINE, mean_sd
 from cdmtransfer.plots import learning_curves
 from cdmtransfer.schedule import WorkQueue, Workers, default_jobs
 from cdmtransfer.adaptation import adapt_tags, oracle_truth, record_adapt
@@ -35,7 +36,6 @@ from cdmtransfer.stages import load_encoder, setup_torch
 from cdmtransfer.tasks import build_taskset
 from cdmtransfer.tracking import TAG, close_run, find_model_dir, open_run, open_tracker, tracked_run
 
-HEADLINE = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # in the order tables show them
 PRETRAIN_SEED_STRIDE = 1000  # encoder p of a sweep is pretrained with seed + 1000·p (apart from the cells' seeds)
 
 
@@ -74,21 +74,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         if len(encoders) > 1:
             entry["pretrains"] = len(encoders)
         for key in sorted(set().union(*cells)):
-            entry[key] = _mean_sd([c[key] for c in cells if key in c])
+            entry[key] = mean_sd([c[key] for c in cells if key in c])
             if len(encoders) > 1:
-                means = [_mean_sd(v)["mean"] for v in ([r["metrics"][key] for r in group
+                means = [mean_sd(v)["mean"] for v in ([r["metrics"][key] for r in group
                                                           if r.get("pretrain", 0) == p and key in r["metrics"]]
                                                          for p in encoders) if v]
-                entry[key]["pretrain_std"] = _mean_sd(means)["std"]
+                entry[key]["pretrain_std"] = mean_sd(means)["std"]
         out.append(entry)
     fitted_excess(rows, out)
     return out
-
-
-def _mean_sd(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
-    return {"mean": mean, "std": math.sqrt(var) if len(values) > 1 else 0.0}
 
 
 FITTED = {"posterior_mean_mse": "posterior_mean_mse_excess", "test_dsm": None}  # metric -> its exact excess, if any
@@ -117,7 +111,7 @@ def fitted_excess(rows: list[dict], summary: list[dict]) -> dict:
         for metric, fit in fits.get(entry["mode"], {}).items():
             values = [r["metrics"][metric] - fit["floor"] for r in rows
                       if r["mode"] == entry["mode"] and r["m"] == entry["m"] and metric in r["metrics"]]
-            entry[f"{metric}_fitted_excess"] = _mean_sd(values)
+            entry[f"{metric}_fitted_excess"] = mean_sd(values)
             entry.setdefault("fitted_floor", {})[metric] = fit["floor"]
     return fits
 

@@ -11,16 +11,13 @@ this measures the gain, it does not build the model.
 
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 import torch
 from torch import nn
 
 from cdmtransfer.config import PRETRAINED_MODES, Config
-from cdmtransfer.metrics import FLAGS, evaluate_model
-
-METRICS = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # the sweep's headline metrics
+from cdmtransfer.metrics import FLAGS, HEADLINE, evaluate_model, mean_sd
 
 
 class ConcatEncoder(nn.Module):
@@ -71,10 +68,7 @@ class MeanPrediction(nn.Module):
                  for member, part in zip(self.members, code.split(self.encoder.widths, -1))]
 
         def eps(x, t, out=None):
-            total = steps[0](x, t).clone()
-            for step in steps[1:]:
-                total += step(x, t)
-            total /= len(steps)
+            total = torch.stack([step(x, t) for step in steps]).mean(0)
             return total if out is None else out.copy_(total)
 
         return eps
@@ -82,9 +76,9 @@ class MeanPrediction(nn.Module):
 
 def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, cfg: Config) -> list[dict]:
     """One row per (mode, m, seed) of a pretrained mode whose cells ran on at least two encoders: the members' run
-    ids (in encoder order), the ensemble's METRICS from metrics.evaluate_model on the cells' target subset and
-    evaluation seed (`load`: run id → its model), each member's from its own row (`each`) and their mean. Sample
-    metrics of an ensemble whose samples diverged are left out (not results)."""
+    ids (in encoder order), the ensemble's headline metrics (metrics.HEADLINE) from evaluate_model on the cells'
+    target subset and evaluation seed (`load`: run id → its model), each member's from its own row (`each`) and
+    their mean. Sample metrics of an ensemble whose samples diverged are left out (not results)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["mode"] in PRETRAINED_MODES:
@@ -97,29 +91,26 @@ def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, c
         model = MeanPrediction([load(row["run_id"]) for row in group])
         values, skipped = evaluate_model(model, taskset, cfg, target=taskset.target_subset(m, seed=seed))
         not_results = skipped.get(FLAGS, {})
-        keys = [k for k in METRICS if k in values and k not in not_results
+        keys = [k for k in HEADLINE if k in values and k not in not_results
                 and all(k in row["metrics"] for row in group)]
         each = [{k: row["metrics"][k] for k in keys} for row in group]
         out.append({"mode": mode, "m": m, "seed": seed, "members": [row["run_id"] for row in group],
                     "metrics": {k: values[k] for k in keys}, "each": each,
-                    "members_mean": {k: statistics.fmean(e[k] for e in each) for k in keys}})
+                    "members_mean": {k: mean_sd([e[k] for e in each])["mean"] for k in keys}})
     return out
 
 
 def ensemble_summary(rows: list[dict]) -> list[dict]:
     """Per (mode, m): the number of encoders and seeds, and mean ± sd over seeds of the ensemble's and the members'
-    mean METRICS that every seed has ({"ensemble": {k: {mean, std}}, "members": {...}})."""
+    mean headline metrics that every seed has ({"ensemble": {k: {mean, std}}, "members": {...}})."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["mode"], row["m"]), []).append(row)
 
-    def stats(values: list[float]) -> dict[str, float]:
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
     out = []
     for (mode, m), group in groups.items():
-        keys = [k for k in METRICS if all(k in r["metrics"] for r in group)]  # (a diverged seed's samples: none)
+        keys = [k for k in HEADLINE if all(k in r["metrics"] for r in group)]  # (a diverged seed's samples: none)
         out.append({"mode": mode, "m": m, "seeds": len(group), "encoders": max(len(r["members"]) for r in group),
-                    "ensemble": {k: stats([r["metrics"][k] for r in group]) for k in keys},
-                    "members": {k: stats([r["members_mean"][k] for r in group]) for k in keys}})
+                    "ensemble": {k: mean_sd([r["metrics"][k] for r in group]) for k in keys},
+                    "members": {k: mean_sd([r["members_mean"][k] for r in group]) for k in keys}})
     return out

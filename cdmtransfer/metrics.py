@@ -41,6 +41,16 @@ from cdmtransfer.references import reference_metrics
 from cdmtransfer.tasks.base import TaskSet
 
 
+HEADLINE = ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm")  # a sweep's metrics, in table order
+
+
+def mean_sd(values: list[float]) -> dict:
+    """{"mean", "std"} of values over seeds (sample standard deviation; 0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return {"mean": mean, "std": math.sqrt(var) if len(values) > 1 else 0.0}
+
+
 SAMPLE_CHUNK = 2048  # rows per head call while sampling: 2048 × 128-wide activations are 1 MB
 
 

@@ -110,9 +110,9 @@ def references_table(summary: list[dict]) -> Table | None:
     if not keys:
         return None
     table = Table(title="limits on the same test conditions (what the columns above compare with)",
-                  caption="posterior-mean MSE of: the true posterior mean (closed form, or MCMC where the suite has none; "
-                          "no model can beat it); least squares on "
-                          "the true features h*(y) of the m pairs; ridge regression of x on y fitted on the m pairs; "
+                  caption="posterior-mean MSE of: the true posterior mean (closed form, or MCMC where the suite has "
+                          "none; no model can beat it); least squares on the true features h*(y) of the m pairs; "
+                          "ridge regression of x on y fitted on the m pairs; "
                           "the best linear estimator fitted on the pooled sources (no target data). W2 floor: the "
                           "sliced W2 between two sets of true samples", show_header=True)
     for col in ("m", *(REFERENCE_COLUMNS[k] for k in keys)):
@@ -137,14 +137,13 @@ def ensemble_table(ensembles: list[dict]) -> Table | None:
     encoders' ε̂; ensemble.py), means over seeds; None without several encoders."""
     if not ensembles:
         return None
-    names = {"score_error": "score error", "posterior_mean_mse": "post. mean MSE", "sliced_w2": "sliced W2",
-             "test_dsm": "test DSM"}
-    keys = [k for k in names if any(k in e["ensemble"] for e in ensembles)]
-    table = Table(title="the encoders' cells averaged (one model whose ε̂ is the mean of theirs): members → ensemble",
+    keys = [k for k in SWEEP_COLUMNS if any(k in e["ensemble"] for e in ensembles)]
+    table = Table(title="the encoders' cells averaged (one model whose ε̂ is the mean of theirs): "
+                        "members → ensemble",
                   caption="members: each encoder's cell alone, averaged; ensemble: the mean of their ε̂, evaluated "
                           "like a cell (score error and test DSM on the same draws: never worse, by Jensen's "
                           "inequality); not exported", show_header=True)
-    for col in ("mode", "m", "encoders", "seeds", *(names[k] for k in keys)):
+    for col in ("mode", "m", "encoders", "seeds", *(SWEEP_COLUMNS[k] for k in keys)):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for e in sorted(ensembles, key=lambda e: (MODE_ORDER.get(e["mode"], 9), e["m"])):
         cells = []
