@@ -24,7 +24,7 @@ from typing import NamedTuple
 from cdmtransfer import data_checks
 from cdmtransfer.cells import cell_heads, group_key
 from cdmtransfer.config import FROM_PRETRAIN, PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
-from cdmtransfer.ensemble import ensemble_rows, ensemble_summary
+from cdmtransfer.ensemble import ensemble_rows, ensemble_summary, record_ensemble
 from cdmtransfer.errors import CdmError, ConfigError, stop_requested
 from cdmtransfer.metrics import HEADLINE, mean_sd
 from cdmtransfer.plots import learning_curves
@@ -51,6 +51,7 @@ class SweepResult:
     pretrain_run_ids: list = field(default_factory=list)  # the sweep's own pretrains, encoder p at index p
     oracle_pretrain_run_id: str | None = None  # the pretrain on h* that the oracle cells adapt
     ensembles: list = field(default_factory=list)  # with several encoders: ensemble.ensemble_summary of the cells
+    ensemble_runs: list = field(default_factory=list)  # per (mode, m, seed): its ensemble's run id, members, metrics
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -231,8 +232,9 @@ def _pretrain_index(run, cfg: Config) -> int:
     return (int(run.data.params.get("seed", cfg.seed)) - cfg.seed) // PRETRAIN_SEED_STRIDE
 
 
-def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
-    """For --resume: the finished cells of an interrupted sweep (key -> row) and its pretrain child runs.
+def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list, dict]:
+    """For --resume: the finished cells of an interrupted sweep (key -> row), its pretrain child runs and its
+    finished ensembles' runs ((mode, m, seed) -> {"run_id", "metrics"}: ensemble.ensemble_rows' `prior`).
 
     Children left RUNNING by a killed process are marked KILLED (the truth); their cells are trained again.
     """
@@ -243,7 +245,7 @@ def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
     diff = sorted(k for k, v in now.items() if parent.data.params.get(k, v) != v)
     if diff:
         raise ConfigError(f"--resume: the recipe differs from the sweep being resumed at {', '.join(diff[:5])}")
-    done, pretrains = {}, []
+    done, pretrains, ensembles = {}, [], {}
     children = tracker.client.search_runs([parent.info.experiment_id],
                                           filter_string=f"tags.mlflow.parentRunId = '{sweep_id}'")
     for run in children:
@@ -254,13 +256,16 @@ def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list]:
     encoder_of = {run.info.run_id: _pretrain_index(run, cfg) for run in pretrains}
     for run in children:
         tags = run.data.tags
-        if tags.get(TAG + "stage") != "pretrain" and run.info.status == "FINISHED":
+        if tags.get(TAG + "stage") == "ensemble" and run.info.status == "FINISHED":
+            ensembles[tags[TAG + "mode"], int(tags[TAG + "m"]), int(tags[TAG + "seed"])] = {
+                "run_id": run.info.run_id, "metrics": dict(run.data.metrics)}
+        elif tags.get(TAG + "stage") != "pretrain" and run.info.status == "FINISHED":
             key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"],
                             encoder_of.get(tags.get(TAG + "pretrain_run_id", ""), 0))
             metrics = {k: v for k, v in run.data.metrics.items() if k not in ("loss", "lr", "grad_norm")}
             done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "pretrain": key[3], "run_id": run.info.run_id,
                          "metrics": metrics, "choice": tags.get(TAG + "choice_short", "")}
-    return done, pretrains
+    return done, pretrains, ensembles
 
 
 def _sweep_pretrain(cfg: Config, tracking_uri: str | None, parent_run_id: str, prior: list[tuple[str, str]],
@@ -326,7 +331,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
     encoder(s); the other cells follow when their encoder is ready."""
     s = cfg.sweep
     tracker = open_tracker(cfg, tracking_uri)
-    done, pretrains = _prior_work(tracker, resume, cfg) if resume else ({}, [])
+    done, pretrains, prior_ensembles = _prior_work(tracker, resume, cfg) if resume else ({}, [], {})
     if resume and not encoder:
         parent_tags = tracker.get_run(resume).data.tags
         encoder = parent_tags.get(TAG + "encoder_source") if not pretrains else None
@@ -408,20 +413,25 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
         for entry in summary:
             parent.log_metrics({f"{entry['mode']}.{k}": entry[k]["mean"] for k in HEADLINE if k in entry},
                                step=entry["m"])
-        ensembles = []
+        ensembles, ensemble_cells = [], []
         if len(encoders) > 1:  # what averaging the encoders' cells would buy (ensemble.py)
             def load(run_id: str):
                 return load_model_dir(find_model_dir(tracker, run_id, Path(tmp))[0], run_id)[0].eval()
 
+            def record(mode: str, m: int, seed: int, members: list[str], model, values: dict, skipped: dict) -> str:
+                cell = next(c for c in cells if (c.adapt.mode, c.adapt.m, c.seed) == (mode, m, seed))
+                return record_ensemble(tracker, parent.run_id, cell, taskset, members, own, model, values, skipped)
+
             try:
-                ensembles = ensemble_summary(ensemble_rows(rows, load, taskset, cfg))
+                ensemble_cells = ensemble_rows(rows, load, taskset, cfg, prior=prior_ensembles, record=record)
+                ensembles = ensemble_summary(ensemble_cells)
             except CdmError as exc:  # a member's model not reachable here: the sweep's results stand without it
                 print(f"warning: the encoders' cells were not scored averaged: {exc}", file=sys.stderr, flush=True)
             for entry in ensembles:
                 parent.log_metrics({f"ensemble.{entry['mode']}.{k}": v["mean"] for k, v in entry["ensemble"].items()},
                                    step=entry["m"])
-        parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped, "ensembles": ensembles},
-                        "results.json")
+        parent.log_dict({"rows": rows, "summary": summary, "skipped_modes": skipped, "ensembles": ensembles,
+                         "ensemble_runs": ensemble_cells}, "results.json")
         parent.client.log_text(parent.run_id, to_csv(rows), "results.csv")
         plots = {}
         if len(s.m) > 1 and cfg.tracking.log_artifacts:
@@ -432,7 +442,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                     parent.log_artifact(png, "plots")
                     plots[metric] = f"plots/{png.name}"
     return SweepResult(parent.run_id, own[0] if own else None, rows, summary, skipped, tracker.store.uri, plots,
-                       own, oracle_run, ensembles)
+                       own, oracle_run, ensembles, ensemble_cells)
 
 
 class _OpenCell(NamedTuple):

@@ -5,8 +5,9 @@ The mean of N score fields is a score field; by Jensen's inequality its squared 
 draws, is at most the members' mean error (with equality only when they agree), so ensembling can only help the
 score error and the held-out DSM; it helps by how much the encoders' errors differ. The ensemble is evaluated like
 any adapted model (metrics.evaluate_model: the evaluator's draws and seed, so its score metrics use the members'
-draws; its samples come from the averaged ε̂), and compared with its members' own evaluations. It is not exported:
-this measures the gain, it does not build the model.
+draws; its samples come from the averaged ε̂), and compared with its members' own evaluations. The sweep exports
+it as a child run of its own (curves._record_ensemble), which `evaluate` and `sample` load like any adapt run
+(models.model_spec / build_model: {"ensemble": [member specs]}; weights members.<i>.*).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cdmtransfer.config import PRETRAINED_MODES, Config
-from cdmtransfer.metrics import FLAGS, HEADLINE, evaluate_model, mean_sd
+from cdmtransfer.adaptation import adapt_tags, record_adapt
+from cdmtransfer.checkpoint import export_model
+from cdmtransfer.config import PRETRAINED_MODES, Config, flatten
+from cdmtransfer.metrics import FLAGS, HEADLINE, SAMPLE_METRICS, evaluate_model, mean_sd
+from cdmtransfer.models import model_spec
+from cdmtransfer.tracking import TAG, tracked_run
 
 
 class ConcatEncoder(nn.Module):
@@ -44,8 +49,12 @@ class MeanPrediction(nn.Module):
 
     def __init__(self, members: list[nn.Module]):
         super().__init__()
+        if len({member.d_x for member in members}) != 1:
+            raise ValueError(f"ensemble members generate different d_x: {[member.d_x for member in members]}")
         self.members = nn.ModuleList(members)
-        self.encoder = ConcatEncoder([member.encoder for member in members])
+        # Not a registered submodule: its parts are the members' encoders, so the state dict (the export) holds each
+        # weight once, under members.<i>.*; .to() and .eval() reach them through `members`.
+        object.__setattr__(self, "encoder", ConcatEncoder([member.encoder for member in members]))
         self.d_x = members[0].d_x
         self.head_sees_y = any(member.head_sees_y for member in members)
 
@@ -74,11 +83,16 @@ class MeanPrediction(nn.Module):
         return eps
 
 
-def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, cfg: Config) -> list[dict]:
+def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, cfg: Config, *,
+                  prior: dict | None = None, record: Callable | None = None) -> list[dict]:
     """One row per (mode, m, seed) of a pretrained mode whose cells ran on at least two encoders: the members' run
     ids (in encoder order), the ensemble's headline metrics (metrics.HEADLINE) from evaluate_model on the cells'
     target subset and evaluation seed (`load`: run id → its model), each member's from its own row (`each`) and
-    their mean. Sample metrics of an ensemble whose samples diverged are left out (not results)."""
+    their mean. Sample metrics of an ensemble whose samples diverged are left out (not results).
+
+    `record(mode, m, seed, members, model, values, skipped)` → run id: each new ensemble's own run (its `run_id` in the row).
+    `prior` ((mode, m, seed) → {"run_id", "metrics"}): ensembles an interrupted sweep recorded already; their
+    metrics are taken as they were logged, not computed again."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row["mode"] in PRETRAINED_MODES:
@@ -88,16 +102,39 @@ def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, c
         if len(group) < 2:
             continue
         group = sorted(group, key=lambda r: r.get("pretrain", 0))
-        model = MeanPrediction([load(row["run_id"]) for row in group])
-        values, skipped = evaluate_model(model, taskset, cfg, target=taskset.target_subset(m, seed=seed))
-        not_results = skipped.get(FLAGS, {})
+        if (mode, m, seed) in (prior or {}):
+            run_id, values = prior[mode, m, seed]["run_id"], prior[mode, m, seed]["metrics"]
+            not_results = SAMPLE_METRICS if values.get("diverged") else ()
+        else:
+            model = MeanPrediction([load(row["run_id"]) for row in group])
+            values, skipped = evaluate_model(model, taskset, cfg, target=taskset.target_subset(m, seed=seed))
+            not_results = skipped.get(FLAGS, {})
+            run_id = record(mode, m, seed, [row["run_id"] for row in group], model, values, skipped) if record else None
         keys = [k for k in HEADLINE if k in values and k not in not_results
                 and all(k in row["metrics"] for row in group)]
         each = [{k: row["metrics"][k] for k in keys} for row in group]
         out.append({"mode": mode, "m": m, "seed": seed, "members": [row["run_id"] for row in group],
                     "metrics": {k: values[k] for k in keys}, "each": each,
-                    "members_mean": {k: mean_sd([e[k] for e in each])["mean"] for k in keys}})
+                    "members_mean": {k: mean_sd([e[k] for e in each])["mean"] for k in keys},
+                    **({"run_id": run_id} if run_id else {})})
     return out
+
+
+def record_ensemble(tracker, parent_id: str, cell: Config, taskset, members: list[str], pretrains: list[str],
+                    model: MeanPrediction, values: dict, skipped: dict) -> str:
+    """The ensemble's own child run of the sweep `parent_id`, like a cell's: the cell's config (`cell`: its mode,
+    m and seed) as params, the ensemble's metrics, its exported model (`evaluate` and `sample` load it, models:/
+    resolves it) and its members' and encoders' run ids as lineage (tags cdmtransfer.members, .pretrain_run_ids).
+    Returns its run id."""
+    lineage = {"members": ",".join(members), "pretrain_run_ids": ",".join(pretrains)}
+    tags = {**adapt_tags(cell, taskset, lineage, parent_id), TAG + "stage": "ensemble"}
+    with tracked_run(tracker, f"{cell.name}-ensemble-{cell.adapt.mode}-m{cell.adapt.m}", tags) as run:
+        run.log_params({**flatten(cell.to_dict()), "ensemble.members": len(members)})
+        run.log_dict(cell.to_dict(), "config.json")
+        meta = {"stage": "adapt", "mode": cell.adapt.mode, "model": model_spec(model), "config": cell.to_dict(),
+                "run_id": run.run_id, "lineage": lineage, "taskset": taskset.summary()}
+        record_adapt(run, cell, values, skipped, export_model(run.work_dir / "model", model.state_dict(), meta))
+    return run.run_id
 
 
 def ensemble_summary(rows: list[dict]) -> list[dict]:

@@ -441,7 +441,10 @@ def encoder_spec(encoder: nn.Module) -> dict:
 
 
 def model_spec(model: ScoreModel) -> dict:
-    """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe)."""
+    """Everything needed to rebuild `model` with the same shapes (plain dict, JSON-safe); for an ensemble of
+    adapted models (ensemble.MeanPrediction) {"ensemble": [each member's spec]}."""
+    if hasattr(model, "members"):
+        return {"ensemble": [model_spec(member) for member in model.members]}
     spec = {"encoder": encoder_spec(model.encoder), "K": model.heads.K, "d_x": model.d_x,
             "time_dim": 2 * model.time.freqs.numel(), "parametrization": model.parametrization,
             "sigma_data": model.sigma_data, "linear_mean": model.linear_mean,
@@ -456,6 +459,13 @@ def model_spec(model: ScoreModel) -> dict:
 
 def build_model(spec: dict) -> ScoreModel:
     """Inverse of model_spec; older specs without "head" / "parametrization" are MLP heads predicting ε."""
+    if "ensemble" in spec:
+        from cdmtransfer.ensemble import MeanPrediction  # noqa: PLC0415 (ensemble imports metrics, which imports this)
+
+        members = spec["ensemble"]
+        if not isinstance(members, list) or len(members) < 2:
+            raise ValueError(f"an ensemble needs a list of at least two member specs, got {members!r:.80}")
+        return MeanPrediction([build_model(member) for member in members])
     return ScoreModel(build_encoder(spec["encoder"]), spec["K"], spec["d_x"], spec["head_width"],
                       spec["head_depth"], spec["time_dim"], spec.get("head", "mlp"), spec.get("image_shape"),
                       spec.get("parametrization", "eps"), spec.get("sigma_data", 1.0), spec.get("head_config"),

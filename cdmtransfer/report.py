@@ -142,7 +142,8 @@ def ensemble_table(ensembles: list[dict]) -> Table | None:
                         "members → ensemble",
                   caption="members: each encoder's cell alone, averaged; ensemble: the mean of their ε̂, evaluated "
                           "like a cell (score error and test DSM on the same draws: never worse, by Jensen's "
-                          "inequality); not exported", show_header=True)
+                          "inequality); each seed's ensemble is a child run (tag cdmtransfer.stage = ensemble) whose model "
+                          "evaluate and sample load", show_header=True)
     for col in ("mode", "m", "encoders", "seeds", *(SWEEP_COLUMNS[k] for k in keys)):
         table.add_column(col, justify="left" if col == "mode" else "right")
     for e in sorted(ensembles, key=lambda e: (MODE_ORDER.get(e["mode"], 9), e["m"])):

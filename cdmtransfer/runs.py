@@ -136,10 +136,9 @@ def sample_run(source: str, n: int, out: Path, *, y_file: Path | None = None, te
     if (y_file is None) == (not test):
         raise ConfigError("give exactly one of --y FILE or --test")
     model, cfg, meta, tracker = load_run(source, tracking_uri=tracking_uri, overrides=overrides, home=home)
-    heads = model.heads.K
     head = 0 if meta.get("stage") == "adapt" else task - 1
-    if meta.get("stage") == "pretrain" and not 1 <= task <= heads:
-        raise ConfigError(f"{source} is a pretrain run: choose a source head with --task 1..{heads}")
+    if meta.get("stage") == "pretrain" and not 1 <= task <= model.heads.K:
+        raise ConfigError(f"{source} is a pretrain run: choose a source head with --task 1..{model.heads.K}")
     taskset = build_taskset(cfg)
     if test:
         y = taskset.test_y

@@ -170,6 +170,9 @@ def encoder_from_export(weights: dict, meta: dict, source: str, D_y: int,
     """The encoder of an exported model (weights, meta.json), checked to take D_y and give d; and its source heads."""
     model = meta.get("model")
     spec = model.get("encoder") if isinstance(model, dict) else None
+    if isinstance(model, dict) and "ensemble" in model:
+        raise ConfigError(f"{source}: an ensemble of adapted models has no one encoder to start from; give one of "
+                          f"its pretrains (its tag cdmtransfer.pretrain_run_ids)")
     if not spec or not isinstance(spec, dict):
         raise ConfigError(f"{source}: checkpoint holds no encoder")
     if spec.get("D_y") != D_y:

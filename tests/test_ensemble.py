@@ -78,3 +78,32 @@ def test_rows_group_the_pretrained_cells_of_one_target_subset_and_evaluate_their
     summary = ensemble_summary(out + [dict(e, seed=6)])
     assert len(summary) == 1 and summary[0]["seeds"] == 2 and summary[0]["encoders"] == 2
     assert summary[0]["ensemble"]["score_error"]["mean"] == pytest.approx(e["metrics"]["score_error"])
+
+
+def test_an_exported_ensemble_reloads_as_the_same_model_with_each_weight_stored_once(tmp_path):
+    """model_spec / build_model round trip through export_model and load_model_dir: the state dict holds the members'
+    weights once each (members.<i>.*, nothing under the unregistered code concatenation), the rebuilt model predicts
+    what the original does, and a spec with one member or members of different d_x is refused with a DataError."""
+    from cdmtransfer.checkpoint import export_model
+    from cdmtransfer.errors import DataError
+    from cdmtransfer.models import model_spec, rebuild
+    from cdmtransfer.runs import load_model_dir
+
+    ensemble = MeanPrediction([member(0, 2), member(1, 3)])
+    state = ensemble.state_dict()
+    assert state and all(k.startswith(("members.0.", "members.1.")) for k in state)
+    assert len(state) == len(member(0, 2).state_dict()) + len(member(1, 3).state_dict())
+    spec = model_spec(ensemble)
+    assert [s["encoder"]["d"] for s in spec["ensemble"]] == [2, 3]
+    cfg = from_dict(Config, {"suite": {"name": "gaussian", "gaussian": {"d_x": 3, "D_y": 8, "d": 2}}}, "test")
+    export_model(tmp_path / "model", state, {"stage": "adapt", "model": spec, "config": cfg.to_dict()})
+    loaded, _, meta = load_model_dir(tmp_path / "model", "test")
+    assert isinstance(loaded, MeanPrediction) and meta["stage"] == "adapt"
+    torch.manual_seed(7)
+    x, y, t = torch.randn(1, 5, 3), torch.randn(1, 5, 8), torch.rand(1, 5) + 0.1
+    assert torch.equal(loaded(x, y, t), ensemble(x, y, t))
+    with pytest.raises(DataError, match="at least two member specs"):
+        rebuild({"ensemble": spec["ensemble"][:1]}, "one.json")
+    other = model_spec(ScoreModel(MLPEncoder(8, 2, 16, 1), 1, 4, 16, 1, 4))
+    with pytest.raises(DataError, match="different d_x"):
+        rebuild({"ensemble": [spec["ensemble"][0], other]}, "mixed.json")

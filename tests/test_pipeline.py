@@ -211,11 +211,12 @@ def test_sweep_parent_with_children(recipe, store, tmp_path):
     assert {a.path for a in c.list_artifacts(res["run_id"], "plots")} >= {"plots/curve_score_error.png"}
 
 
-def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(recipe, store):
+def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(recipe, store, tmp_path):
     """sweep.pretrain_seeds = 2: two pretrains (seeds 0 and 1000); every frozen cell runs on both with the same
     target subset, scratch and oracle once (oracle on the sweep's own pretrain on h*); the summary's spread covers
-    seeds × encoders and says the encoders' part; the cells of both encoders are also scored averaged; a resume finds every cell and pretrain done (the keys include the
-    encoder) and trains nothing. (Random encoder starts: the closed-form
+    seeds × encoders and says the encoders' part; the cells of both encoders are also scored averaged, each average
+    a child run with its model exported (evaluate and sample load it); a resume finds every cell, pretrain and
+    ensemble done (the keys include the encoder) and trains and records nothing. (Random encoder starts: the closed-form
     start of model.encoder_linear is the same for every seed, and this short pretrain would keep it.)"""
     args = ["--m", "4,8", "--modes", "frozen,scratch,oracle", "--seeds", 2, "--pretrain-seeds", 2,
             "--set", "model.encoder_linear=false"]
@@ -257,12 +258,30 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     logged = c.get_metric_history(res["run_id"], "ensemble.frozen.score_error")
     assert {(h.step, h.value) for h in logged} == {(m, e["ensemble"]["score_error"]["mean"])
                                                    for (_, m), e in ensembles.items()}
+    # each (mode, m, seed)'s average is a child run of its own: members and encoders as lineage, its metrics, its
+    # model exported; evaluate reproduces the metrics from the export, sample draws from it, adapt refuses it
+    assert len(res["ensemble_runs"]) == 2 * 2
+    for e in res["ensemble_runs"]:
+        run = c.get_run(e["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == res["run_id"]
+        assert run.data.tags[TAG + "stage"] == "ensemble" and run.data.tags[TAG + "mode"] == e["mode"] == "frozen"
+        assert run.data.tags[TAG + "members"].split(",") == e["members"]
+        assert run.data.tags[TAG + "pretrain_run_ids"].split(",") == own
+        assert run.data.metrics["score_error"] == e["metrics"]["score_error"]
+    e = res["ensemble_runs"][-1]
+    assert ok_json("evaluate", e["run_id"])["metrics"]["score_error"] == pytest.approx(e["metrics"]["score_error"],
+                                                                                      rel=1e-6)
+    ok_json("sample", e["run_id"], "--n", 3, "--test", "--out", tmp_path / "ensemble.npz")
+    with np.load(tmp_path / "ensemble.npz") as draws:
+        assert draws["samples"].shape[1:] == (3, 3) and np.isfinite(draws["samples"]).all()
+    refused = cli("adapt", recipe, "--encoder", e["run_id"], "--mode", "frozen", "--m", 4)
+    assert refused.exit_code != 0 and "ensemble" in refused.output and "Traceback" not in refused.output
     before = len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id]))
     again = ok_json("sweep", recipe, *args, "--resume", res["run_id"])
     assert len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id])) == before
     assert [r["run_id"] for r in again["rows"]] == [r["run_id"] for r in res["rows"]]
     assert again["oracle_pretrain_run_id"] == on_h_star and again["pretrain_run_ids"] == own
-    assert again["ensembles"] == res["ensembles"]
+    assert again["ensembles"] == res["ensembles"] and again["ensemble_runs"] == res["ensemble_runs"]
     bad = cli("sweep", recipe, "--pretrain-seeds", 2, "--encoder", own[0])
     assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
 
