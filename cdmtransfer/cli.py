@@ -51,6 +51,10 @@ ResumeOpt = Annotated[Optional[str], typer.Option(
     help="Continue an interrupted run from its last checkpoint (same recipe).")]
 EncoderOpt = Annotated[Optional[str], typer.Option(
     "--encoder", metavar="SRC", help="Pretrained encoder: a pretrain run id, runs:/ or models:/ URI, or a path.")]
+SweepEncoderOpt = Annotated[Optional[str], typer.Option(
+    "--encoder", metavar="SRC[,SRC..]", help="Pretrained encoder(s) in place of the sweep's own pretrain: a pretrain "
+                                             "run id, runs:/ or models:/ URI, or a path; several, comma-separated, "
+                                             "run every frozen/finetune/auto cell on each and also average them.")]
 
 
 def handled(fn):
@@ -190,7 +194,7 @@ def sweep(recipe: RecipeArg,
               help="Encoders to pretrain (seeds seed, seed + 1000, ..): frozen/finetune/auto cells run on each, so "
                    "the spread includes the encoder's (sweep.pretrain_seeds).")] = None,
           jobs: Annotated[int, typer.Option(help="Processes that train cells, this one included (0: one per core).")] = 0,
-          encoder: EncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
+          encoder: SweepEncoderOpt = None, set_: SetOpt = None, seed: SeedOpt = None, resume: ResumeOpt = None,
           tracking_uri: TrackingOpt = None,
           dry_run: DryRunOpt = False, json_out: JsonOpt = False, quiet: QuietOpt = False,
           verbose: VerboseOpt = False):
@@ -214,7 +218,8 @@ def sweep(recipe: RecipeArg,
     if json_out:
         return report.emit_json(result.to_dict())
     out = report.console()
-    over = "seeds" if len(result.pretrain_run_ids) < 2 else f"seeds × {len(result.pretrain_run_ids)} encoders"
+    encoders = len({row.get("pretrain", 0) for row in result.rows})
+    over = "seeds" if encoders < 2 else f"seeds × {encoders} encoders"
     out.print(report.sweep_table(result.summary, f"{cfg.name}: target error by mode and m (mean ± sd over {over})"))
     for extra in (report.references_table(result.summary), report.ensemble_table(result.ensembles)):
         if extra is not None:

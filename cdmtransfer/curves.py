@@ -232,6 +232,11 @@ def _pretrain_index(run, cfg: Config) -> int:
     return (int(run.data.params.get("seed", cfg.seed)) - cfg.seed) // PRETRAIN_SEED_STRIDE
 
 
+def _learned(pretrains: list, cfg: Config) -> list:
+    """The pretrain runs of the recipe's own encoder among a sweep's (not the pretrain on h* of its oracle cells)."""
+    return [r for r in pretrains if r.data.params.get("model.encoder") == cfg.model.encoder]
+
+
 def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list, dict]:
     """For --resume: the finished cells of an interrupted sweep (key -> row), its pretrain child runs and its
     finished ensembles' runs ((mode, m, seed) -> {"run_id", "metrics"}: ensemble.ensemble_rows' `prior`).
@@ -253,15 +258,17 @@ def _prior_work(tracker, sweep_id: str, cfg: Config) -> tuple[dict, list, dict]:
             tracker.client.set_terminated(run.info.run_id, "KILLED")
         if run.data.tags.get(TAG + "stage") == "pretrain":
             pretrains.append(run)
-    encoder_of = {run.info.run_id: _pretrain_index(run, cfg) for run in pretrains}
+    own = _learned(pretrains, cfg)  # the sweep pretrained its encoders; else the user gave them (--encoder A,B,..)
+    encoder_of = ({run.info.run_id: _pretrain_index(run, cfg) for run in own} if own else
+                  {source: p for p, source in enumerate(parent.data.tags.get(TAG + "encoder_source", "").split(","))})
     for run in children:
         tags = run.data.tags
         if tags.get(TAG + "stage") == "ensemble" and run.info.status == "FINISHED":
             ensembles[tags[TAG + "mode"], int(tags[TAG + "m"]), int(tags[TAG + "seed"])] = {
                 "run_id": run.info.run_id, "metrics": dict(run.data.metrics)}
         elif tags.get(TAG + "stage") != "pretrain" and run.info.status == "FINISHED":
-            key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"],
-                            encoder_of.get(tags.get(TAG + "pretrain_run_id", ""), 0))
+            source = tags.get(TAG + "pretrain_run_id" if own else TAG + "encoder_source", "")
+            key = _cell_key(tags[TAG + "mode"], tags[TAG + "m"], tags[TAG + "seed"], encoder_of.get(source, 0))
             metrics = {k: v for k, v in run.data.metrics.items() if k not in ("loss", "lr", "grad_norm")}
             done[key] = {"mode": key[0], "m": key[1], "seed": key[2], "pretrain": key[3], "run_id": run.info.run_id,
                          "metrics": metrics, "choice": tags.get(TAG + "choice_short", "")}
@@ -309,6 +316,8 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     if s.pretrain_seeds > 1 and encoder:
         raise ConfigError(f"--encoder {encoder}: sweep.pretrain_seeds = {s.pretrain_seeds} pretrains the sweep's own "
                           f"encoders; drop --encoder or set sweep.pretrain_seeds=1")
+    if encoder and (not all(encoder.split(",")) or len(set(encoder.split(","))) < len(encoder.split(","))):
+        raise ConfigError(f"--encoder {encoder!r}: give one encoder, or several different ones separated by commas")
     h_star_d = oracle_truth(taskset).d if "oracle" in modes else 0
     cells = [resolve_adapt(dataclasses.replace(cfg if mode != "oracle" else oracle_config(cfg, h_star_d),
                                                seed=cfg.seed + offset,
@@ -334,7 +343,8 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
     done, pretrains, prior_ensembles = _prior_work(tracker, resume, cfg) if resume else ({}, [], {})
     if resume and not encoder:
         parent_tags = tracker.get_run(resume).data.tags
-        encoder = parent_tags.get(TAG + "encoder_source") if not pretrains else None
+        encoder = parent_tags.get(TAG + "encoder_source") if not _learned(pretrains, cfg) else None
+    given = encoder.split(",") if encoder else []  # encoders the user pretrained: cells run on each, in this order
     data_warnings = data_checks.for_stage(taskset.data_warnings, ("pretrain", "adapt"))
     tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs,
             **data_checks.tags(data_warnings), **(tags or {})}
@@ -344,8 +354,8 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
         if not resume:
             parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
         own, encoders = [], [(None, {})]  # the sweep's pretrain run ids; per encoder: (model dir, lineage)
-        learned = [r for r in pretrains if r.data.params.get("model.encoder") == cfg.model.encoder]
-        sources = [encoder] if encoder else []
+        learned = _learned(pretrains, cfg)
+        sources = list(given)
         oracle_cfg = oracle_config(cfg, h_star_d) if "oracle" in modes else None
         oracle_prior = _runs([r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
                               and _pretrain_index(r, cfg) == 0])
@@ -353,7 +363,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
         pretrains_here = uses_encoder and not encoder  # this process pretrains the learned encoder(s)
         todo = {p: [c for c in cells if _cell_key(c.adapt.mode, c.adapt.m, c.seed, p) not in done
                     and (p == 0 or c.adapt.mode in PRETRAINED_MODES)]
-                for p in range(s.pretrain_seeds if pretrains_here else 1)}
+                for p in range(len(given) if given else s.pretrain_seeds if pretrains_here else 1)}
         with _CellRuns(tracker, parent.run_id, taskset, workers, quiet, s.batch_cells,
                        sum(map(len, todo.values())), str(Path(tmp) / "evaluations")) as runs:
             early = bool(workers.count and pretrains_here)  # the workers start what needs no encoder now
@@ -377,7 +387,7 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
                     model_dir, _ = find_model_dir(tracker, source, Path(tmp))
                     _, lineage, _ = load_encoder(tracker, source, taskset, cfg)  # checks it fits before cells start
                     encoders.append((str(model_dir), lineage))
-                parent.set_tags({TAG + "encoder_source": sources[0],
+                parent.set_tags({TAG + "encoder_source": encoder or sources[0],
                                  **({TAG + "pretrain_run_ids": ",".join(own)} if len(own) > 1 else {})})
             oracle_run = None  # the pretrain on h* that oracle cells adapt
             if oracle_cfg is not None and oracle_job is None:
@@ -420,7 +430,9 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
 
             def record(mode: str, m: int, seed: int, members: list[str], model, values: dict, skipped: dict) -> str:
                 cell = next(c for c in cells if (c.adapt.mode, c.adapt.m, c.seed) == (mode, m, seed))
-                return record_ensemble(tracker, parent.run_id, cell, taskset, members, own, model, values, skipped)
+                pretrain_ids = [lineage.get("pretrain_run_id", "") for _, lineage in encoders]
+                return record_ensemble(tracker, parent.run_id, cell, taskset, members, pretrain_ids, model, values,
+                                       skipped)
 
             try:
                 ensemble_cells = ensemble_rows(rows, load, taskset, cfg, prior=prior_ensembles, record=record)

@@ -284,6 +284,25 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     assert again["ensembles"] == res["ensembles"] and again["ensemble_runs"] == res["ensemble_runs"]
     bad = cli("sweep", recipe, "--pretrain-seeds", 2, "--encoder", own[0])
     assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
+    # the same two encoders given by the user (--encoder A,B): the same cells and ensembles, to the last digit; the
+    # cells name their encoder, a resume finds everything done
+    given = ["--m", "4,8", "--modes", "frozen", "--seeds", 2, "--set", "model.encoder_linear=false",
+             "--encoder", ",".join(own)]
+    mine = ok_json("sweep", recipe, *given)
+    assert mine["pretrain_run_ids"] == [] and len(mine["rows"]) == len(frozen)
+    twins = {(r["m"], r["seed"], r["pretrain"]): r for r in frozen}
+    for row in mine["rows"]:
+        assert row["metrics"]["score_error"] == twins[row["m"], row["seed"], row["pretrain"]]["metrics"]["score_error"]
+        assert c.get_run(row["run_id"]).data.tags[TAG + "encoder_source"] == own[row["pretrain"]]
+    assert [e["metrics"] for e in mine["ensemble_runs"]] == [e["metrics"] for e in res["ensemble_runs"]]
+    assert c.get_run(mine["ensemble_runs"][0]["run_id"]).data.tags[TAG + "pretrain_run_ids"].split(",") == own
+    before = len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id]))
+    again = ok_json("sweep", recipe, *given[:-2], "--resume", mine["run_id"])  # the encoders from the sweep's tag
+    assert len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id])) == before
+    assert [(r["run_id"], r["pretrain"]) for r in again["rows"]] == [(r["run_id"], r["pretrain"]) for r in mine["rows"]]
+    assert again["ensemble_runs"] == mine["ensemble_runs"]
+    twice = cli("sweep", recipe, "--encoder", f"{own[0]},{own[0]}")
+    assert twice.exit_code != 0 and "several different ones" in twice.output and "Traceback" not in twice.output
 
 
 def test_a_sweep_pretrains_on_h_star_in_a_worker_with_the_same_results(recipe, store):
