@@ -285,13 +285,15 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     bad = cli("sweep", recipe, "--pretrain-seeds", 2, "--encoder", own[0])
     assert bad.exit_code != 0 and "sweep.pretrain_seeds" in bad.output and "Traceback" not in bad.output
     # the same two encoders given by the user (--encoder A,B): the same cells and ensembles, to the last digit; the
-    # cells name their encoder, a resume finds everything done
-    given = ["--m", "4,8", "--modes", "frozen", "--seeds", 2, "--set", "model.encoder_linear=false",
+    # cells name their encoder; a resume takes the encoders from the sweep run (not hidden by its pretrain on h*)
+    # and finds everything done
+    given = ["--m", "4,8", "--modes", "frozen,oracle", "--seeds", 2, "--set", "model.encoder_linear=false",
              "--encoder", ",".join(own)]
     mine = ok_json("sweep", recipe, *given)
-    assert mine["pretrain_run_ids"] == [] and len(mine["rows"]) == len(frozen)
+    assert mine["pretrain_run_ids"] == [] and mine["oracle_pretrain_run_id"]
+    assert len([r for r in mine["rows"] if r["mode"] == "frozen"]) == len(frozen)
     twins = {(r["m"], r["seed"], r["pretrain"]): r for r in frozen}
-    for row in mine["rows"]:
+    for row in (r for r in mine["rows"] if r["mode"] == "frozen"):
         assert row["metrics"]["score_error"] == twins[row["m"], row["seed"], row["pretrain"]]["metrics"]["score_error"]
         assert c.get_run(row["run_id"]).data.tags[TAG + "encoder_source"] == own[row["pretrain"]]
     assert [e["metrics"] for e in mine["ensemble_runs"]] == [e["metrics"] for e in res["ensemble_runs"]]
