@@ -224,6 +224,12 @@ def sweep(recipe: RecipeArg,
     for extra in (report.references_table(result.summary), report.ensemble_table(result.ensembles)):
         if extra is not None:
             out.print(extra)
+    if result.ensemble_runs:  # their models: `evaluate RUN`, `sample RUN`
+        by_cell: dict = {}
+        for e in result.ensemble_runs:
+            by_cell.setdefault(f"{e['mode']} m={e['m']}", []).append(e["run_id"])
+        out.print("averaged models (evaluate and sample load them): "
+                  + "; ".join(f"{cell}: {', '.join(ids)}" for cell, ids in by_cell.items()), soft_wrap=True)
     for mode, why in result.skipped_modes.items():
         out.print(f"skipped mode {mode}: {why}")
     if result.plots:

@@ -303,6 +303,9 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     assert len(c.search_runs([c.get_run(res["run_id"]).info.experiment_id])) == before
     assert [(r["run_id"], r["pretrain"]) for r in again["rows"]] == [(r["run_id"], r["pretrain"]) for r in mine["rows"]]
     assert again["ensemble_runs"] == mine["ensemble_runs"]
+    shown = cli("sweep", recipe, *given[:-2], "--resume", mine["run_id"])  # the table names the averaged models
+    assert shown.exit_code == 0 and "averaged models" in shown.stdout
+    assert all(e["run_id"] in shown.stdout for e in mine["ensemble_runs"])
     twice = cli("sweep", recipe, "--encoder", f"{own[0]},{own[0]}")
     assert twice.exit_code != 0 and "several different ones" in twice.output and "Traceback" not in twice.output
 
