@@ -6,7 +6,7 @@ draws, is at most the members' mean error (with equality only when they agree), 
 score error and the held-out DSM; it helps by how much the encoders' errors differ. The ensemble is evaluated like
 any adapted model (metrics.evaluate_model: the evaluator's draws and seed, so its score metrics use the members'
 draws; its samples come from the averaged ε̂), and compared with its members' own evaluations. The sweep exports
-it as a child run of its own (curves._record_ensemble), which `evaluate` and `sample` load like any adapt run
+it as a child run of its own (record_ensemble), which `evaluate` and `sample` load like any adapt run
 (models.model_spec / build_model: {"ensemble": [member specs]}; weights members.<i>.*).
 """
 
@@ -90,7 +90,8 @@ def ensemble_rows(rows: list[dict], load: Callable[[str], nn.Module], taskset, c
     target subset and evaluation seed (`load`: run id → its model), each member's from its own row (`each`) and
     their mean. Sample metrics of an ensemble whose samples diverged are left out (not results).
 
-    `record(mode, m, seed, members, model, values, skipped)` → run id: each new ensemble's own run (its `run_id` in the row).
+    `record(mode, m, seed, members, model, values, skipped)` → run id: each new ensemble's own run (the row's
+    `run_id`).
     `prior` ((mode, m, seed) → {"run_id", "metrics"}): ensembles an interrupted sweep recorded already; their
     metrics are taken as they were logged, not computed again."""
     groups: dict[tuple, list[dict]] = {}
