@@ -149,8 +149,11 @@ def ridge_gcv(features: torch.Tensor, x: torch.Tensor, grid: int = 81, intercept
 
 @torch.no_grad()
 def readout_error(encoder, h_star, y: torch.Tensor) -> float:
-    """1 − R² of h*(y) read out affinely from encoder(y): fitted on the even rows of y, scored on the odd ones."""
+    """1 − R² of h*(y) read out affinely from encoder(y): fitted on the even rows of y, scored on the odd ones; NaN
+    where the encoder's output is not finite (least squares would fail on it: nothing is read out)."""
     h, target = encoder(y.float()).double(), h_star(y.float()).double()
+    if not torch.isfinite(h).all():
+        return math.nan
     ones = torch.ones(h.shape[0], 1, dtype=torch.float64, device=h.device)
     design = torch.cat([h, ones], 1)
     coef = torch.linalg.lstsq(design[0::2], target[0::2]).solution

@@ -212,3 +212,5 @@ def test_readout_error_is_zero_for_an_affine_change_of_basis_and_near_one_for_un
     assert readout_error(lambda v: torch.tanh(v @ other), h_star, y) > 0.95
     half = readout_error(lambda v: h_star(v)[:, :2], h_star, y)
     assert 0.3 < half < 0.7
+    broken = readout_error(lambda v: h_star(v).masked_fill(v[:, :4] > 3, float("nan")), h_star, y)  # a diverged h
+    assert math.isnan(broken)  # nothing read out (least squares would raise on it)
