@@ -49,7 +49,8 @@ def adapt(recipe, overrides=(), **kwargs):
 
 
 def sweep(recipe, overrides=(), **kwargs):
-    """Learning curves over sweep.modes x sweep.m x sweep.seeds. kwargs: encoder, tracking_uri, quiet."""
+    """Learning curves over sweep.modes x sweep.m x sweep.seeds. kwargs: encoder (a source, or a list of them: the
+    cells run on each and are also averaged into one model per (mode, m, seed)), tracking_uri, quiet, jobs, resume."""
     from cdmtransfer.curves import sweep as run
 
     return run(_cfg(recipe, overrides), **kwargs)

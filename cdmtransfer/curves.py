@@ -295,7 +295,7 @@ def _runs(pretrains: list) -> list[tuple[str, str]]:
     return [(run.info.run_id, run.info.status) for run in pretrains]
 
 
-def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None = None, quiet: bool = True,
+def sweep(cfg: Config, *, encoder: str | list[str] | None = None, tracking_uri: str | None = None, quiet: bool = True,
           jobs: int = 0, resume: str | None = None, tags: dict | None = None,
           workers: Workers | None = None) -> SweepResult:
     """Learning curves over sweep.modes × sweep.m × sweep.seeds; `resume` continues an interrupted sweep run.
@@ -303,6 +303,8 @@ def sweep(cfg: Config, *, encoder: str | None = None, tracking_uri: str | None =
     `tags` are added to the sweep run (estimate finds its pseudo-target sweeps by them). `workers`: processes the
     caller started (the command line spawns them before it imports torch), in place of `jobs` − 1 new ones."""
     s = cfg.sweep
+    if isinstance(encoder, (list, tuple)):  # the Python API's list of the user's encoders: as --encoder A,B,..
+        encoder = ",".join(map(str, encoder))
     setup_torch(cfg)
     taskset = build_taskset(cfg)
     modes, skipped = list(s.modes), {}

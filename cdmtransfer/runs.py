@@ -127,14 +127,15 @@ def read_conditions(path: Path) -> np.ndarray:
     return y
 
 
-def sample_run(source: str, n: int, out: Path, *, y_file: Path | None = None, test: bool = False,
+def sample_run(source: str, n: int, out: Path | str, *, y_file: Path | str | None = None, test: bool = False,
                task: int = 0, tracking_uri: str | None = None, overrides: list[str] = (),
                home: str | None = None, seed: int = 0, progress: bool = False) -> RunSummary:
     """Draw n samples per condition and write them to `out` (.npz with arrays samples [C, n, d_x] and y).
 
-    `progress`: a line on stderr when sampling starts and ends."""
+    `progress`: a line on stderr when sampling starts and ends. Paths may be strings (the Python API)."""
     if (y_file is None) == (not test):
         raise ConfigError("give exactly one of --y FILE or --test")
+    out, y_file = Path(out), None if y_file is None else Path(y_file)
     model, cfg, meta, tracker = load_run(source, tracking_uri=tracking_uri, overrides=overrides, home=home)
     head = 0 if meta.get("stage") == "adapt" else task - 1
     if meta.get("stage") == "pretrain" and not 1 <= task <= model.heads.K:

@@ -286,8 +286,8 @@ def test_bumps_end_to_end(store, tmp_path):
                 "h_xx_parallelism", "train_largest_cluster"):
         assert key in res.metrics
     assert 0 <= res.metrics["centre_accuracy_id"] <= 1
-    out = cdmtransfer.sample(res.run_id, 2, tmp_path / "s.npz", test=True)
-    assert out.paths["grid"].is_file()
+    out = cdmtransfer.sample(res.run_id, 2, str(tmp_path / "s.npz"), test=True)  # a str path, as the README's example
+    assert out.paths["grid"].is_file() and (tmp_path / "s.npz").is_file()
 
 
 def test_bumps_end_to_end_with_conv_head(store):

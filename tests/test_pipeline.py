@@ -289,7 +289,8 @@ def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(re
     # and finds everything done
     given = ["--m", "4,8", "--modes", "frozen,oracle", "--seeds", 2, "--set", "model.encoder_linear=false",
              "--encoder", ",".join(own)]
-    mine = ok_json("sweep", recipe, *given)
+    mine = cdmtransfer.sweep(str(recipe), ["sweep.m=[4,8]", "sweep.modes=[frozen,oracle]", "sweep.seeds=2",
+                                           "model.encoder_linear=false"], encoder=own).to_dict()  # the API takes a list
     assert mine["pretrain_run_ids"] == [] and mine["oracle_pretrain_run_id"]
     assert len([r for r in mine["rows"] if r["mode"] == "frozen"]) == len(frozen)
     twins = {(r["m"], r["seed"], r["pretrain"]): r for r in frozen}
