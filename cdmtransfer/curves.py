@@ -318,7 +318,8 @@ def sweep(cfg: Config, *, encoder: str | list[str] | None = None, tracking_uri: 
     if s.pretrain_seeds > 1 and encoder:
         raise ConfigError(f"--encoder {encoder}: sweep.pretrain_seeds = {s.pretrain_seeds} pretrains the sweep's own "
                           f"encoders; drop --encoder or set sweep.pretrain_seeds=1")
-    if encoder and (not all(encoder.split(",")) or len(set(encoder.split(","))) < len(encoder.split(","))):
+    given = encoder.split(",") if encoder else []
+    if not all(given) or len(set(given)) < len(given):
         raise ConfigError(f"--encoder {encoder!r}: give one encoder, or several different ones separated by commas")
     h_star_d = oracle_truth(taskset).d if "oracle" in modes else 0
     cells = [resolve_adapt(dataclasses.replace(cfg if mode != "oracle" else oracle_config(cfg, h_star_d),
@@ -343,9 +344,10 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
     s = cfg.sweep
     tracker = open_tracker(cfg, tracking_uri)
     done, pretrains, prior_ensembles = _prior_work(tracker, resume, cfg) if resume else ({}, [], {})
+    learned = _learned(pretrains, cfg)
     if resume and not encoder:
         parent_tags = tracker.get_run(resume).data.tags
-        encoder = parent_tags.get(TAG + "encoder_source") if not _learned(pretrains, cfg) else None
+        encoder = parent_tags.get(TAG + "encoder_source") if not learned else None
     given = encoder.split(",") if encoder else []  # encoders the user pretrained: cells run on each, in this order
     data_warnings = data_checks.for_stage(taskset.data_warnings, ("pretrain", "adapt"))
     tags = {TAG + "stage": "sweep", TAG + "recipe": cfg.name, TAG + "suite": cfg.suite.name, TAG + "jobs": jobs,
@@ -356,7 +358,6 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
         if not resume:
             parent.log_params({**flatten(cfg.to_dict()), "sweep.modes": ",".join(modes)})
         own, encoders = [], [(None, {})]  # the sweep's pretrain run ids; per encoder: (model dir, lineage)
-        learned = _learned(pretrains, cfg)
         sources = list(given)
         oracle_cfg = oracle_config(cfg, h_star_d) if "oracle" in modes else None
         oracle_prior = _runs([r for r in pretrains if r.data.params.get("model.encoder") == "oracle"
@@ -430,9 +431,10 @@ def _sweep(cfg: Config, taskset, modes: list[str], skipped: dict, cells: list[Co
             def load(run_id: str):
                 return load_model_dir(find_model_dir(tracker, run_id, Path(tmp))[0], run_id)[0].eval()
 
+            pretrain_ids = [lineage.get("pretrain_run_id", "") for _, lineage in encoders]
+
             def record(mode: str, m: int, seed: int, members: list[str], model, values: dict, skipped: dict) -> str:
                 cell = next(c for c in cells if (c.adapt.mode, c.adapt.m, c.seed) == (mode, m, seed))
-                pretrain_ids = [lineage.get("pretrain_run_id", "") for _, lineage in encoders]
                 return record_ensemble(tracker, parent.run_id, cell, taskset, members, pretrain_ids, model, values,
                                        skipped)
 
