@@ -245,7 +245,7 @@ def pretrain_snapshots(cfg, taskset, *, steps: int, snapshot_steps, seed: int, q
     fit_rows, val_rows = holdout_split(taskset.source_n, p.val_fraction, cfg.suite.seed)
     x, y, n = fit_rows.gather(taskset.source_x, taskset.source_y)
     torch.manual_seed(seed)
-    model = started_pretrain_model(cfg, taskset, fit_rows)  # started as the pretrain stage starts
+    model, _ = started_pretrain_model(cfg, taskset, fit_rows, val_rows)  # started as the pretrain stage starts
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     check = dsm_validation(*val_rows.gather(taskset.source_x, taskset.source_y), process, p.val_draws,
                            seed=seed + 17)

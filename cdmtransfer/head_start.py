@@ -97,15 +97,17 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
                                                             start_error)
         residual = x[i, :n] - code[i, :n] @ start
         fit = ridge_gcv(code[i, :n], residual)
-        if start_error <= fit.gcv:  # the start predicts these rows better
+        if start_error <= fit.gcv:  # the start predicts these rows better: keep its mean
             W[k], B[k, 0] = start.to(W), offset.to(B)
-            continue
-        W[k] = (start + fit.coef).to(W)
-        B[k, 0] = fit.intercept.to(B)
-        if model.full_covariance:  # and the covariance around the new mean, shrunk toward the head's start
+            residual, error = residual - offset, start_error
+        else:
+            W[k] = (start + fit.coef).to(W)
+            B[k, 0] = fit.intercept.to(B)
+            residual, error = residual - fit.predict(code[i, :n]), fit.gcv
+        if model.full_covariance:  # and the covariance around that mean, shrunk toward the head's start: a source's
+            # map may carry over while its noise does not (LSGMM: each task's own style subspace B_k)
             basis, scale = model.heads.mean.basis[k].double(), model.heads.mean.scale[k, 0].double()
-            set_covariance(model, k, residual_covariance(residual - fit.predict(code[i, :n]), fit.gcv,
-                                                         (basis * scale.pow(2)) @ basis.T))
+            set_covariance(model, k, residual_covariance(residual, error, (basis * scale.pow(2)) @ basis.T))
 
 
 @torch.no_grad()
@@ -192,7 +194,8 @@ def set_source_covariances(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, 
 
 
 @torch.no_grad()
-def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: int,
+                   noise_edge: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(P [d, D_y], centre [D_y]): the d-dimensional linear summary P (y − centre) of y that loses least of every
     source's linear fit of x on y (multi-task reduced-rank regression, the linear-Gaussian case of the shared h*).
 
@@ -200,14 +203,26 @@ def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: in
     rank-d approximation of S^{1/2} [C_1 … C_K] is U_d U_dᵀ S^{1/2} [C_1 … C_K], so P = U_dᵀ S^{-1/2} (features of unit
     covariance); rows past d when fewer directions exist are 0, and so are directions whose singular value is below
     1e-3 of the largest (few rows, as scratch's folds: a near-null direction scaled to unit variance on the rows
-    would blow up on new y). centre: the mean of y over the sources' rows."""
-    coefs, covs, sums, total = [], [], 0.0, 0
+    would blow up on new y). centre: the mean of y over the sources' rows.
+
+    noise_edge: also 0 the directions no stronger than noise. Each source's whitened coefficients S^{1/2} C_k carry
+    noise of about σ_k/√n_k per entry (σ_k² its ridge residual variance per coordinate, the GCV estimate), and the
+    largest singular value of a D_y × K·d_x matrix of such noise is about τ (√D_y + √(K d_x)) (the Marchenko–Pastur
+    edge, τ² the sources' mean σ_k²/n_k). A direction below that edge is not one the sources share but the noise of
+    their fits: filled at unit scale it carries whatever the noise aligned with (a task-shifted nuisance of y on the
+    LSGMM suite), and the encoder's MLP part can still learn a real one there. The edge is approximate (ridge shrinks
+    the noise, correlated coordinates of x make fewer independent columns), so pretrain starts both ways and keeps
+    the one with the lower held-out DSM (pretraining.started_pretrain_model); scratch's start, on m rows that may be
+    fewer than D_y, does not use it."""
+    coefs, covs, sums, total, noise = [], [], 0.0, 0, []
     for k in range(x.shape[0]):  # once per source before training: not a hot loop
         n = int(counts[k])
         if n < 2:
             continue
         yk = y[k, :n].double()
-        coefs.append(ridge_gcv(yk, x[k, :n]).coef)
+        fit = ridge_gcv(yk, x[k, :n])
+        coefs.append(fit.coef)
+        noise.append(fit.gcv / x.shape[-1] / n)  # σ_k²/n_k: the variance of a whitened coefficient's noise
         centred = yk - yk.mean(0)
         covs.append(centred.T @ centred / n)
         sums, total = sums + yk.sum(0), total + n
@@ -216,25 +231,33 @@ def linear_summary(x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor, d: in
     lam, V = torch.linalg.eigh(sum(covs) / len(covs))
     lam = lam.clamp_min(1e-6 * float(lam.max().clamp_min(1e-12)))
     U, sv, _ = torch.linalg.svd((V * lam.sqrt()) @ V.T @ torch.cat(coefs, 1), full_matrices=False)
-    U = U[:, :d][:, sv[:d] > 1e-3 * sv[0].clamp_min(1e-300)]
+    keep = sv[:d] > 1e-3 * sv[0].clamp_min(1e-300)
+    if noise_edge:  # τ (√D_y + √(K d_x)): the largest singular value noise alone would reach
+        edge = math.sqrt(sum(noise) / len(noise)) * (math.sqrt(y.shape[-1]) + math.sqrt(len(coefs) * x.shape[-1]))
+        keep &= sv[:d] > edge
+    U = U[:, :d][:, keep]
     P = torch.zeros(d, y.shape[-1], dtype=torch.float64)
     P[: U.shape[1]] = U.T @ (V / lam.sqrt()) @ V.T
     return P, sums / total
 
 
 @torch.no_grad()
-def start_pretrain(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor) -> None:
-    """Pretrain's closed-form start with model.encoder_linear: the encoder h(y) = P (y − ȳ) (`linear_summary`), each
-    source head's linear mean least squares on it from 0 and its network's output at 0 (fit_linear_means), so step 0
-    is the linear-Gaussian model x | y ~ N(μ_k(h(y)), Σ_k) on the best linear summary and training learns the rest.
-    A fixed encoder (the oracle's h*) gets the same heads' start on its own code."""
-    encoder = model.encoder
+def start_pretrain(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: torch.Tensor,
+                   noise_edge: bool = False) -> int | None:
+    """Pretrain's closed-form start with model.encoder_linear: the encoder h(y) = P (y − ȳ) (`linear_summary`, its
+    directions below the noise edge left empty with `noise_edge`), each source head's linear mean least squares on it
+    from 0 and its network's output at 0 (fit_linear_means), so step 0 is the linear-Gaussian model
+    x | y ~ N(μ_k(h(y)), Σ_k) on the best linear summary and training learns the rest. A fixed encoder (the oracle's
+    h*) gets the same heads' start on its own code. Returns the summary's directions (None without a linear path)."""
+    encoder, directions = model.encoder, None
     if getattr(encoder, "linear", None) is not None:
-        P, centre = linear_summary(x, y, counts, encoder.d)
+        P, centre = linear_summary(x, y, counts, encoder.d, noise_edge=noise_edge)
         encoder.start_linear(P.float(), centre.float())
+        directions = int((P.abs().sum(1) > 0).sum())
     elif any(p.requires_grad for p in encoder.parameters()):
-        return  # a random encoder (conv): its code says nothing yet; the heads' means are learned with it
+        return None  # a random encoder (conv): its code says nothing yet; the heads' means are learned with it
     if model.linear_mean:  # on the linear summary, or on a fixed encoder (model.encoder = oracle: h* itself)
         model.heads.mean.weights[0].zero_()
         model.heads.mean.biases[0].zero_()
         fit_linear_means(model, encoder, x, y, counts, range(x.shape[0]), fresh=True)
+    return directions

@@ -464,6 +464,74 @@ def test_source_and_new_heads_get_the_residual_covariance_of_their_rows():
         torch.testing.assert_close(fitted, cov, rtol=0, atol=0.08)
 
 
+def test_a_kept_source_mean_still_takes_the_covariance_of_the_target_rows():
+    # a source head whose map predicts the target rows keeps its mean, but not its noise: the covariance is the rows'
+    # own around that mean (LSGMM: every task has its own style subspace B_k), shrunk toward the source's
+    from cdmtransfer.head_start import fit_linear_means, set_covariance
+
+    torch.manual_seed(2)
+    enc = MLPEncoder(5, 3, 8, 1)
+    model = ScoreModel(enc, 2, 4, 16, 1, 4, parametrization="edm", sigma_data=0.7, linear_mean=True,
+                       mean_covariance="full")
+    A, b = torch.randn(3, 4), torch.randn(4)
+    source_cov = torch.diag(torch.tensor([1.0, 0.01, 0.01, 0.01], dtype=torch.float64))  # the source's style: x₁
+    with torch.no_grad():
+        model.heads.mean.weights[0][1], model.heads.mean.biases[0][1, 0] = A, b
+        set_covariance(model, 1, source_cov)
+    n = 4000
+    y = torch.randn(1, n, 5)
+    with torch.no_grad():
+        code = enc(y)
+    style = torch.tensor([0.1, 1.0, 0.1, 0.1])  # the target's style is x₂
+    noise = torch.randn(n, 4) * style
+    Q = torch.linalg.qr(torch.cat([torch.ones(n, 1), code[0]], 1))[0]
+    noise = noise - Q @ (Q.T @ noise)  # nothing a refit on the code could explain: the start's map must stay
+    x = (code[0] @ A + b + noise)[None]
+    fit_linear_means(model, enc, x, y, torch.tensor([n]), into=[1])
+    mean = model.heads.mean
+    assert torch.equal(mean.weights[0][1], A) and torch.equal(mean.biases[0][1, 0], b)  # the mean is kept
+    fitted = (mean.basis[1] * mean.scale[1, 0].pow(2)) @ mean.basis[1].T
+    torch.testing.assert_close(fitted.diagonal(), style.pow(2), rtol=0, atol=0.05)
+
+
+def test_the_linear_summary_leaves_directions_below_the_noise_edge_empty():
+    # pretrain's start (noise_edge): x depends on 2 directions of y, the code has 4 dimensions; the 2 spare ones,
+    # filled at unit scale with whatever the fits' noise points at, start at 0 instead
+    from cdmtransfer.head_start import linear_summary
+
+    torch.manual_seed(3)
+    K, n, D_y, d_x = 4, 500, 8, 6
+    B = torch.randn(2, D_y)
+    y = torch.randn(K, n, D_y)
+    x = torch.stack([(y[k] @ B.T) @ torch.randn(2, d_x) for k in range(K)]) + 0.3 * torch.randn(K, n, d_x)
+    counts = torch.full((K,), n)
+    P_all, _ = linear_summary(x, y, counts, 4)
+    P, _ = linear_summary(x, y, counts, 4, noise_edge=True)
+    assert bool((P_all[2:].abs().sum(1) > 0.1).all())  # without the edge: noise directions at unit scale
+    assert float(P[2:].abs().max()) == 0.0
+    torch.testing.assert_close(P[:2], P_all[:2])
+    overlap = torch.linalg.svdvals(torch.linalg.qr(P[:2].T)[0].T @ torch.linalg.qr(B.T.double())[0])
+    assert float(overlap.min()) > 0.99  # the two real directions stay
+
+
+def test_pretrain_starts_from_the_summary_with_the_lower_held_out_dsm():
+    # LSGMM: x depends on y through 2 directions, the code has 4; the spare two of the full summary carry y's
+    # task-shifted nuisance, and the start without them scores lower on the held-out source rows
+    from cdmtransfer.config import load_config
+    from cdmtransfer.pretraining import started_pretrain_model
+    from cdmtransfer.tasks import build_taskset
+    from cdmtransfer.validation import holdout_split
+
+    cfg = load_config("recipes/regularize-off.yaml", ["model.linear_mean=true", "model.encoder_linear=true"])
+    taskset = build_taskset(cfg)
+    fit, val = holdout_split(taskset.source_n, cfg.pretrain.val_fraction, cfg.suite.seed)
+    model, info = started_pretrain_model(cfg, taskset, fit, val)
+    assert info["start_val_loss_edge"] < info["start_val_loss_every"] and info["start_directions"] == 2
+    assert int((model.encoder.linear.weight.abs().sum(1) > 0).sum()) == 2
+    every, none = started_pretrain_model(cfg, taskset, fit)  # no held-out rows: every direction, nothing compared
+    assert none == {} and int((every.encoder.linear.weight.abs().sum(1) > 0).sum()) == 4
+
+
 def test_linear_summary_finds_the_shared_subspace_and_pretrain_starts_at_the_closed_form_fit_on_it():
     from cdmtransfer.head_start import linear_summary, start_pretrain
     from cdmtransfer.models import build_encoder, encoder_spec
