@@ -68,7 +68,8 @@ def fit_linear_means(model: ScoreModel, enc: torch.nn.Module, x: torch.Tensor, y
     squares of x on the code w = enc(y) of each head's own rows: x [len(into), n, d_x], y [len(into), n, D_y], the
     first counts[i] rows. A_k is shrunk toward the map the head starts with (a source head's, or 0), the ridge chosen
     by GCV (references.ridge_gcv), b_k unpenalised; the starting map is kept untouched when its own error on the rows
-    (an honest estimate: it was not fitted to them) is below the fit's GCV error. With F = 0 the model then starts as
+    (an honest estimate: it was not fitted to them) is below the fit's GCV error (with a full covariance, Σ_k is the
+    rows' own around the mean either way: a source's map may carry over, its noise not). With F = 0 the model starts as
     the linear-Gaussian model x | y ~ N(μ_k(h(y)), σ_d² I) fitted to the m samples, instead of learning μ by gradient
     steps that early stopping cuts short at small m; mean_fit_loss refines it as training goes (the code moves where
     the encoder trains). Callers skip it for scratch unless `start_scratch` started its encoder: a random encoder's
