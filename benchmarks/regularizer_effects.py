@@ -91,7 +91,7 @@ def main() -> None:
     (args.home / "regularizer_effects.json").write_text(json.dumps(results, indent=1))
     print(f"{len(jobs)} sweeps, {time.perf_counter() - t0:.0f} s wall; overrides: encoder_decay={args.decay} "
           f"{' '.join(args.sets)}\n")
-    shown = [k for k in METRICS]
+    shown = METRICS
     print("| term | mode | " + " | ".join(shown) + " |")
     print("|---|---|" + "---|" * len(shown))
     for label in ("off", "mixmatch-off"):

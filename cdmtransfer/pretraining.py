@@ -39,9 +39,10 @@ def started_pretrain_model(cfg: Config, taskset: TaskSet, train_rows, val_rows=N
     model = score_model(cfg, new_encoder(cfg, taskset), taskset.K, taskset, taskset.source_x[train_rows.mask],
                         pretrain_scale(cfg, *rows))
     set_source_covariances(model, *rows)
-    edged = copy.deepcopy(model) if val_rows is not None else None
+    linear = getattr(model.encoder, "linear", None) is not None  # only a linear path has a summary to compare
+    edged = copy.deepcopy(model) if val_rows is not None and linear else None
     directions = start_pretrain(model, *rows)
-    if edged is None or directions is None:
+    if edged is None:
         return model, {}
     above = start_pretrain(edged, *rows, noise_edge=True)
     info = {"start_directions": float(directions)}
