@@ -15,7 +15,8 @@ from cdmtransfer.checkpoint import check_writable, export_model, list_checkpoint
 from cdmtransfer.config import PRETRAINED_MODES, Config, flatten, oracle_config, resolve_adapt
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.errors import ConfigError, DataError
-from cdmtransfer.head_start import adapt_scale, fit_linear_means, stack_copies, start_scratch
+from cdmtransfer.head_start import (adapt_scale, complete_code, completion_basis, fit_linear_means, stack_copies,
+                                    start_scratch)
 from cdmtransfer.eval_cache import evaluation_key, load as eval_cache_load, store as eval_cache_store
 from cdmtransfer.metrics import divergence_warning, evaluate_model
 from cdmtransfer.models import FixedEncoder, ScoreModel, head_options, model_spec, rebuild
@@ -68,14 +69,16 @@ def adapt_tags(cfg: Config, taskset: TaskSet, lineage: dict, parent_run_id: str 
     return tags
 
 
-def adapt_candidates(a, has_sources: bool, scratch_ok: bool = True) -> list[Candidate]:
+def adapt_candidates(a, has_sources: bool, scratch_ok: bool = True, complete: bool = False) -> list[Candidate]:
     """The settings adapt's cross-validation compares, simplest first (ties go to the earlier one).
 
     frozen: the frozen encoder. finetune: the encoder's learning rate, encoder_lr_grid × lr (0 keeps it frozen, so
     validation can always fall back to frozen) unless encoder_lr pins it. auto: the same rates plus 0, each with the
     head started from the best source head and from a random initialisation, unless head_init pins it; and, last,
     scratch's setting (a new encoder; with adapt.auto_scratch, where the recipe's encoder can train: `scratch_ok`).
-    oracle: as frozen, on h*. scratch: one setting (nothing pretrained to choose).
+    finetune (its rate not pinned) and auto with `complete` (`code_completion_basis` found empty code directions the
+    m samples fill): also the completed encoder, right after the frozen one. oracle: as frozen, on h*. scratch: one
+    setting (nothing pretrained to choose).
     """
     if a.mode == "scratch" or not has_sources:
         return [Candidate(None if a.mode in ("scratch", "oracle") else 0.0, "random", fresh=a.mode == "scratch")]
@@ -87,7 +90,26 @@ def adapt_candidates(a, has_sources: bool, scratch_ok: bool = True) -> list[Cand
         if a.mode == "auto" and 0.0 not in mults:
             mults = [0.0, *mults]
     scratch = [Candidate(None, "random", fresh=True)] if a.mode == "auto" and a.auto_scratch and scratch_ok else []
-    return [Candidate(mult, init) for mult in mults for init in inits] + scratch
+    cands = [Candidate(mult, init) for mult in mults for init in inits]
+    if complete and completes(a):
+        frozen = sum(not c.encoder_mult for c in cands)
+        cands[frozen:frozen] = [Candidate(0.0, inits[0], complete=True)]
+    return cands + scratch
+
+
+def completes(a) -> bool:
+    """Whether adapt settings `a` compare the completed encoder: adapt.code_completion in auto, or in finetune where
+    the encoder's rate is chosen (a pinned encoder_lr trains at that rate, nothing else)."""
+    return a.code_completion and (a.mode == "auto" or a.mode == "finetune" and a.encoder_lr is None)
+
+
+def code_completion_basis(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, has_sources: bool,
+                          x_m: torch.Tensor, y_m: torch.Tensor) -> torch.Tensor | None:
+    """The empty code directions a completed-encoder candidate would fill (head_start.completion_basis), where the
+    run compares one (`completes`, from a pretrained encoder); else None."""
+    if not (has_sources and completes(cfg.adapt)):
+        return None
+    return completion_basis(enc, taskset, x_m, y_m)
 
 
 def scratch_ok(cfg: Config) -> bool:
@@ -114,7 +136,8 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
     process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
     reg = make_objective(cfg.regularize, "adapt", process, taskset.truth)
     folds = fold_split(a.m, a.val_folds)
-    candidates = adapt_candidates(a, source_heads is not None, scratch_ok(cfg))
+    basis = code_completion_basis(cfg, taskset, enc, source_heads is not None, x_m, y_m)
+    candidates = adapt_candidates(a, source_heads is not None, scratch_ok(cfg), basis is not None)
     uses_source = any(c.head_init == "source" for c in candidates)
     start = pick_source_head(source_heads, x_m, y_m, process, a) if uses_source else None
     sigma_data = adapt_scale(cfg, taskset, source_heads if uses_source else None, (x_m, y_m))
@@ -127,11 +150,13 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
         """Train len(cands) × copies heads, candidate g owning heads g·copies … (g + 1)·copies − 1, each candidate
         exactly as a run of its own would train (same start, draws, gradient and clipping: `unit_clipper`)."""
         G = len(cands)
-        parts, started = zip(*[_candidate_encoder(fresh if c.fresh else enc, c, copies, x, y, n) for c in cands])
+        parts, started = zip(*[_candidate_encoder(fresh if c.fresh else enc, c, copies, x, y, n, basis)
+                               for c in cands])
         sigmas = [scale(c) for c in cands]
         encoder = parts[0] if G == 1 else GridEncoder(list(parts), copies)
         model = score_model(cfg, encoder, G * copies, taskset, x_m, sigmas[0]).to(device)
-        heads = [candidate_heads(cfg, taskset, c, copies, (x, y, n), sigmas[g], parts[g] if c.fresh else enc,
+        heads = [candidate_heads(cfg, taskset, c, copies, (x, y, n), sigmas[g],
+                                 parts[g] if c.fresh or c.complete else enc,
                                  fit=not c.fresh or started[g], source_heads=source_heads, start=start)
                  for g, c in enumerate(cands)]
         model.heads.load_state_dict({name: torch.cat([h[name] for h in heads]) for name in heads[0]})
@@ -229,6 +254,8 @@ def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path,
                       head_from_source=float(pick.head_init == "source"))
     if any(c.fresh for c in candidates) and a.mode == "auto":  # auto chose scratch's new encoder (1) or not (0)
         values["new_encoder"] = float(pick.fresh)
+    if any(c.complete for c in candidates):  # the completed encoder was compared: chosen (1) or not (0)
+        values["code_completed"] = float(pick.complete)
     return values, skipped
 
 
@@ -258,14 +285,18 @@ def _short(c: Candidate) -> str:
     """A compact label for tables: frozen / ft×0.1 (+rand when the head started at random) / scratch."""
     if c.fresh:
         return "scratch"
-    encoder = "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
+    encoder = "completed" if c.complete else "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"
     return encoder + ("+rand" if c.head_init == "random" else "")
 
 
-def _candidate_encoder(enc: torch.nn.Module, c: Candidate, copies: int, x, y, n) -> tuple[torch.nn.Module, bool]:
-    """The encoder of one candidate's `copies` models, and whether scratch's closed form started it: shared and fixed
-    when it does not train (frozen, oracle), else `copies` independent trainable copies (one plain copy when
-    copies = 1); a new encoder (c.fresh) starts each copy on its own rows (x, y, n) where it can (start_scratch)."""
+def _candidate_encoder(enc: torch.nn.Module, c: Candidate, copies: int, x, y, n,
+                       basis: torch.Tensor | None = None) -> tuple[torch.nn.Module, bool]:
+    """The encoder of one candidate's `copies` models, and whether a closed form started it on their rows: shared and
+    fixed when it does not train (frozen, oracle), else `copies` independent trainable copies (one plain copy when
+    copies = 1); a new encoder (c.fresh) starts each copy on its own rows (x, y, n) where it can (start_scratch); a
+    completed one (c.complete) fills the empty directions `basis` from each copy's own rows (complete_code)."""
+    if c.complete:
+        return stack_copies(complete_code(enc, basis, x, y, n)).requires_grad_(False), True
     if not (c.fresh or c.encoder_mult):
         return enc, False
     if c.fresh and (started := start_scratch(enc, x, y, n)) is not None:

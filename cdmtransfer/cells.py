@@ -31,9 +31,9 @@ from cdmtransfer.config import FROM_PRETRAIN, Config
 from cdmtransfer.diffusion import OUProcess
 from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
-from cdmtransfer.head_start import adapt_scale, stack_copies, start_scratch
+from cdmtransfer.head_start import adapt_scale, complete_code, stack_copies, start_scratch
 from cdmtransfer.adaptation import (adapt_candidates, adapt_values, candidate_heads, candidate_rate, choice_info,
-                                    pick_source_head, scratch_ok)
+                                    code_completion_basis, pick_source_head, scratch_ok)
 from cdmtransfer.stages import SourceHeads, fresh_encoder, resolve_scale, score_model, training_loss
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
@@ -61,7 +61,8 @@ def cell_heads(cfg: Config) -> int:
     """How many heads a cell stacks in cross-validation: its candidate settings × its folds."""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
-    return len(adapt_candidates(a, a.mode in FROM_PRETRAIN, scratch_ok(cfg))) * (folds.count if folds else 1)
+    candidates = adapt_candidates(a, a.mode in FROM_PRETRAIN, scratch_ok(cfg), complete=True)  # at most
+    return len(candidates) * (folds.count if folds else 1)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Cell:
     sigma_fresh: float | None = None  # σ_d of its new encoder's heads (cell.fresh; scratch's rule)
     error: str | None = None  # why it failed (a NaN loss), else None
     fresh: torch.nn.Module | None = None  # the encoder a scratch candidate trains (scratch: enc; auto: a new one)
+    basis: torch.Tensor | None = None  # the empty code directions its completed candidate fills, if it has one
     eval_cache: Path | None = None  # evaluations shared with the sweep's other cells (eval_cache.py)
 
 
@@ -90,7 +92,10 @@ def prepare_cells(cells: list[Cell], taskset: TaskSet, process: OUProcess) -> No
     """Each cell's candidate settings, source head, σ_d and new encoder, as adaptation.train_adapt computes them."""
     for cell in cells:
         a = cell.cfg.adapt
-        cell.candidates = adapt_candidates(a, cell.source_heads is not None, scratch_ok(cell.cfg))
+        cell.basis = code_completion_basis(cell.cfg, taskset, cell.enc, cell.source_heads is not None, cell.x,
+                                           cell.y)
+        cell.candidates = adapt_candidates(a, cell.source_heads is not None, scratch_ok(cell.cfg),
+                                           cell.basis is not None)
         uses_source = any(c.head_init == "source" for c in cell.candidates)
         cell.start = pick_source_head(cell.source_heads, cell.x, cell.y, process, a) if uses_source else None
         cell.sigma_data = adapt_scale(cell.cfg, taskset, cell.source_heads if uses_source else None, (cell.x, cell.y))
@@ -115,11 +120,13 @@ def _base(cell: Cell, c: Candidate) -> torch.nn.Module:
 
 def _parts(units: list[Unit], cells: list[Cell]) -> list[tuple[tuple, list[int]]]:
     """Units grouped into encoder parts, in order of first appearance: a fixed encoder (one call for all its units),
-    or one learning rate and architecture (one stacked encoder, its own parameter group)."""
+    or one learning rate and architecture (one stacked encoder, its own parameter group), or fixed copies of one
+    architecture (completed encoders: one stacked encoder, not trained)."""
     parts: dict[tuple, list[int]] = {}
     for i, u in enumerate(units):
         enc = _base(cells[u.cell], u.cand)
-        key = ("fixed", id(enc)) if u.rate == 0 else ("train", u.rate, repr(encoder_spec(enc)))
+        key = ("completed", repr(encoder_spec(enc))) if u.cand.complete else ("fixed", id(enc)) if u.rate == 0 else (
+            "train", u.rate, repr(encoder_spec(enc)))
         parts.setdefault(key, []).append(i)
     return list(parts.items())
 
@@ -179,8 +186,10 @@ def build_stage(cells: list[Cell], units: list[Unit], copies: int, taskset: Task
     order = [i for _, ids in parts for i in ids]
     units = [units[i] for i in order]
     encoders, sizes, trainable, part_of, k = [], [], [], [None] * len(units), 0
-    starts = [start_scratch(_base(cells[u.cell], u.cand), *data[u.cell]) if u.cand.fresh else None
-              for u in units]  # scratch's copies, each started on its own rows (head_start.start_scratch)
+    starts = [start_scratch(_base(cells[u.cell], u.cand), *data[u.cell]) if u.cand.fresh else
+              complete_code(cells[u.cell].enc, cells[u.cell].basis, *data[u.cell]) if u.cand.complete else None
+              for u in units]  # scratch's copies, each started on its own rows (head_start.start_scratch); likewise
+    # the completed encoders (head_start.complete_code)
     for p, (key, ids) in enumerate(parts):
         bases = [_base(cells[u.cell], u.cand) for u in units[k:k + len(ids)]]
         if key[0] == "fixed":

@@ -270,6 +270,10 @@ class AdaptConfig(TrainConfig):
     # auto: also try a new encoder trained on the m samples (scratch, started by its closed form), chosen only when
     # cross-validation prefers it: a target outside the sources' span can be learned better from scratch at large m
     auto_scratch: bool = True
+    # finetune/auto: also try the pretrained encoder completed from the m samples, where the sources left code
+    # directions empty and the samples fill one above the noise edge (head_start.complete_code: a target that needs a
+    # direction no source reads)
+    code_completion: bool = True
 
 
 def oracle_config(cfg: "Config", d: int) -> "Config":

@@ -6,7 +6,9 @@ mean begins from (models.ScoreModel: linear_mean, mean_covariance), so that the 
 - fit_linear_means: adapt's μ_k (and Σ_k) per new head, least squares on its own rows, shrunk toward its start;
 - linear_summary / start_pretrain: with model.encoder_linear, pretrain's encoder starts as the d-dimensional linear
   summary of y that best serves every source's linear fit, and the source heads as closed-form fits on it;
-- start_scratch: scratch's fresh encoder starts the same way on its own m rows (each fold's model on its own).
+- start_scratch: scratch's fresh encoder starts the same way on its own m rows (each fold's model on its own);
+- completion_basis / complete_code: finetune's and auto's completed encoder, the code directions the sources left
+  empty filled by the target rows' own reduced-rank fit (a target that needs a direction no source reads).
 """
 
 from __future__ import annotations
@@ -262,3 +264,67 @@ def start_pretrain(model: ScoreModel, x: torch.Tensor, y: torch.Tensor, counts: 
         model.heads.mean.biases[0].zero_()
         fit_linear_means(model, encoder, x, y, counts, range(x.shape[0]), fresh=True)
     return directions
+
+
+EMPTY_VARIANCE = 1e-4  # a code direction whose variance is below this share of the largest carries nothing
+EMPTY_ROWS = 4096  # source rows encoded to find the empty directions
+
+
+@torch.no_grad()
+def completion_basis(enc: torch.nn.Module, taskset: TaskSet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """[d, r] orthonormal basis of the code directions the pretrained encoder leaves empty (variance below
+    EMPTY_VARIANCE of the largest on the sources' rows: the pretrain's start left them below the noise edge and
+    training did not fill them), when the m target rows (x, y) fill at least one (`complete_code`); else None,
+    also for an encoder without a linear path to fill them with (conv) or fewer than 4 rows. A target in the sources'
+    span leaves nothing above the noise edge, so no candidate is added."""
+    if getattr(enc, "linear", None) is None or x.shape[0] < 4 or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return None
+    K, n_max, _ = taskset.source_y.shape
+    rows = taskset.source_y[:, : max(1, EMPTY_ROWS // K)]
+    rows = rows[torch.arange(rows.shape[1]) < taskset.source_n[:, None]]
+    code = enc(rows.to(enc.linear.weight)).double()
+    code = code - code.mean(0)
+    lam, V = torch.linalg.eigh(code.T @ code / max(code.shape[0], 1))
+    empty = lam <= EMPTY_VARIANCE * float(lam.max().clamp_min(1e-30))
+    if not bool(empty.any()):
+        return None
+    basis = V[:, empty]
+    return basis if completed_directions(enc, basis, x, y) > 0 else None
+
+
+def completed_directions(enc: torch.nn.Module, basis: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> int:
+    """How many of the `basis` directions the rows (x [n, d_x], y [n, D_y]) fill (`_completion`)."""
+    return int((_completion(enc, basis, x, y)[0].abs().sum(1) > 0).sum())
+
+
+@torch.no_grad()
+def _completion(enc: torch.nn.Module, basis: torch.Tensor, x: torch.Tensor,
+                y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P [r, D_y], centre [D_y]): the r = basis.shape[1] directions of y that best explain what a linear fit of x on
+    the encoder's code leaves of the rows (`linear_summary` with K = 1 on the residuals: reduced-rank ridge
+    regression), those below the noise edge left 0, so that an in-span target adds nothing."""
+    code = enc(y.to(enc.linear.weight)).double().cpu()  # (in closed form on the CPU, as linear_summary works)
+    x, y = x.double().cpu(), y.double().cpu()
+    residual = x - ridge_gcv(code, x).predict(code)
+    return linear_summary(residual[None], y[None], torch.tensor([x.shape[0]]), basis.shape[1], noise_edge=True)
+
+
+@torch.no_grad()
+def complete_code(enc: torch.nn.Module, basis: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                  counts: torch.Tensor) -> list[torch.nn.Module]:
+    """The completed encoder for each row set i (a fold model's training rows, or all m): a copy of `enc` whose code
+    also varies along the empty directions `basis` [d, r] as the rows' own reduced-rank fit says, h'(y) = h(y) +
+    V P (y − centre) (`_completion`, through the linear path). On an out-of-span target (the sources never read one
+    direction of h*) this is what the sources cannot give: the missing direction, estimated from D_y + d_x numbers
+    instead of a whole encoder's. Each copy sees only its own rows, so cross-validation stays honest; the copies are
+    fixed (the head trains on them, started by fit_linear_means)."""
+    copies = []
+    for i in range(x.shape[0]):  # once per fold model before training: not a hot loop
+        n = int(counts[i])
+        P, centre = _completion(enc, basis, x[i, :n], y[i, :n])
+        completed = copy.deepcopy(enc).requires_grad_(False)
+        add = (basis.to(P) @ P).to(completed.linear.weight)  # [d, D_y]
+        completed.linear.weight += add
+        completed.linear.bias -= add @ centre.to(add)
+        copies.append(completed)
+    return copies

@@ -228,20 +228,25 @@ class GridEncoder(nn.Module):
 class Candidate:
     """One setting adapt's cross-validation compares: the encoder's learning rate as a multiple of the head's (0: the
     encoder stays frozen; None: it is not the pretrained encoder's to train, scratch/oracle) and the head's start;
-    fresh: a new encoder trained at the head's rate, as scratch trains it (auto's scratch candidate, and scratch)."""
+    fresh: a new encoder trained at the head's rate, as scratch trains it (auto's scratch candidate, and scratch);
+    complete: the pretrained encoder with its empty code directions filled from the rows (head_start.complete_code),
+    then fixed."""
 
     encoder_mult: float | None = None
     head_init: str = "random"
     fresh: bool = False
+    complete: bool = False
 
     @property
     def mode(self) -> str:
-        """What the setting amounts to: scratch (a new encoder), frozen (encoder fixed) or finetune (trained)."""
-        return "scratch" if self.fresh else "finetune" if self.encoder_mult else "frozen"
+        """What the setting amounts to: scratch (a new encoder), frozen (encoder fixed) or finetune (trained, or
+        completed from the target rows)."""
+        return "scratch" if self.fresh else "finetune" if self.encoder_mult or self.complete else "frozen"
 
     def label(self) -> str:
-        enc = "new encoder" if self.fresh else "" if self.encoder_mult is None else (
-            "frozen encoder" if not self.encoder_mult else f"encoder lr {self.encoder_mult:g}x")
+        enc = "new encoder" if self.fresh else "completed encoder" if self.complete else "" if (
+            self.encoder_mult is None) else ("frozen encoder" if not self.encoder_mult else
+                                             f"encoder lr {self.encoder_mult:g}x")
         return ", ".join(p for p in (enc, f"head {self.head_init}") if p)
 
 

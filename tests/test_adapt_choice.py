@@ -26,7 +26,9 @@ TINY = ["suite.K=3", "suite.n=128", "suite.n_target_pool=64", "suite.n_test=64",
 def _adapt(tmp_path: Path, encoder: str, sets: list[str]):
     """train_adapt on the tiny linear-h* suite with a constructed 'pretrained' encoder:
     exact: h(y) = h*(y) (a linear encoder holding the true map), so nothing is gained by training it;
-    blind: an MLP encoder whose output layer is zero, h(y) = 0, so the head cannot see y until the encoder learns."""
+    blind: an MLP encoder whose output layer is zero, h(y) = 0, so the head cannot see y until the encoder learns;
+    partial: h(y) = (h*_1(y), 0) through the linear path, the second code direction left empty (what the sources of
+    an out-of-span suite teach, as the pretrain's start leaves it)."""
     cfg = resolve_adapt(load_config(None, TINY + sets))
     taskset = build_taskset(cfg)
     torch.manual_seed(0)
@@ -35,6 +37,9 @@ def _adapt(tmp_path: Path, encoder: str, sets: list[str]):
         with torch.no_grad():
             enc.net[0].weight.copy_(taskset.truth.W)
             enc.net[0].bias.zero_()
+    elif encoder == "partial":
+        enc = MLPEncoder(taskset.D_y, 2, 8, 1, linear=True)
+        enc.start_linear(taskset.truth.W * torch.tensor([[1.0], [0.0]]), torch.zeros(taskset.D_y))
     else:
         enc = MLPEncoder(taskset.D_y, 2, 32, 1)
         with torch.no_grad():
@@ -125,14 +130,37 @@ def test_auto_chooses_scratch_when_the_pretrained_encoder_is_blind_and_trains_it
         torch.testing.assert_close(auto[name], alone[name], rtol=1e-5, atol=1e-6)
 
 
+def test_finetune_completes_the_empty_code_direction_an_out_of_span_target_needs(tmp_path):
+    # the target reads h*'s second coordinate, which no source reads and the encoder leaves empty: the completed
+    # encoder (that direction fitted from each fold's own rows) must win cross-validation and beat frozen
+    sets = ["suite.gaussian.target=out_of_span", "suite.n_target_pool=128", "adapt.m=96", "adapt.mode=finetune",
+            "adapt.encoder_lr_grid=[0]"]
+    values, choice, moved = _adapt(tmp_path / "finetune", "partial", sets)
+    assert [c["setting"] for c in choice["candidates"]] == ["frozen encoder, head source",
+                                                            "completed encoder, head source"]
+    assert choice["mode"] == "finetune" and values["code_completed"] == 1.0 and moved
+    assert choice["candidates"][1]["cv_loss"] < 0.9 * choice["candidates"][0]["cv_loss"]
+    frozen, _, _ = _adapt(tmp_path / "frozen", "partial", sets[:-2] + ["adapt.mode=frozen"])
+    assert values["score_error"] < 0.5 * frozen["score_error"]
+    assert values["ref/h_star_readout_error"] < 0.05 < frozen["ref/h_star_readout_error"]
+    off, off_choice, moved = _adapt(tmp_path / "off", "partial", sets + ["adapt.code_completion=false"])
+    assert len(off_choice["candidates"]) == 1 and not moved and "code_completed" not in off
+
+
 def test_candidates_by_mode_and_pins():
     a = load_config(None, ["adapt.mode=auto"]).adapt
     got = [(c.encoder_mult, c.head_init) for c in adapt_candidates(a, has_sources=True)]
     assert got == [(m, h) for m in (0.0, 0.03, 0.1, 0.3) for h in ("source", "random")] + [(None, "random")]
     assert [c.fresh for c in adapt_candidates(a, True)] == [False] * 8 + [True]
     assert not any(c.fresh for c in adapt_candidates(a, True, scratch_ok=False))
+    completed = adapt_candidates(a, True, complete=True)  # the completed encoder right after the frozen ones
+    assert [(c.encoder_mult, c.complete) for c in completed[:4]] == [(0.0, False), (0.0, False), (0.0, True),
+                                                                     (0.03, False)]
+    finetune = load_config(None, ["adapt.mode=finetune"]).adapt
+    assert [c.complete for c in adapt_candidates(finetune, True, complete=True)] == [False, True, False, False, False]
     a = resolve_adapt(load_config(None, ["adapt.mode=finetune", "adapt.encoder_lr=2e-4"])).adapt
     assert [(c.encoder_mult, c.head_init) for c in adapt_candidates(a, True)] == [(pytest.approx(0.1), "source")]
+    assert len(adapt_candidates(a, True, complete=True)) == 1  # a pinned rate is that rate, nothing else
     a = load_config(None, ["adapt.mode=frozen", "adapt.head_init=random"]).adapt
     assert [(c.encoder_mult, c.head_init) for c in adapt_candidates(a, True)] == [(0.0, "random")]
     assert [c.encoder_mult for c in adapt_candidates(load_config(None, ["adapt.mode=scratch"]).adapt, False)] == [None]

@@ -30,11 +30,19 @@ TINY = ["suite.K=3", "suite.n=128", "suite.n_target_pool=64", "suite.n_test=64",
         "tracking.log_artifacts=false", "adapt.encoder_lr_grid=[0, 0.3]"]
 
 
+# an out-of-span target whose encoder leaves h*'s second direction empty: finetune and auto compare the completed
+# encoder (head_start.complete_code), which wins here
+PARTIAL = ("suite.gaussian.target=out_of_span", "suite.n_target_pool=128", "adapt.m=48")
+
+
 def _setup(mode: str, seed: int = 0, sets=()):
     cfg = resolve_adapt(load_config(None, TINY + [f"adapt.mode={mode}", f"seed={seed}", *sets]))
     taskset = build_taskset(cfg)
     torch.manual_seed(7)  # a stand-in 'pretrained' encoder and heads (oracle: heads on h*)
     enc = taskset.truth.encoder() if mode == "oracle" else MLPEncoder(taskset.D_y, 2, 16, 1)
+    if cfg.suite.gaussian.target == "out_of_span":  # h(y) = (h*_1(y), 0): the second direction left empty
+        enc = MLPEncoder(taskset.D_y, 2, 16, 1, linear=True)
+        enc.start_linear(taskset.truth.W * torch.tensor([[1.0], [0.0]]), torch.zeros(taskset.D_y))
     pretrained = score_model(cfg, enc, taskset.K, taskset, taskset.source_x[0])
     return cfg, taskset, enc, SourceHeads(model_spec(pretrained), pretrained.state_dict())
 
@@ -55,7 +63,8 @@ def _cell(cfg, taskset, enc, source, work: Path, x=None):
 
 
 @pytest.mark.parametrize("mode, sets", [("frozen", ()), ("finetune", ()), ("auto", ()), ("scratch", ()),
-                                        ("oracle", ()), ("auto", ("model.linear_mean=true",))])
+                                        ("oracle", ()), ("auto", ("model.linear_mean=true",)),
+                                        ("finetune", PARTIAL)])
 def test_one_cell_batched_equals_train_adapt(tmp_path, mode, sets):
     cfg, taskset, enc, source = _setup(mode, sets=sets)
     lone_enc = copy.deepcopy(_start(cfg, taskset, enc))
@@ -76,6 +85,8 @@ def test_one_cell_batched_equals_train_adapt(tmp_path, mode, sets):
     # the same choice; the cross-validated losses to rounding (candidates of different σ_d: auto's scratch candidate)
     losses = lambda c: [g.pop("cv_loss") for g in c["candidates"]]  # noqa: E731
     assert losses(out["choice"]) == pytest.approx(losses(choice), rel=1e-5) and out["choice"] == choice
+    if sets == PARTIAL:
+        assert choice["setting"] == "completed encoder, head source" and values["code_completed"] == 1.0
     assert [s for _, s in out["history"]] == [s for _, s in rec.records]  # the same curves, at the same steps
     for (a, _), (b, _) in zip(out["history"], rec.records):
         assert a.keys() == b.keys()

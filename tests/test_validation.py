@@ -595,6 +595,42 @@ def test_scratch_starts_each_fold_model_on_its_own_training_rows_only():
     assert start_scratch(enc, x.masked_fill(x > 1, float("nan")), y, counts) is None  # NaN rows: training names them
 
 
+def test_completion_fills_the_code_direction_the_sources_left_empty_from_each_row_set_alone():
+    """completion_basis finds the code direction the encoder leaves empty on the sources' rows, where the target rows
+    need it; complete_code fills it per row set from those rows alone (h*'s missing coordinate), leaves the others."""
+    from types import SimpleNamespace
+
+    from cdmtransfer.head_start import complete_code, completion_basis
+
+    torch.manual_seed(0)
+    D_y, d, d_x, n = 12, 3, 5, 96
+    W = torch.linalg.qr(torch.randn(D_y, d))[0].T  # h*(y) = W y
+    enc = MLPEncoder(D_y, d, 16, 1, linear=True)
+    enc.start_linear(W * torch.tensor([[1.0], [1.0], [0.0]]), torch.zeros(D_y))  # no source reads h*_3: left empty
+    sources = SimpleNamespace(source_y=torch.randn(2, 200, D_y), source_n=torch.tensor([200, 150]))
+    A = torch.randn(d_x, d)
+    y = torch.randn(2, n, D_y)
+    x = (y @ W.T) @ A.T + 0.1 * torch.randn(2, n, d_x)  # the target reads all three
+    basis = completion_basis(enc, sources, x[0], y[0])
+    assert basis.shape == (d, 1) and abs(float(basis[2, 0])) > 0.999
+    counts = torch.tensor([n, 64])
+    completed = complete_code(enc, basis, x, y, counts)
+    for i, e in enumerate(completed):
+        code = e(y[i]).detach()
+        assert e is not enc and not any(p.requires_grad for p in e.parameters())
+        torch.testing.assert_close(code[:, :2], enc(y[i])[:, :2].detach(), atol=1e-5, rtol=0)
+        assert abs(float(torch.corrcoef(torch.stack([code[:, 2], y[i] @ W[2]]))[0, 1])) > 0.95
+    x2 = x.clone()
+    x2[1, 64:] += 5.0  # rows past copy 1's count (its held-out fold)
+    torch.testing.assert_close(complete_code(enc, basis, x2, y, counts)[1].linear.weight, completed[1].linear.weight)
+    in_span = (y[0] @ W.T)[:, :2] @ A[:, :2].T + 0.1 * torch.randn(n, d_x)  # reads only what the sources fill
+    assert completion_basis(enc, sources, in_span, y[0]) is None
+    full = MLPEncoder(D_y, d, 16, 1, linear=True)
+    full.start_linear(W, torch.zeros(D_y))
+    assert completion_basis(full, sources, x[0], y[0]) is None  # nothing empty
+    assert completion_basis(MLPEncoder(D_y, d, 16, 1), sources, x[0], y[0]) is None  # no linear path to fill it with
+
+
 def test_a_source_started_mean_becomes_the_mixture_of_source_maps_the_rows_show():
     from cdmtransfer.head_start import source_combination
     from cdmtransfer.references import ridge_gcv
