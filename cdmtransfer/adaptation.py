@@ -282,7 +282,7 @@ def choice_info(mode: str, candidates: list[Candidate], chosen: int, cv: list, m
 
 
 def _short(c: Candidate) -> str:
-    """A compact label for tables: frozen / ft×0.1 (+rand when the head started at random) / scratch."""
+    """A compact label for tables: frozen / ft×0.1 / completed (+rand when the head started at random) / scratch."""
     if c.fresh:
         return "scratch"
     encoder = "completed" if c.complete else "frozen" if not c.encoder_mult else f"ft×{c.encoder_mult:g}"

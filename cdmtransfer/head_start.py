@@ -277,10 +277,10 @@ def completion_basis(enc: torch.nn.Module, taskset: TaskSet, x: torch.Tensor, y:
     training did not fill them), when the m target rows (x, y) fill at least one (`complete_code`); else None,
     also for an encoder without a linear path to fill them with (conv) or fewer than 4 rows. A target in the sources'
     span leaves nothing above the noise edge, so no candidate is added."""
-    if getattr(enc, "linear", None) is None or x.shape[0] < 4 or not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+    finite = bool(torch.isfinite(x).all() and torch.isfinite(y).all())  # (else training names the failing run)
+    if getattr(enc, "linear", None) is None or x.shape[0] < 4 or not finite:
         return None
-    K, n_max, _ = taskset.source_y.shape
-    rows = taskset.source_y[:, : max(1, EMPTY_ROWS // K)]
+    rows = taskset.source_y[:, : max(1, EMPTY_ROWS // taskset.source_y.shape[0])]
     rows = rows[torch.arange(rows.shape[1]) < taskset.source_n[:, None]]
     code = enc(rows.to(enc.linear.weight)).double()
     code = code - code.mean(0)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cdmtransfer import cells as cells_mod
 from cdmtransfer.cells import Cell, group_key, train_cells
 from cdmtransfer.config import load_config, resolve_adapt
 from cdmtransfer.curves import MetricRecorder
