@@ -58,11 +58,12 @@ def group_key(cfg: Config) -> tuple | None:
 
 
 def cell_heads(cfg: Config) -> int:
-    """How many heads a cell stacks in cross-validation: its candidate settings × its folds."""
+    """How many heads a cell stacks in cross-validation: its candidate settings × its folds. (A completed encoder,
+    compared only where the pretrained code has empty directions the m samples fill, adds one setting's folds to
+    this: it is known once the cell's data and encoder are, after the cells are grouped.)"""
     a = cfg.adapt
     folds = fold_split(a.m, a.val_folds)
-    candidates = adapt_candidates(a, a.mode in FROM_PRETRAIN, scratch_ok(cfg), complete=True)  # at most
-    return len(candidates) * (folds.count if folds else 1)
+    return len(adapt_candidates(a, a.mode in FROM_PRETRAIN, scratch_ok(cfg))) * (folds.count if folds else 1)
 
 
 @dataclass

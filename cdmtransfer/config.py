@@ -341,7 +341,8 @@ class SweepConfig:
     # (cells.py); false: one model and loop per cell, as before
     batch_cells: bool = True
     # at most this many heads (cells × candidates × folds) per stacked model: on CPU a unit's step is cheapest in
-    # stacks of about 16–32 heads (benchmarks/bench_cells.py); larger groups are cut into several
+    # stacks of about 16–32 heads (benchmarks/bench_cells.py); larger groups are cut into several (a cell's completed
+    # encoder, found after grouping, may add its folds beyond the cap)
     group_heads: int = field(default=32, metadata=_range(1))
 
 
