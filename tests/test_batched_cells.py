@@ -126,6 +126,25 @@ def test_cells_are_independent(tmp_path):
         assert base[k]["history"] == other[k]["history"]
 
 
+def test_completed_cells_batched_together_equal_each_alone(tmp_path):
+    # a finetune and an auto cell that both compare the completed encoder, in one group: their completed copies form
+    # one stacked part beside the frozen and trained ones, and each cell's model is the one it trains alone
+    specs = [("finetune", 0), ("auto", 1)]
+    setups = [_setup(mode, seed, PARTIAL) for mode, seed in specs]
+    assert len({group_key(cfg) for cfg, *_ in setups}) == 1
+    cells = lambda tag: [_cell(cfg, taskset, enc, source, tmp_path / f"{tag}{k}")  # noqa: E731
+                         for k, (cfg, taskset, enc, source) in enumerate(setups)]
+    together = train_cells(cells("t"), setups[0][1])
+    assert together[0]["choice"]["short"] == "completed"  # (the auto cell may take scratch here)
+    for k, cell in enumerate(cells("a")):
+        [alone] = train_cells([cell], setups[0][1])
+        assert together[k]["choice"]["setting"] == alone["choice"]["setting"]
+        assert any(c["setting"] == "completed encoder, head source" for c in alone["choice"]["candidates"])
+        w, v = _weights(together[k]), _weights(alone)
+        for n in w:
+            torch.testing.assert_close(w[n], v[n], rtol=1e-5, atol=1e-5, msg=n)
+
+
 def test_a_nan_cell_fails_alone(tmp_path):
     specs = [("frozen", 0), ("frozen", 1)]
     cfg, taskset, enc, source = _setup("frozen", 0)
