@@ -18,7 +18,7 @@ from cdmtransfer.errors import ConfigError, DataError
 from cdmtransfer.head_start import (adapt_scale, complete_code, completion_basis, fit_linear_means, stack_copies,
                                     start_scratch)
 from cdmtransfer.eval_cache import evaluation_key, load as eval_cache_load, store as eval_cache_store
-from cdmtransfer.metrics import divergence_warning, evaluate_model
+from cdmtransfer.metrics import divergence_warning, evaluate_models
 from cdmtransfer.models import FixedEncoder, ScoreModel, head_options, model_spec, rebuild
 from cdmtransfer.plots import adapt_samples_figure
 from cdmtransfer.pretraining import pretrain
@@ -212,24 +212,38 @@ def train_adapt(cfg: Config, taskset: TaskSet, enc: torch.nn.Module, lineage: di
                                                       a.min_delta_se)
 
 
+def evaluate_adapted(models: list[ScoreModel], taskset: TaskSet, cfgs: list[Config], *,
+                     eval_cache: Path | None = None, device=None) -> list[tuple[dict, dict, dict]]:
+    """(metrics, skipped, draws) of every adapted model (metrics.evaluate_models; draws: the samples its figure
+    reuses), all evaluated at once; a model equal to one evaluated before in `eval_cache` (eval_cache.py), or to
+    another of `models`, is evaluated once."""
+    models = [model.cpu() for model in models]
+    keys = [evaluation_key(model, cfg) if eval_cache else str(i) for i, (model, cfg) in enumerate(zip(models, cfgs))]
+    found = {key: eval_cache_load(eval_cache, key) for key in set(keys)} if eval_cache else {}
+    todo = [i for i, key in enumerate(keys) if not found.get(key) and keys.index(key) == i]
+    if todo:
+        keeps = [{} for _ in todo]
+        results = evaluate_models([models[i] for i in todo], taskset, [cfgs[i] for i in todo], keeps=keeps,
+                                  device=device)
+        for i, (values, skipped), draws in zip(todo, results, keeps):
+            found[keys[i]] = (values, skipped, draws)
+            if eval_cache:
+                eval_cache_store(eval_cache, keys[i], values, skipped, draws)
+    return [(dict(found[key][0]), dict(found[key][1]), found[key][2]) for key in keys]  # each caller adds its own
+
+
 def adapt_values(cfg: Config, taskset: TaskSet, ema: ScoreModel, work_dir: Path, cv_stats: dict | None,
                  candidates: list[Candidate], chosen: int, cv: list, start: int | None, *, final_loss: float,
-                 seconds: float, steps: int, trainable: int, eval_cache: Path | None = None) -> tuple[dict, dict]:
-    """An adapted model's metrics (evaluate_model) and what its training reports: the refit's loss, steps and
-    seconds, cross-validation's `cv_stats` (convergence_metrics with prefix cv_, and cv_seconds; None without folds),
-    the candidates' losses and the chosen setting; with the skipped metrics' reasons. Also draws the samples figure.
-    `eval_cache`: a directory of evaluations to reuse and add to (a sweep's cells: eval_cache.py)."""
+                 seconds: float, steps: int, trainable: int, eval_cache: Path | None = None,
+                 evaluated: tuple[dict, dict, dict] | None = None) -> tuple[dict, dict]:
+    """An adapted model's metrics (evaluate_adapted, or `evaluated` where the caller evaluated it with others) and
+    what its training reports: the refit's loss, steps and seconds, cross-validation's `cv_stats`
+    (convergence_metrics with prefix cv_, and cv_seconds; None without folds), the candidates' losses and the chosen
+    setting; with the skipped metrics' reasons. Also draws the samples figure. `eval_cache`: a directory of
+    evaluations to reuse and add to (a sweep's cells: eval_cache.py)."""
     a = cfg.adapt
     pick = candidates[chosen]
-    key = evaluation_key(ema.cpu(), cfg) if eval_cache else None
-    found = eval_cache_load(eval_cache, key) if key else None
-    if found:
-        values, skipped, draws = found
-    else:
-        draws = {}
-        values, skipped = evaluate_model(ema.cpu(), taskset, cfg, keep=draws)
-        if key:
-            eval_cache_store(eval_cache, key, values, skipped, draws)
+    values, skipped, draws = evaluated or evaluate_adapted([ema], taskset, [cfg], eval_cache=eval_cache)[0]
     if cfg.tracking.log_artifacts:  # the figure is only ever an artifact
         adapt_samples_figure(ema, taskset, cfg, work_dir / "plots" / "samples.png", draws=draws or None)
     values.update(train_seconds=seconds + (cv_stats["cv_seconds"] if cv_stats else 0),

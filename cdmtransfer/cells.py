@@ -33,7 +33,7 @@ from cdmtransfer.models import encoder_spec, model_spec
 from cdmtransfer.regularizers import make_objective
 from cdmtransfer.head_start import adapt_scale, complete_code, stack_copies, start_scratch
 from cdmtransfer.adaptation import (adapt_candidates, adapt_values, candidate_heads, candidate_rate, choice_info,
-                                    code_completion_basis, pick_source_head, scratch_ok)
+                                    code_completion_basis, evaluate_adapted, pick_source_head, scratch_ok)
 from cdmtransfer.stages import SourceHeads, fresh_encoder, resolve_scale, score_model, training_loss
 from cdmtransfer.tasks import TaskSet
 from cdmtransfer.train import Validation, lr_at, train
@@ -403,16 +403,16 @@ def train_cells(cells: list[Cell], taskset: TaskSet, *, device=None) -> list[dic
         cv = _cross_validate(cells, taskset, process, F, device, Path(tmp) / "cv")
         live = [c for c in range(len(cells)) if cells[c].error is None]
         refit = _refit([cells[c] for c in live], [cv[c] for c in live], taskset, process, device, Path(tmp) / "fit")
+    done = [(c, got) for c, got in zip(live, refit) if got is not None]
+    evaluated = evaluate_adapted([ema for _, (ema, _) in done], taskset, [cells[c].cfg for c, _ in done],
+                                 eval_cache=cells[0].eval_cache, device=device)  # every cell's model at once
     out: list[dict | None] = [None] * len(cells)
-    for c, got in zip(live, refit):
+    for (c, (ema, fit)), evaluation in zip(done, evaluated):
         cell = cells[c]
-        if got is None:
-            continue
         chosen, losses, cv_stats = cv[c]
-        ema, fit = got
         model_dir = export_model(cell.work_dir / "model", ema.state_dict(), _meta(cell, ema, taskset))
         values, skipped = adapt_values(cell.cfg, taskset, ema, cell.work_dir, cv_stats, cell.candidates, chosen,
-                                       losses, cell.start, eval_cache=cell.eval_cache, **fit)
+                                       losses, cell.start, evaluated=evaluation, **fit)
         out[c] = {"metrics": values, "skipped": skipped, "model_dir": str(model_dir),
                   "history": getattr(cell.sink, "records", []),
                   "choice": choice_info(cell.cfg.adapt.mode, cell.candidates, chosen, losses,

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B, d], t [B]) -> score [B, d]
+ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [..., B, d], t [..., B]) -> score [..., B, d]
 
 
 class OUProcess:
@@ -41,7 +41,7 @@ class OUProcess:
         return self.alpha(t)[..., None] * x0 + self.sigma(t)[..., None] * noise
 
     def prior_sample(self, shape, generator: torch.Generator | None, device=None) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, device=device)
+        return _noise(shape, generator, device)
 
 
 def dsm_loss(eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -74,26 +74,33 @@ def time_grid(steps: int, T0: float, T: float, device=None) -> torch.Tensor:
 def sample_sde(score: ScoreFn, x: torch.Tensor, grid: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Reverse SDE dX = (X + 2 s(X, t)) dτ + √2 dW̄ in reverse time (theory.md §1.2), Euler–Maruyama steps.
 
-    The last step returns the noise-free drift update, the usual choice at the early-stopping time T0.
+    The last step returns the noise-free drift update, the usual choice at the early-stopping time T0. x is [B, d],
+    or [M, B, d] for M models sampled side by side: they share each step's noise [B, d], so each gets the chain it
+    would get alone from the same generator state.
     """
-    n, times = x.shape[0], grid.tolist()
+    times = grid.tolist()
     x = x.clone()  # updated in place below
     for i in range(len(grid) - 1):
         h = times[i] - times[i + 1]
-        s = score(x, grid[i].expand(n))
+        s = score(x, grid[i].expand(x.shape[:-1]))
         x.mul_(1 + h).add_(s, alpha=2 * h)  # x + h·(x + 2 s): Euler–Maruyama
         if i < len(grid) - 2:
-            x.add_(torch.randn(x.shape, generator=generator, device=x.device), alpha=math.sqrt(2 * h))
+            x.add_(_noise(x.shape[-2:], generator, x.device), alpha=math.sqrt(2 * h))
     return x
+
+
+def _noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """N(0, I) of `shape` from `generator`, drawn where the generator lives and moved to `device`: the same numbers
+    whichever device the sampler runs on."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
 
 
 @torch.no_grad()
 def sample_ode(score: ScoreFn, x: torch.Tensor, grid: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Probability-flow ODE dx/dt = −x − s(x, t), integrated from T down to T0 with Heun's method."""
-    n = x.shape[0]
-
     def velocity(x_, t_):
-        return -x_ - score(x_, t_.expand(n))
+        return -x_ - score(x_, t_.expand(x_.shape[:-1]))
 
     for i in range(len(grid) - 1):
         t, t_next = grid[i], grid[i + 1]
@@ -114,19 +121,23 @@ def tweedie_denoise(score: ScoreFn, x: torch.Tensor, t: float) -> torch.Tensor:
     Averaging it over samples x_t ~ p_t(·|y) estimates E[x_0|y] exactly as the samples' own mean does (tower rule),
     without the noise σ_t² the samples still carry at the early-stopping time T0.
     """
-    tt = torch.full((x.shape[0],), float(t), device=x.device)
-    return (x + OUProcess.sigma(tt)[:, None] ** 2 * score(x, tt)) / OUProcess.alpha(tt)[:, None]
+    tt = torch.full(x.shape[:-1], float(t), device=x.device)
+    return (x + OUProcess.sigma(tt)[..., None] ** 2 * score(x, tt)) / OUProcess.alpha(tt)[..., None]
 
 
 def sample(score: ScoreFn, n: int, dim: int, process: OUProcess, steps: int, method: str,
-           generator: torch.Generator | None, device=None, denoise: bool = False) -> torch.Tensor:
+           generator: torch.Generator | None, device=None, denoise: bool = False, copies: int | None = None) -> torch.Tensor:
     """Draw n samples of dimension `dim` by integrating `method` ('sde' or 'ode') from N(0, I) at T down to T0.
 
     With `denoise`, return each sample's Tweedie estimate E[x_0 | x_T0] instead (for posterior-mean estimates).
+    With `copies` = M, sample M models side by side ([M, n, dim]; `score` takes and returns that shape), all from
+    the same prior draw and noise: each model's samples are those it would draw alone from this generator state.
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; choose from {', '.join(SAMPLERS)}")
     x = process.prior_sample((n, dim), generator, device)
+    if copies is not None:
+        x = x.expand(copies, n, dim)
     grid = time_grid(steps, process.T0, process.T, device=device)
     x = SAMPLERS[method](score, x, grid, generator)
     return tweedie_denoise(score, x, process.T0) if denoise else x

@@ -36,6 +36,7 @@ import torch
 from cdmtransfer.config import Config
 from cdmtransfer.diagnostics import diagnose
 from cdmtransfer.diffusion import OUProcess, dsm_loss, sample
+from cdmtransfer.model_stack import stack_codes, stack_heads, stackable
 from cdmtransfer.models import ScoreModel
 from cdmtransfer.references import reference_metrics
 from cdmtransfer.tasks.base import TaskSet
@@ -69,37 +70,79 @@ def conditional_samples(model: ScoreModel, y: torch.Tensor, n_per: int, process:
     with torch.no_grad():
         code = model.encoder(y).repeat_interleave(n_per, dim=0)  # h(y) once per condition
         y_rep = y.repeat_interleave(n_per, dim=0) if model.head_sees_y else None
-        # The head runs in row chunks whose activations stay in a core's cache (rows are independent: ~25% faster
-        # than one pass over 12,800 rows), each chunk's row-constant terms computed once (ScoreModel.sampling_eps)
-        slices = chunks(code.shape[0])
-        row_eps = [model.sampling_eps(code[rows], None if y_rep is None else y_rep[rows], head) for rows in slices]
-
-        def score(x, t):  # every sampler step has one time for all rows: t[0]
-            eps = torch.empty_like(x)
-            for rows, eps_rows in zip(slices, row_eps):
-                eps_rows(x[rows], t[0], out=eps[rows])
-            return eps.div_(-process.sigma(t[0]))
-
-        x = sample(score, code.shape[0], model.d_x, process, steps, method, generator, denoise=denoise)
+        x = _draw(model, code, y_rep, head, process, steps, method, generator, denoise)
     return x.view(y.shape[0], n_per, model.d_x)
 
 
+def stacked_conditional_samples(models: list[ScoreModel], y: torch.Tensor, n_per: int, process: OUProcess,
+                                steps: int, method: str, generator: torch.Generator, denoise: bool = False,
+                                device=None) -> torch.Tensor:
+    """conditional_samples of every model, [M, C, n_per, d_x] on the CPU, each drawn from the generator state this
+    call starts from: a model's samples are those it draws alone. Models whose heads stack (model_stack) run side by
+    side, one sampler call per step for all of them (on `device`, the noise still drawn by the generator); the others
+    one after the other."""
+    if not stackable(models):
+        state, out = generator.get_state(), []
+        for model in models:
+            generator.set_state(state)
+            out.append(conditional_samples(model, y, n_per, process, steps, method, generator, denoise=denoise))
+        return torch.stack(out)
+    with torch.no_grad():
+        stack = stack_heads(models, device)
+        code = stack_codes(models, y, device).repeat_interleave(n_per, dim=1)  # [M, C·n_per, d]
+        x = _draw(stack, code, None, None, process, steps, method, generator, denoise)
+    return x.cpu().view(len(models), y.shape[0], n_per, stack.d_x)
+
+
+def _draw(model, code: torch.Tensor, y_rep: torch.Tensor | None, head: int | None, process: OUProcess, steps: int,
+          method: str, generator: torch.Generator, denoise: bool) -> torch.Tensor:
+    """The sampler run on codes [B, d] of head `head`, or of every head ([M, B, d], head None): [(M,) B, d_x]."""
+    # The head runs in row chunks whose activations stay in a core's cache (rows are independent: ~25% faster than
+    # one pass over 12,800 rows; a chunk of M stacked heads holds 1/M the rows), each chunk's row-constant terms
+    # computed once (ScoreModel.sampling_eps)
+    copies = None if head is not None else code.shape[0]
+    slices = chunks(code.shape[-2], max(64, SAMPLE_CHUNK // (copies or 1)))
+    row_eps = [model.sampling_eps(code[..., rows, :], None if y_rep is None else y_rep[rows], head)
+               for rows in slices]
+
+    def score(x, t):  # every sampler step has one time for all rows
+        t = t.flatten()[0]
+        eps = torch.empty_like(x)
+        for rows, eps_rows in zip(slices, row_eps):
+            eps_rows(x[..., rows, :], t, out=eps[..., rows, :])
+        return eps.div_(-process.sigma(t))
+
+    return sample(score, code.shape[-2], model.d_x, process, steps, method, generator, device=code.device,
+                  denoise=denoise, copies=copies)
+
+
 @torch.no_grad()
-def score_metrics(model: ScoreModel, taskset: TaskSet, process: OUProcess, draws: int,
-                  generator: torch.Generator) -> dict[str, float]:
+def score_metrics(models: list[ScoreModel], taskset: TaskSet, process: OUProcess, draws: int,
+                  generator: torch.Generator, device=None) -> list[dict[str, float]]:
+    """test_dsm and, where the suite has the exact score, score_error(_weighted) of every model on the same draws of
+    (t, noise); models whose heads stack (model_stack) in one call."""
     x0 = taskset.test_x.repeat(draws, 1)
     y = taskset.test_y.repeat(draws, 1)
     t = process.sample_t((x0.shape[0],), generator)
     noise = torch.randn(x0.shape, generator=generator)
     x_t = process.perturb(x0, t, noise)
-    eps = model(x_t[None], y[None], t[None])[0]
-    out = {"test_dsm": float(dsm_loss(eps, noise).mean())}
+    if stackable(models):
+        stack, M = stack_heads(models, device), len(models)
+        code = stack_codes(models, y, device)
+        where = code.device
+        eps_all = stack.eps_from_code(x_t.to(where).expand(M, *x_t.shape), code, t.to(where).expand(M, -1)).cpu()
+    else:
+        eps_all = [model(x_t[None], y[None], t[None])[0] for model in models]
     true_score = taskset.truth.score(0, x_t, y, t)
-    if true_score is not None:
-        sigma = process.sigma(t)[:, None]
-        weighted = (eps + sigma * true_score).pow(2).sum(-1)  # σ²‖s_θ − s*‖² with s_θ = −ε̂/σ
-        out["score_error"] = float((weighted / sigma[:, 0] ** 2).mean())
-        out["score_error_weighted"] = float(weighted.mean())
+    sigma = process.sigma(t)[:, None]
+    out = []
+    for eps in eps_all:
+        got = {"test_dsm": float(dsm_loss(eps, noise).mean())}
+        if true_score is not None:
+            weighted = (eps + sigma * true_score).pow(2).sum(-1)  # σ²‖s_θ − s*‖² with s_θ = −ε̂/σ
+            got["score_error"] = float((weighted / sigma[:, 0] ** 2).mean())
+            got["score_error_weighted"] = float(weighted.mean())
+        out.append(got)
     return out
 
 
@@ -177,73 +220,107 @@ def evaluate_model(model: ScoreModel, taskset: TaskSet, cfg: Config, *,
     `keep`, where given, receives the conditional samples the distribution distance drew ("model", "true":
     [C, N, d_x]; "x": the conditions' held-out x), for the adapt run's samples figure to reuse.
     """
-    e = cfg.evaluate
-    process = OUProcess(cfg.diffusion.T0, cfg.diffusion.T)
-    model = model.eval()
-    metrics, skipped = {}, {}
-    metrics.update(score_metrics(model, taskset, process, e.t_draws, torch.Generator().manual_seed(e.seed)))
-    if "score_error" not in metrics:
-        skipped["score_error"] = f"suite '{taskset.name}' has no exact score"
-    # The target's x, pool and held-out split: the distribution the model's samples should follow.
-    spread = SampleSpread(torch.cat([taskset.target_x, taskset.test_x]))
+    return evaluate_models([model], taskset, [cfg], targets=[target], keeps=[keep])[0]
 
+
+EVALUATION_SETTINGS = ("evaluate", "diffusion", "suite")  # what every model of one evaluate_models call shares
+
+
+def evaluate_models(models: list[ScoreModel], taskset: TaskSet, cfgs: list[Config], *,
+                    targets: list | None = None, keeps: list | None = None,
+                    device=None) -> list[tuple[dict[str, float], dict]]:
+    """evaluate_model of every model, with its own config, target and keep, at once: the score errors and each
+    sampler step are one batched call for all models whose heads stack (model_stack.stackable; on `device`), and
+    every model sees the evaluation noise it would see alone, so each result is its own evaluate_model's to float
+    rounding. The configs must agree on EVALUATION_SETTINGS (adapt.m and the seed may differ: the references)."""
+    first = cfgs[0].to_dict()
+    for cfg in cfgs[1:]:
+        other = cfg.to_dict()
+        differ = [k for k in EVALUATION_SETTINGS if other[k] != first[k]]
+        if differ:
+            raise ValueError(f"evaluate_models: the models' configs differ in {', '.join(differ)}")
+    M = len(models)
+    targets, keeps = targets or [None] * M, keeps or [None] * M
+    e, cfg0 = cfgs[0].evaluate, cfgs[0]
+    process = OUProcess(cfg0.diffusion.T0, cfg0.diffusion.T)
+    models = [model.eval() for model in models]
+
+    def draw_all(y_, n_per, generator, denoise=False):
+        return stacked_conditional_samples(models, y_, n_per, process, e.sampler_steps, e.sampler, generator,
+                                           denoise=denoise, device=device)
+
+    scores = score_metrics(models, taskset, process, e.t_draws, torch.Generator().manual_seed(e.seed), device)
     n_cond = min(e.posterior_conditions, taskset.test_x.shape[0])
-    gen = torch.Generator().manual_seed(e.seed + 1)
     x_true, y = taskset.test_x[:n_cond], taskset.test_y[:n_cond]
-    draws = spread.add(conditional_samples(model, y, e.posterior_samples, process, e.sampler_steps, e.sampler, gen,
-                                           denoise=True))
-    metrics["posterior_mean_mse"] = float((draws.mean(1) - x_true).pow(2).mean())
-    if draws.shape[1] > 1:  # E(x̄_N − x)² = (E[x|y]_model − x)² + tr Var/N
-        metrics["posterior_mean_mse_mc"] = float(draws.var(1).mean() / draws.shape[1])
-    if model.linear_mean:
-        with torch.no_grad():
-            code = model.encoder(y)
-            mu = model.mean_of_code(code.expand(model.heads.K, *code.shape))[0]  # adapted models: K = 1
-        metrics["linear_mean_mse"] = float((mu - x_true).pow(2).mean())
-    exact_mean = getattr(taskset.truth, "mean", None)
-    if exact_mean is not None:
-        metrics["posterior_mean_mse_floor"] = float((exact_mean(0, y) - x_true).pow(2).mean())
-    if target is None and cfg.adapt.m <= taskset.target_x.shape[0]:
-        target = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
-    refs, why = reference_metrics(taskset, x_true, y, *(target or (None, None)),  # same conditions as above
-                                  encoder=model.encoder)
-    metrics.update(refs)
-    skipped.update(why)
-    if taskset.extra_metrics is not None:  # image suites: psnr (digits), centre accuracy and h diagnostics (bumps)
-        def draw(y_, n_per, generator):
-            return spread.add(conditional_samples(model, y_, n_per, process, e.sampler_steps, e.sampler, generator))
-
-        metrics.update(taskset.extra_metrics(model=model, draw=draw, x_true=x_true, x_mean=draws.mean(1), y=y,
-                                             seed=e.seed + 3))
-
+    posterior = draw_all(y, e.posterior_samples, torch.Generator().manual_seed(e.seed + 1), denoise=True)
     n_dist = min(e.dist_conditions, taskset.test_y.shape[0])
     y_dist = taskset.test_y[:n_dist]
     gen = torch.Generator().manual_seed(e.seed + 2)
     reference = taskset.truth.sample(0, y_dist.repeat_interleave(e.dist_samples, 0), gen)
-    if reference is None:
-        skipped["sliced_w2"] = f"suite '{taskset.name}' cannot draw true conditional samples"
-    else:
+    if reference is not None:
         reference = reference.view(n_dist, e.dist_samples, -1)
         reference2 = taskset.truth.sample(0, y_dist.repeat_interleave(e.dist_samples, 0), gen).view_as(reference)
-        model_draws = spread.add(conditional_samples(model, y_dist, e.dist_samples, process, e.sampler_steps,
-                                                     e.sampler, gen))
-        metrics["sliced_w2"] = float(sliced_w2(model_draws, reference, 64, gen).mean())
-        metrics["sliced_w2_floor"] = float(sliced_w2(reference2, reference, 64, gen).mean())
-        if keep is not None:
-            keep.update(model=model_draws, true=reference, x=taskset.test_x[:n_dist])
-    reference_diagnostics = getattr(taskset.truth, "reference_diagnostics", None)  # MCMC references (Langevin)
-    if reference_diagnostics is not None:
-        metrics.update(reference_diagnostics())
-    if "posterior_mean_mse_floor" in metrics:
-        metrics["posterior_mean_mse_excess"] = metrics["posterior_mean_mse"] - metrics["posterior_mean_mse_floor"]
-    found, why = diagnose(model, taskset, torch.Generator().manual_seed(e.seed + 4))  # regularizers' targets
-    metrics.update(found)
-    skipped.update(why)
-    metrics["sample_spread_ratio"] = spread.ratio
-    metrics["nonfinite_samples"] = float(spread.nonfinite)
-    diverged = spread.nonfinite > 0 or not spread.ratio <= e.divergence_ratio
-    metrics["diverged"] = float(diverged)
-    if diverged:
-        reason = f"from diverged samples: {spread_text(metrics, e.divergence_ratio)}"
-        skipped[FLAGS] = {k: reason for k in metrics if k in SAMPLE_METRICS}
-    return metrics, skipped
+        dist_draws = draw_all(y_dist, e.dist_samples, gen)
+        after_draws = gen.get_state()  # each model's sliced-W2 directions are drawn from here, as alone
+        floor = None
+    out = []
+    for i, (model, cfg) in enumerate(zip(models, cfgs)):
+        metrics, skipped = dict(scores[i]), {}
+        if "score_error" not in metrics:
+            skipped["score_error"] = f"suite '{taskset.name}' has no exact score"
+        # The target's x, pool and held-out split: the distribution the model's samples should follow.
+        spread = SampleSpread(torch.cat([taskset.target_x, taskset.test_x]))
+        draws = spread.add(posterior[i])
+        metrics["posterior_mean_mse"] = float((draws.mean(1) - x_true).pow(2).mean())
+        if draws.shape[1] > 1:  # E(x̄_N − x)² = (E[x|y]_model − x)² + tr Var/N
+            metrics["posterior_mean_mse_mc"] = float(draws.var(1).mean() / draws.shape[1])
+        if model.linear_mean:
+            with torch.no_grad():
+                code = model.encoder(y)
+                mu = model.mean_of_code(code.expand(model.heads.K, *code.shape))[0]  # adapted models: K = 1
+            metrics["linear_mean_mse"] = float((mu - x_true).pow(2).mean())
+        exact_mean = getattr(taskset.truth, "mean", None)
+        if exact_mean is not None:
+            metrics["posterior_mean_mse_floor"] = float((exact_mean(0, y) - x_true).pow(2).mean())
+        target = targets[i]
+        if target is None and cfg.adapt.m <= taskset.target_x.shape[0]:
+            target = taskset.target_subset(cfg.adapt.m, seed=cfg.seed)
+        refs, why = reference_metrics(taskset, x_true, y, *(target or (None, None)),  # same conditions as above
+                                      encoder=model.encoder)
+        metrics.update(refs)
+        skipped.update(why)
+        if taskset.extra_metrics is not None:  # image suites: psnr (digits), centre accuracy and h diagnostics (bumps)
+            def draw(y_, n_per, generator, model=model, spread=spread):
+                return spread.add(conditional_samples(model, y_, n_per, process, e.sampler_steps, e.sampler,
+                                                      generator))
+
+            metrics.update(taskset.extra_metrics(model=model, draw=draw, x_true=x_true, x_mean=draws.mean(1), y=y,
+                                                 seed=e.seed + 3))
+        if reference is None:
+            skipped["sliced_w2"] = f"suite '{taskset.name}' cannot draw true conditional samples"
+        else:
+            model_draws = spread.add(dist_draws[i])
+            gen.set_state(after_draws)
+            metrics["sliced_w2"] = float(sliced_w2(model_draws, reference, 64, gen).mean())
+            if floor is None:  # the same for every model: its directions come next from the same state
+                floor = float(sliced_w2(reference2, reference, 64, gen).mean())
+            metrics["sliced_w2_floor"] = floor
+            if keeps[i] is not None:
+                keeps[i].update(model=model_draws, true=reference, x=taskset.test_x[:n_dist])
+        reference_diagnostics = getattr(taskset.truth, "reference_diagnostics", None)  # MCMC references (Langevin)
+        if reference_diagnostics is not None:
+            metrics.update(reference_diagnostics())
+        if "posterior_mean_mse_floor" in metrics:
+            metrics["posterior_mean_mse_excess"] = metrics["posterior_mean_mse"] - metrics["posterior_mean_mse_floor"]
+        found, why = diagnose(model, taskset, torch.Generator().manual_seed(e.seed + 4))  # regularizers' targets
+        metrics.update(found)
+        skipped.update(why)
+        metrics["sample_spread_ratio"] = spread.ratio
+        metrics["nonfinite_samples"] = float(spread.nonfinite)
+        diverged = spread.nonfinite > 0 or not spread.ratio <= e.divergence_ratio
+        metrics["diverged"] = float(diverged)
+        if diverged:
+            reason = f"from diverged samples: {spread_text(metrics, e.divergence_ratio)}"
+            skipped[FLAGS] = {k: reason for k in metrics if k in SAMPLE_METRICS}
+        out.append((metrics, skipped))
+    return out

@@ -299,57 +299,68 @@ class ScoreModel(nn.Module):
         return self.precond.eps(x_t, self.head_output(c_in * x_t, code, t, y), t)
 
     @torch.no_grad()
-    def sampling_eps(self, code: torch.Tensor, y: torch.Tensor | None = None, head: int = 0):
-        """eps(x [B, d_x], t: a 0-d time, out=None) -> ε̂ of head `head` for fixed conditions (codes [B, d], and y
-        when the heads see it) at one time for all rows: a sampler's step. Equal to eps_from_code up to float
-        rounding, without its per-row work that does not depend on the row or on t: for MLP heads the code's share of
-        the first layer (W_c w + b) and μ(w) are computed once, the time's share (W_τ τ(t)) and the preconditioning
-        coefficients (vectors over coordinates) once per call, so a step is three matmuls and a few passes over x.
-        Other heads, stacks with `heads.active` set and subclasses with an ε̂ of their own run eps_from_code as is."""
+    def sampling_eps(self, code: torch.Tensor, y: torch.Tensor | None = None, head: int | None = 0):
+        """eps(x, t: a 0-d time, out=None) -> ε̂ for fixed conditions at one time for all rows: a sampler's step.
+        Head `head` on codes [B, d] and x [B, d_x]; or, with head = None, every head k on its own codes [K, B, d]
+        and x [K, B, d_x] (several models stacked as one: evaluation's batched sampling). Pass y too when the heads
+        see it. Equal to eps_from_code up to float rounding, without its per-row work that does not depend on the row
+        or on t: for MLP heads the code's share of the first layer (W_c w + b) and μ(w) are computed once, the time's
+        share (W_τ τ(t)) and the preconditioning coefficients (vectors over coordinates) once per call, so a step is
+        three batched matmuls and a few passes over x. Other heads, stacks with `heads.active` set and subclasses with
+        an ε̂ of their own run eps_from_code as is."""
         heads, active = self.heads, getattr(self.heads, "active", None)
         own_eps = type(self).eps_from_code is not ScoreModel.eps_from_code
+        stacked = head is None
         if self.head != "mlp" or active is not None or own_eps:
             K = heads.K if active is None else len(active)  # every running head, `head` kept
-            code_k, y_k = code.expand(K, *code.shape), None if y is None else y.expand(K, *y.shape)
+            code_k = code if stacked else code.expand(K, *code.shape)
+            y_k = None if y is None or stacked else y.expand(K, *y.shape)
 
             def generic(x, t, out=None):
-                eps = self.eps_from_code(x.expand(K, *x.shape), code_k, t.expand(K, x.shape[0]), y_k)[head]
+                x_k = x if stacked else x.expand(K, *x.shape)
+                eps = self.eps_from_code(x_k, code_k, t.expand(x_k.shape[:-1]), y if stacked else y_k)
+                eps = eps if stacked else eps[head]
                 return eps if out is None else out.copy_(eps)
 
             return generic
-        W = [w[head] for w in heads.weights]
-        b = [bias[head] for bias in heads.biases]
-        d_x, d = self.d_x, code.shape[1]
-        row_part = torch.addmm(b[0], code, W[0][d_x:d_x + d])  # [B, width]: b₀ + W_c h(y)
+        pick = slice(None) if stacked else slice(head, head + 1)  # the heads that run, as a [K', ...] stack
+        code = code if stacked else code[None]
+        W = [w[pick] for w in heads.weights]
+        b = [bias[pick] for bias in heads.biases]
+        d_x, d = self.d_x, code.shape[-1]
+        row_part = torch.baddbmm(b[0], code, W[0][:, d_x:d_x + d])  # [K', B, width]: b₀ + W_c h(y)
         mu = None
         if self.linear_mean:
             mean = heads.mean
-            mu = torch.addmm(mean.biases[0][head], code, mean.weights[0][head])  # μ(w) = A w + b
+            mu = torch.baddbmm(mean.biases[0][pick], code, mean.weights[0][pick])  # μ(w) = A w + b
         basis, sd = None, getattr(self.precond, "sd", None)  # σ_d: a float, or one per head [K, 1, 1]
         if self.full_covariance:
-            basis, sd = heads.mean.basis[head], heads.mean.scale[head][0]  # U, and σ_d per coordinate [d_x]
+            basis, sd = heads.mean.basis[pick], heads.mean.scale[pick]  # U, and σ_d per coordinate [K', 1, d_x]
         elif torch.is_tensor(sd):
-            sd = sd[head].reshape(1)
+            sd = sd[pick]
 
         def eps(x, t, out=None):
             alpha, sigma = Preconditioning._alpha_sigma(t)  # [1] each
-            time_part = self.time(t.reshape(1)) @ W[0][d_x + d:]  # [1, width]: W_τ τ(t)
-            z = x if mu is None else x - alpha * mu  # x_t − α_t μ(w)
+            time_part = self.time(t.reshape(1)) @ W[0][:, d_x + d:]  # [K', 1, width]: W_τ τ(t)
+            z = x if stacked else x[None]
+            if mu is not None:
+                z = z - alpha * mu  # x_t − α_t μ(w)
             if basis is not None:
-                z = z @ basis  # Σ's eigenbasis
+                z = torch.bmm(z, basis)  # Σ's eigenbasis
             if self.precond is None:
                 x_in = z
             else:
                 c_in = self.precond.c_in(t, sd)  # one per coordinate (or one for all)
                 x_in = z * c_in
-            h = torch.addmm(row_part + time_part, x_in, W[0][:d_x])
+            h = torch.baddbmm(row_part + time_part, x_in, W[0][:, :d_x])
             for w, bias in zip(W[1:], b[1:]):
-                h = torch.addmm(bias, nn.functional.silu(h), w)
+                h = torch.baddbmm(bias, nn.functional.silu(h), w)
             if self.precond is not None:  # Preconditioning.eps: c_in (σ c_in z − α σ_d F)
                 h = torch.addcmul(z * (sigma * c_in**2), h, -(c_in * alpha * sd))
-            if basis is None:
-                return h if out is None else out.copy_(h)
-            return torch.mm(h, basis.T, out=out)
+            if basis is not None:
+                h = torch.bmm(h, basis.transpose(1, 2))
+            h = h if stacked else h[0]
+            return h if out is None else out.copy_(h)
 
         return eps
 

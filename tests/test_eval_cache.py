@@ -14,9 +14,10 @@ from test_batched_cells import _cell, _setup
 
 
 def test_cells_that_end_with_the_same_model_share_one_evaluation(tmp_path, monkeypatch):
-    calls = []
-    evaluate = adaptation.evaluate_model
-    monkeypatch.setattr(adaptation, "evaluate_model", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    calls = []  # one entry per model evaluated
+    evaluate = adaptation.evaluate_models
+    monkeypatch.setattr(adaptation, "evaluate_models", lambda models, *a, **k: calls.extend(models) or evaluate(
+        models, *a, **k))
     cfg, taskset, enc, source = _setup("frozen")
     # finetune whose only encoder rate is 0: its one setting is frozen's, so it must end with frozen's model
     ft = dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, mode="finetune", encoder_lr_grid=[0.0]))
