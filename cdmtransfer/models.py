@@ -357,6 +357,8 @@ class ScoreModel(nn.Module):
                 h = torch.baddbmm(bias, nn.functional.silu(h), w)
             if self.precond is not None:  # Preconditioning.eps: c_in (σ c_in z − α σ_d F)
                 h = torch.addcmul(z * (sigma * c_in**2), h, -(c_in * alpha * sd))
+            if basis is not None and out is not None and out.is_contiguous():  # straight into the caller's rows
+                return torch.bmm(h, basis.transpose(1, 2), out=out if stacked else out[None])
             if basis is not None:
                 h = torch.bmm(h, basis.transpose(1, 2))
             h = h if stacked else h[0]
