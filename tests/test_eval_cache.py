@@ -14,9 +14,9 @@ from test_batched_cells import _cell, _setup
 
 
 def test_cells_that_end_with_the_same_model_share_one_evaluation(tmp_path, monkeypatch):
-    calls = []  # one entry per model evaluated
+    calls = []  # how many models each evaluation call evaluates
     evaluate = adaptation.evaluate_models
-    monkeypatch.setattr(adaptation, "evaluate_models", lambda models, *a, **k: calls.extend(models) or evaluate(
+    monkeypatch.setattr(adaptation, "evaluate_models", lambda models, *a, **k: calls.append(len(models)) or evaluate(
         models, *a, **k))
     cfg, taskset, enc, source = _setup("frozen")
     # finetune whose only encoder rate is 0: its one setting is frozen's, so it must end with frozen's model
@@ -26,7 +26,7 @@ def test_cells_that_end_with_the_same_model_share_one_evaluation(tmp_path, monke
     for cell in cells:
         cell.eval_cache = tmp_path / "evaluations"
     frozen, finetune, other = train_cells(cells, taskset)
-    assert len(calls) == 2  # frozen's model (finetune reuses it) and the cell trained on other data
+    assert calls == [2]  # at once: frozen's model (finetune reuses it) and the cell trained on other data
     for key in ("score_error", "posterior_mean_mse", "test_dsm", "sliced_w2", "ref/linear_target_mse"):
         assert finetune["metrics"][key] == frozen["metrics"][key]
     assert other["metrics"]["posterior_mean_mse"] != frozen["metrics"]["posterior_mean_mse"]
@@ -34,7 +34,7 @@ def test_cells_that_end_with_the_same_model_share_one_evaluation(tmp_path, monke
     for cell in cells:
         cell.eval_cache = None
     train_cells(cells, taskset)
-    assert len(calls) == 3  # without the cache every cell evaluates its own
+    assert calls == [3]  # without the cache every cell evaluates its own, all in one batched call
 
 
 def test_the_key_tells_apart_any_weight_and_what_metrics_read():
