@@ -12,7 +12,9 @@ learning rate for trainable ones), units ordered part by part. Per cell, as in i
 - its own refit length: the refit runs to the longest and keeps each cell's EMA weights at its own step;
 - a cell whose loss turns NaN or infinite is masked out of the loss (its blocks alone go bad), named and failed;
   the others go on.
-One cell alone trains exactly as adaptation.train_adapt (tests/test_batched_cells.py). Tracking stays with the caller
+The cells' final models are then evaluated together (adaptation.evaluate_adapted: one sampler run for all of them,
+each with the metrics it gets alone). One cell alone trains exactly as adaptation.train_adapt
+(tests/test_batched_cells.py). Tracking stays with the caller
 (curves.py): each cell gets its metrics by step, its exported single-head model and its metrics, as run_cell gives.
 """
 
