@@ -116,6 +116,9 @@ def _draw(model, code: torch.Tensor, y_rep: torch.Tensor | None, head: int | Non
                   denoise=denoise, copies=copies)
 
 
+SCORE_ROWS = 1 << 16  # rows of (x_t, t) per stacked score evaluation: 2^16 × 128-wide activations are 32 MB
+
+
 @torch.no_grad()
 def score_metrics(models: list[ScoreModel], taskset: TaskSet, process: OUProcess, draws: int,
                   generator: torch.Generator, device=None) -> list[dict[str, float]]:
@@ -126,11 +129,13 @@ def score_metrics(models: list[ScoreModel], taskset: TaskSet, process: OUProcess
     t = process.sample_t((x0.shape[0],), generator)
     noise = torch.randn(x0.shape, generator=generator)
     x_t = process.perturb(x0, t, noise)
-    if stackable(models):
-        stack, M = stack_heads(models, device), len(models)
-        code = stack_codes(models, y, device)
-        where = code.device
-        eps_all = stack.eps_from_code(x_t.to(where).expand(M, *x_t.shape), code, t.to(where).expand(M, -1)).cpu()
+    if stackable(models):  # in stacks of at most SCORE_ROWS rows in all, so that memory stays bounded
+        eps_all, per = [], max(1, SCORE_ROWS // x_t.shape[0])
+        for part in (models[i:i + per] for i in range(0, len(models), per)):
+            stack, code = stack_heads(part, device), stack_codes(part, y, device)
+            where = code.device
+            eps_all += stack.eps_from_code(x_t.to(where).expand(len(part), *x_t.shape), code,
+                                           t.to(where).expand(len(part), -1)).cpu()
     else:
         eps_all = [model(x_t[None], y[None], t[None])[0] for model in models]
     true_score = taskset.truth.score(0, x_t, y, t)
