@@ -209,6 +209,10 @@ def test_sweep_parent_with_children(recipe, store, tmp_path):
     assert all(r.info.status == "FINISHED" for r in children)
     assert {a.path for a in c.list_artifacts(res["run_id"])} >= {"results.csv", "results.json", "plots"}
     assert {a.path for a in c.list_artifacts(res["run_id"], "plots")} >= {"plots/curve_score_error.png"}
+    for row in res["rows"][::3]:  # the cells were evaluated together; `evaluate` on one alone gives its numbers
+        alone = ok_json("evaluate", row["run_id"])["metrics"]
+        for key in ("score_error", "posterior_mean_mse", "sliced_w2", "test_dsm"):
+            assert alone[key] == pytest.approx(row["metrics"][key], rel=1e-5), (row["mode"], row["m"], key)
 
 
 def test_sweep_over_pretrain_seeds_runs_every_pretrained_cell_on_each_encoder(recipe, store, tmp_path):
