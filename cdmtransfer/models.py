@@ -314,11 +314,11 @@ class ScoreModel(nn.Module):
         if self.head != "mlp" or active is not None or own_eps:
             K = heads.K if active is None else len(active)  # every running head, `head` kept
             code_k = code if stacked else code.expand(K, *code.shape)
-            y_k = None if y is None or stacked else y.expand(K, *y.shape)
+            y_k = y if stacked or y is None else y.expand(K, *y.shape)
 
             def generic(x, t, out=None):
                 x_k = x if stacked else x.expand(K, *x.shape)
-                eps = self.eps_from_code(x_k, code_k, t.expand(x_k.shape[:-1]), y if stacked else y_k)
+                eps = self.eps_from_code(x_k, code_k, t.expand(x_k.shape[:-1]), y_k)
                 eps = eps if stacked else eps[head]
                 return eps if out is None else out.copy_(eps)
 
